@@ -8,6 +8,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+from typing import Iterator
 
 import numpy as np
 
@@ -36,9 +37,10 @@ def topk(objective: Objective, k: int, single: np.ndarray | None = None, memory_
     return _one_hot(single.shape, order).sum(0) > 0
 
 
-def greedy(objective: Objective, k: int, memory_budget: int = 2 << 30,
-           candidates: np.ndarray | None = None) -> list[np.ndarray]:
-    """Forward selection: masks of sizes 1..k, each adding the candidate that maximises the mean effect.
+def greedy_path(objective: Objective, k: int, memory_budget: int = 2 << 30,
+                candidates: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, float]]:
+    """Forward selection: yields (mask [L, N], mean effect) for sizes 1..k, each adding the candidate that
+    maximises the mean effect.
 
     Every round evaluates all remaining candidates (default: every component; or the flat indices given, e.g. the
     best by single effect, to bound the cost) as one batch of masks.
@@ -49,27 +51,34 @@ def greedy(objective: Objective, k: int, memory_budget: int = 2 << 30,
     if not 1 <= k <= pool.sum():
         raise ValueError(f"greedy size {k} needs between 1 and {int(pool.sum())} candidates")
     current = np.zeros(objective.n_components, np.float32)
-    path = []
     for _ in range(k):
-        candidates = np.flatnonzero(pool & (current == 0))
-        masks = np.repeat(current[None], len(candidates), axis=0)
-        masks[np.arange(len(candidates)), candidates] = 1.0
+        remaining = np.flatnonzero(pool & (current == 0))
+        masks = np.repeat(current[None], len(remaining), axis=0)
+        masks[np.arange(len(remaining)), remaining] = 1.0
         effects = objective.mask_effects(masks.reshape(-1, *shape), memory_budget).mean(1)
-        current = masks[int(np.argmax(effects))]
-        path.append(current.reshape(shape) > 0)
-    return path
+        best = int(np.argmax(effects))
+        current = masks[best]
+        yield current.reshape(shape) > 0, float(effects[best])
 
 
-def random_best(objective: Objective, k: int, n_samples: int, seed: int = 0,
-                memory_budget: int = 2 << 30) -> np.ndarray:
-    """The best of `n_samples` uniformly random subsets of size k (seeded)."""
+def greedy(objective: Objective, k: int, memory_budget: int = 2 << 30,
+           candidates: np.ndarray | None = None) -> list[np.ndarray]:
+    """Greedy masks of sizes 1..k (see `greedy_path`)."""
+    return [mask for mask, _ in greedy_path(objective, k, memory_budget, candidates)]
+
+
+def random_best(objective: Objective, k: int, n_samples: int, seed: int = 0, memory_budget: int = 2 << 30,
+                with_effect: bool = False) -> np.ndarray | tuple[np.ndarray, float]:
+    """The best of `n_samples` uniformly random subsets of size k (seeded), with its mean effect if asked."""
     rng = np.random.default_rng(seed)
     shape = (objective.n_layers, objective.n_per_layer)
     masks = np.zeros((n_samples, objective.n_components), np.float32)
     for row in masks:
         row[rng.choice(objective.n_components, size=k, replace=False)] = 1.0
     effects = objective.mask_effects(masks.reshape(-1, *shape), memory_budget).mean(1)
-    return masks[int(np.argmax(effects))].reshape(shape) > 0
+    best = int(np.argmax(effects))
+    mask = masks[best].reshape(shape) > 0
+    return (mask, float(effects[best])) if with_effect else mask
 
 
 def count_subsets(n: int, k: int) -> int:

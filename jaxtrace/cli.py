@@ -173,14 +173,17 @@ def cmd_compare(args) -> None:
                           transform="inverse" if METRICS[args.metric].trained.ratio else "neg")
     objective = Objective(model, task, args.site, args.batch_size, metric=args.metric)
     factors = np.geomspace(args.lambda_range[0], args.lambda_range[1], args.n_lambdas)
-    result = compare(objective, config, args.sizes, factors, greedy_max=args.greedy_max,
-                     greedy_candidates=args.greedy_candidates, n_random=args.samples,
-                     seed=args.seed, memory_budget=int(args.memory_gb * 2**30), progress=not args.no_progress)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "curve.json", {"model": args.model, "task": args.task, "task_options": options, **result})
-    (out / "curve.md").write_text(table_markdown(result) + "\n")
-    write_curve_plot(result, out / "curve.png")
+
+    def report(result: dict) -> None:
+        write_json(out / "curve.json", {"model": args.model, "task": args.task, "task_options": options, **result})
+        (out / "curve.md").write_text(table_markdown(result) + "\n")
+        write_curve_plot(result, out / "curve.png")
+
+    result = compare(objective, config, args.sizes, factors, greedy_max=args.greedy_max,
+                     greedy_candidates=args.greedy_candidates, n_random=args.samples, seed=args.seed,
+                     memory_budget=int(args.memory_gb * 2**30), progress=not args.no_progress, report=report)
     print(table_markdown(result))
     print(f"written    {out / 'curve.json'}, curve.md, curve.png")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import numpy as np
 
@@ -16,54 +17,62 @@ METHOD_NAMES = ("pgbct", "greedy", "topk", "random")
 
 def compare(objective: Objective, config: SearchConfig, sizes: list[int], lambda_factors: np.ndarray,
             greedy_max: int | None = None, greedy_candidates: int | None = None, n_random: int = 100,
-            seed: int = 0, memory_budget: int = 2 << 30, progress: bool = True) -> dict:
+            seed: int = 0, memory_budget: int = 2 << 30, progress: bool = True,
+            report: Callable[[dict], None] | None = None) -> dict:
     """Effects by size for every method, and each method's wall time.
 
     PGB-CT runs one vmapped sweep of (λ1, λ2) scaled by `lambda_factors`; its circuits land at their own sizes,
     which join `sizes` so the baselines are measured there too. Greedy runs up to `greedy_max` (default: the
     largest size), over the `greedy_candidates` best components by single effect (default: all).
+    `report(result)` is called after every method with the result so far (methods not yet run are None), so a
+    long comparison can be written as it goes.
     Returns {"rows": [{size, pgbct, greedy, topk, random}], "seconds": {...}, "effect_all": ...}.
     """
     seconds, curves = {}, {name: {} for name in METHOD_NAMES}
+    ones = np.ones((1, objective.n_layers, objective.n_per_layer), np.float32)
+    result = {"rows": [], "seconds": seconds, "greedy_max": None, "greedy_candidates": greedy_candidates,
+              "n_random": n_random, "effect_all": float(objective.mask_effects(ones).mean()),
+              "n_components": objective.n_components, "site": objective.site, "pgbct_runs": []}
+    all_sizes = sorted({s for s in sizes if 1 <= s <= objective.n_components})
+
+    def done(name: str, start: float) -> None:
+        seconds[name] = time.perf_counter() - start
+        result["rows"] = [{"size": s, **{n: curves[n].get(s) for n in METHOD_NAMES}} for s in all_sizes]
+        if report is not None:
+            report(result)
+
     start = time.perf_counter()
     configs = [config.replace(lambda1=config.lambda1 * f, lambda2=config.lambda2 * f) for f in lambda_factors]
-    results = run_sweep(objective, configs, progress=progress)
-    masks = np.stack([r.mask for r in results]).astype(np.float32)
-    for result, effect in zip(results, objective.mask_effects(masks, memory_budget).mean(1)):
-        size = int(result.mask.sum())
+    runs = run_sweep(objective, configs, progress=progress)
+    masks = np.stack([r.mask for r in runs]).astype(np.float32)
+    for run, effect in zip(runs, objective.mask_effects(masks, memory_budget).mean(1)):
+        size = int(run.mask.sum())
+        result["pgbct_runs"].append({"lambda1": run.config.lambda1, "lambda2": run.config.lambda2,
+                                     "size": size, "effect": float(effect)})
         if size:
             curves["pgbct"][size] = max(curves["pgbct"].get(size, -np.inf), float(effect))
-    seconds["pgbct"] = time.perf_counter() - start
-    all_sizes = sorted({s for s in sizes if 1 <= s <= objective.n_components} | set(curves["pgbct"]))
+    all_sizes = sorted(set(all_sizes) | set(curves["pgbct"]))
+    done("pgbct", start)
 
     start = time.perf_counter()
     single = baselines.single_effects(objective, memory_budget)
     topk_masks = np.stack([baselines.topk(objective, s, single) for s in all_sizes]).astype(np.float32)
     curves["topk"] = dict(zip(all_sizes, map(float, objective.mask_effects(topk_masks, memory_budget).mean(1))))
-    seconds["topk"] = time.perf_counter() - start
+    done("topk", start)
 
     start = time.perf_counter()
-    limit = min(greedy_max or max(all_sizes), max(all_sizes))
+    limit = result["greedy_max"] = min(greedy_max or max(all_sizes), max(all_sizes))
     pool = None if greedy_candidates is None else np.argsort(-single, axis=None)[:greedy_candidates]
-    path = baselines.greedy(objective, limit, memory_budget, pool)
-    greedy_masks = np.stack(path).astype(np.float32)
-    greedy_effects = objective.mask_effects(greedy_masks, memory_budget).mean(1)
-    curves["greedy"] = {s: float(greedy_effects[s - 1]) for s in all_sizes if s <= limit}
-    seconds["greedy"] = time.perf_counter() - start
+    for size, (mask, effect) in enumerate(baselines.greedy_path(objective, limit, memory_budget, pool), 1):
+        if size in all_sizes:
+            curves["greedy"][size] = effect
+    done("greedy", start)
 
     start = time.perf_counter()
     for s in all_sizes:
-        mask = baselines.random_best(objective, s, n_random, seed, memory_budget).astype(np.float32)
-        curves["random"][s] = float(objective.mask_effects(mask[None], memory_budget).mean())
-    seconds["random"] = time.perf_counter() - start
-
-    ones = np.ones((1, objective.n_layers, objective.n_per_layer), np.float32)
-    rows = [{"size": s, **{name: curves[name].get(s) for name in METHOD_NAMES}} for s in all_sizes]
-    return {"rows": rows, "seconds": seconds, "greedy_max": limit, "greedy_candidates": greedy_candidates,
-            "n_random": n_random, "effect_all": float(objective.mask_effects(ones).mean()),
-            "n_components": objective.n_components, "site": objective.site,
-            "pgbct_runs": [{"lambda1": r.config.lambda1, "lambda2": r.config.lambda2, "size": int(r.mask.sum())}
-                           for r in results]}
+        _, curves["random"][s] = baselines.random_best(objective, s, n_random, seed, memory_budget, with_effect=True)
+    done("random", start)
+    return result
 
 
 def table_markdown(result: dict) -> str:
