@@ -95,7 +95,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_task_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", required=True, choices=list(TASK_LOADERS))
-    parser.add_argument("--data", required=True, help="data folder (or the JSONL file for --task custom)")
+    parser.add_argument("--data", help="data folder (or the JSONL file for --task custom); binding needs none")
     parser.add_argument("--split", default="dev", choices=["dev", "test"], help="winobias split")
     parser.add_argument("--stats", default="bergsma", choices=["bergsma", "bls"], help="winogender statistics")
     parser.add_argument("--reference-pronouns", action="store_true",
@@ -110,6 +110,11 @@ def _add_task_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--noise-std", type=float, help="counterfact: absolute noise std")
     parser.add_argument("--noise-scale", type=float, default=3.0,
                         help="counterfact: noise std as a multiple of the token embeddings' std (default 3)")
+    parser.add_argument("--operands", type=_int_range, default=(10, 99),
+                        help="binding: operand range LOW-HIGH (default 10-99, the reference's; small models: 1-9)")
+    parser.add_argument("--per-digit", type=int, default=5, help="binding: pairs per answer first digit")
+    parser.add_argument("--desiderata", default="value,task", help="binding: value and/or task switch pairs")
+    parser.add_argument("--task-seed", type=int, default=1234, help="binding: prompt generation seed")
 
 
 def _add_batch_args(parser: argparse.ArgumentParser) -> None:
@@ -125,7 +130,17 @@ def _add_batch_args(parser: argparse.ArgumentParser) -> None:
 def _task_options(args) -> dict:
     return {"winobias": {"split": args.split, "fix_possessive": not args.reference_pronouns},
             "winogender": {"stats": args.stats, "fix_possessive": not args.reference_pronouns},
-            "counterfact": {"limit": args.limit}}.get(args.task, {})
+            "counterfact": {"limit": args.limit},
+            "binding": {"operands": args.operands, "per_digit": args.per_digit, "seed": args.task_seed,
+                        "desiderata": tuple(args.desiderata.split(","))}}.get(args.task, {})
+
+
+def _int_range(text: str) -> tuple[int, int]:
+    low, _, high = text.partition("-")
+    try:
+        return int(low), int(high)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a range LOW-HIGH such as 10-99, got {text!r}") from None
 
 
 def _load(args):

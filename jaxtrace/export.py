@@ -18,6 +18,7 @@ Mapping of a jaxtrace circuit:
   is the max of its units' z: this keeps block scores on the heads' [0, 1] gate scale (a sum would grow with the
   number of units), and for jaxtrace's z-ranked selection it is the largest selected z of an in-graph block.
   The unit-level selection is lost from the graph and kept in the "jaxtrace" key.
+- `heads_mlp` traces both kinds: heads and MLP blocks are in iff selected, scored by their own gate.
 - Untraced nodes (the other kind), "input" and "logits" are in the graph without a score: the search left them live.
 - An edge is in the graph iff both its endpoints are, with score 0.0 (a node-level circuit has no edge scores). This
   is what EAP-IG's node-level `apply_topn(..., level="node")` gives: every outgoing edge of an in-graph node, then
@@ -38,6 +39,7 @@ from typing import Any, Callable
 from jaxtrace.models.sites import check_site
 
 HEAD_SITES = ("attn_pattern", "head_out")
+GATED_HEADS = HEAD_SITES + ("heads_mlp",)
 _REQUIRED_KEYS = ("model_config", "site", "selected", "z")
 
 
@@ -54,7 +56,7 @@ def _check_circuit(circuit: dict) -> tuple[int, int, int, str, list[tuple[int, i
         raise ValueError(f"circuit model_config is missing {missing}")
     n_layers, n_heads, d_model = (int(config[key]) for key in sizes[:3])
     width = {"attn_pattern": n_heads, "head_out": n_heads, "mlp_out": d_model,
-             "mlp_hidden": int(config.get("d_ff", 0))}[site]
+             "mlp_hidden": int(config.get("d_ff", 0)), "heads_mlp": n_heads + 1}[site]
     if min(n_layers, n_heads, d_model, width) < 1:
         raise ValueError(f"circuit model_config sizes must be positive, got {[config[key] for key in sizes]}")
     z = circuit["z"]
@@ -97,9 +99,12 @@ def to_eap_graph(circuit: dict) -> dict:
     for layer in range(n_layers):
         for head in range(n_heads):
             nodes[f"a{layer}.h{head}"] = ({"in_graph": (layer, head) in chosen, "score": float(z[layer][head])}
-                                          if site in HEAD_SITES else {"in_graph": True})
-        nodes[f"m{layer}"] = ({"in_graph": True} if site in HEAD_SITES else
-                              {"in_graph": any(lay == layer for lay, _ in chosen), "score": float(max(z[layer]))})
+                                          if site in GATED_HEADS else {"in_graph": True})
+        if site == "heads_mlp":
+            nodes[f"m{layer}"] = {"in_graph": (layer, n_heads) in chosen, "score": float(z[layer][n_heads])}
+        else:
+            nodes[f"m{layer}"] = ({"in_graph": True} if site in HEAD_SITES else
+                                  {"in_graph": any(lay == layer for lay, _ in chosen), "score": float(max(z[layer]))})
     nodes["logits"] = {"in_graph": True}
     edges = {name: {"score": 0.0, "in_graph": nodes[parent]["in_graph"] and nodes[child]["in_graph"]}
              for name, parent, child in _eap_edges(n_layers, n_heads)}
@@ -110,7 +115,7 @@ def to_eap_graph(circuit: dict) -> dict:
         "jaxtrace": {
             "model": circuit.get("model"), "task": circuit.get("task"), "site": site,
             "selected": [list(pair) for pair in selected],
-            "mlp_block_score": None if site in HEAD_SITES else "max",
+            "mlp_block_score": {"heads_mlp": "gate"}.get(site, None if site in HEAD_SITES else "max"),
         },
     }
 

@@ -5,7 +5,8 @@ A metric's `effect(gated, base, batch) -> [B]` (larger = stronger effect) receiv
 forward of the base prompts, dicts with
   "targets": [B, K] mean log-probability of each target's tokens after the prompt (K = 1 or 2 targets),
   "last":    [B, V] log-softmax of the next token at the last prompt position (only if `uses_last`),
-and the batch (`batch["sign"]` [B] ±1, `batch["target_ids"]` [B, K, M]). Write your own the same way:
+and the batch (`batch["sign"]` [B] ±1, `batch["keep"]` [B] 1 for invariance pairs, `batch["target_ids"]`
+[B, K, M]). Write your own the same way:
 
     my_metric = Metric("logprob_gain", lambda g, b, batch: g["targets"][:, 1] - b["targets"][:, 1])
 """
@@ -44,14 +45,22 @@ def _log_ratio(gated, base, batch):
     return batch["sign"] * (log_odds(gated["targets"]) - log_odds(base["targets"]))
 
 
+def _logit_difference(gated, base, batch):
+    """The change of the log-odds; for invariance pairs (`keep`) minus its square, so no change is best."""
+    change = _log_ratio(gated, base, batch)
+    return jnp.where(batch["keep"] > 0, -jnp.square(change), change)
+
+
 def _accuracy(gated, base, batch):
-    """1 where the gated top next token is the first token of the target the effect favours (t1 for sign +1)."""
-    wanted = jnp.where(batch["sign"] > 0, batch["target_ids"][:, -1, 0], batch["target_ids"][:, 0, 0])
+    """1 where the gated top next token is the first token of the wanted target: the one the effect favours
+    (t1 for sign +1), or the base answer t0 for invariance pairs."""
+    switch = (batch["sign"] > 0) & (batch["keep"] == 0)
+    wanted = jnp.where(switch, batch["target_ids"][:, -1, 0], batch["target_ids"][:, 0, 0])
     return (jnp.argmax(gated["last"], axis=-1) == wanted).astype(jnp.float32)
 
 
 PROBABILITY_RATIO = Metric("probability_ratio", lambda g, b, batch: jnp.expm1(_log_ratio(g, b, batch)), ratio=True)
-LOGIT_DIFFERENCE = Metric("logit_difference", _log_ratio)
+LOGIT_DIFFERENCE = Metric("logit_difference", _logit_difference)
 KL_DIVERGENCE = Metric("kl_divergence", lambda g, b, batch: jnp.sum(jnp.exp(b["last"]) * (b["last"] - g["last"]), -1),
                        uses_last=True)
 ACCURACY = Metric("accuracy", _accuracy, uses_last=True, surrogate=LOGIT_DIFFERENCE)

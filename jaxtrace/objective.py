@@ -17,7 +17,7 @@ import numpy as np
 
 from jaxtrace.metrics import PROBABILITY_RATIO, Metric, get_metric
 from jaxtrace.models import GatedLM, functional, gate_shape
-from jaxtrace.models.sites import check_site
+from jaxtrace.models.sites import check_site, expand_gates, model_sites
 from jaxtrace.tasks import EncodedTask
 
 class MetricNaNError(FloatingPointError):
@@ -25,11 +25,11 @@ class MetricNaNError(FloatingPointError):
 
 
 def _bytes_per_pair(model: GatedLM, site: str, length: int) -> int:
-    """Float32 bytes of one pair's cached source activations."""
+    """Float32 bytes of one pair's cached source activations (every model site a site or component set gates)."""
     c = model.config
     per_layer = {"attn_pattern": c.n_heads * length * length, "head_out": length * c.n_heads * c.head_dim,
-                 "mlp_out": length * c.d_model, "mlp_hidden": length * c.d_ff}[site]
-    return 4 * c.n_layers * per_layer
+                 "mlp_out": length * c.d_model, "mlp_hidden": length * c.d_ff}
+    return 4 * c.n_layers * sum(per_layer[s] for s in model_sites(site))
 
 
 class Objective:
@@ -44,7 +44,11 @@ class Objective:
                  cache: bool | None = None, cache_limit_bytes: int = 4 << 30,
                  metric: str | Metric = PROBABILITY_RATIO):
         self.model, self.task, self.site = model, task, check_site(site)
+        self.sites = model_sites(site)
         self.metric = get_metric(metric)
+        if task.keep.any() and self.metric.trained.ratio:
+            raise ValueError(f"the task has invariance pairs, which {self.metric.name} cannot score: use "
+                             "logit_difference or accuracy")
         noise_std, noise_scale, noise_seed = task.noise
         self.noise_std = (noise_std if noise_std is not None else  # the embedding std is measured on the model
                           noise_scale * float(jnp.std(model.embed_tokens[...].astype(jnp.float32))))
@@ -77,9 +81,9 @@ class Objective:
         return self.noise_std * draw(batch["index"]) * batch["noise_mask"][..., None]
 
     def _source(self, params, batch):
-        """Counterfactual activations {site: [L, B, ...]} of a batch."""
+        """Counterfactual activations {model site: [L, B, ...]} of a batch."""
         noise = self.noise(batch) if self.task.corruption == "noise" else None
-        _, acts = self.apply(params, batch["cf_ids"], batch["cf_mask"], method="capture", sites=(self.site,),
+        _, acts = self.apply(params, batch["cf_ids"], batch["cf_mask"], method="capture", sites=self.sites,
                              logit_positions=jnp.zeros((batch["cf_ids"].shape[0], 1), jnp.int32), input_noise=noise)
         return acts
 
@@ -110,12 +114,12 @@ class Objective:
         """[B] per-pair effect of gates z under `metric` (default: the objective's)."""
         metric = metric or self.metric
         if self.cache:
-            source = {self.site: batch["source"]}
+            source = {site: batch[f"source/{site}"] for site in self.sites}
             base = {key.removeprefix("base_"): value for key, value in batch.items() if key.startswith("base_")}
         else:
             source = jax.lax.stop_gradient(self._source(params, batch))
             base = jax.lax.stop_gradient(self._base(self._outputs(params, batch)))
-        gated = self._outputs(params, batch, {self.site: z}, source)
+        gated = self._outputs(params, batch, expand_gates(self.model.config, self.site, z), source)
         return metric.effect(gated, base, batch)
 
     # -- host side -----------------------------------------------------------------------------------------------
@@ -126,10 +130,10 @@ class Objective:
         sources, bases = [], []
         for idx in self.batches(np.arange(len(self.task))):
             batch = self.batch(idx, with_cache=False)
-            sources.append(np.asarray(source_fn(self.params, batch)[self.site])[:, : len(idx)])
+            sources.append({s: np.asarray(a)[:, : len(idx)] for s, a in source_fn(self.params, batch).items()})
             bases.append({k: np.asarray(v)[: len(idx)] for k, v in base_fn(self.params, batch).items()})
         cached = {f"base_{key}": np.concatenate([b[key] for b in bases]) for key in bases[0]}
-        return {"source": np.concatenate(sources, axis=1), **cached}
+        return {f"source/{s}": np.concatenate([a[s] for a in sources], axis=1) for s in self.sites} | cached
 
     def batches(self, order: np.ndarray) -> list[np.ndarray]:
         """Consecutive index chunks of at most `batch_size` pairs."""
@@ -140,7 +144,7 @@ class Objective:
         padded = np.concatenate([idx, np.full(self.batch_size - len(idx), idx[0])])
         out = {}
         for name, array in self._arrays.items():
-            if name == "source":
+            if name.startswith("source/"):
                 if with_cache:
                     out[name] = array[:, padded]
             elif not name.startswith("base_") or with_cache:

@@ -14,14 +14,14 @@ import numpy as np  # noqa: E402
 def plot_gate_map(z: np.ndarray, mask: np.ndarray, site: str, path: Path, title: str = "") -> None:
     """Layer x component heat map of z [L, N]; selected components marked (heads) or counted per layer (units)."""
     n_layers, width = z.shape
-    heads = site in ("attn_pattern", "head_out")
+    heads = site in ("attn_pattern", "head_out", "heads_mlp")
     fig, axes = plt.subplots(1, 1 if heads else 2, figsize=(6 if heads else 11, 0.22 * n_layers + 2), squeeze=False,
                              gridspec_kw=None if heads else {"width_ratios": [4, 1]})
     ax = axes[0, 0]
     image = ax.imshow(z, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest", origin="lower")
     fig.colorbar(image, ax=ax, label="z")
     ax.set_ylabel("layer")
-    ax.set_xlabel("head" if heads else "unit")
+    ax.set_xlabel({"heads_mlp": f"head (column {width - 1}: the MLP block)"}.get(site, "head" if heads else "unit"))
     if heads:
         layer, index = np.nonzero(mask)
         ax.scatter(index, layer, marker="s", s=60, facecolors="none", edgecolors="red", label="selected")

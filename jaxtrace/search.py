@@ -64,7 +64,7 @@ class SearchConfig:
             raise ValueError("init must be in [0, 1] and threshold in (0, 1]")
 
     def learning_rate(self, site: str) -> float:
-        return self.lr if self.lr is not None else (0.1 if site in ("attn_pattern", "head_out") else 0.5)
+        return self.lr if self.lr is not None else (0.5 if site in ("mlp_out", "mlp_hidden") else 0.1)
 
     def replace(self, **changes) -> SearchConfig:
         return dataclasses.replace(self, **changes)

@@ -17,6 +17,7 @@ import jaxtrace
 from jaxtrace.checkpoint import EpochCheckpoints, save_tree
 from jaxtrace.metrics import Metric
 from jaxtrace.models import GatedLM
+from jaxtrace.models.sites import component_names
 from jaxtrace.objective import Objective
 from jaxtrace.baselines import run_baseline
 from jaxtrace.plots import plot_effect_history, plot_gate_map, plot_single_effects
@@ -103,6 +104,7 @@ def summarize(objective: Objective, mask: np.ndarray, z: np.ndarray, metadata: d
     """(circuit dict, per-pair effects [N] of the selected mask)."""
     # One mask at a time: the program the per-epoch evaluation already compiled, and no gates give exactly 0.
     effects = [objective.effects(m.astype(np.float32)) for m in (mask, np.ones_like(mask), np.zeros_like(mask))]
+    names = component_names(objective.model.config, objective.site)
     circuit = {
         "jaxtrace_version": jaxtrace.__version__,
         **metadata,
@@ -114,6 +116,7 @@ def summarize(objective: Objective, mask: np.ndarray, z: np.ndarray, metadata: d
         "n_pairs": len(objective.task),
         "skipped": [list(s) for s in objective.task.skipped],
         "selected": components(mask),
+        "selected_names": [names[layer * mask.shape[1] + index] for layer, index in components(mask)],
         "n_selected": int(mask.sum()),
         "n_components": objective.n_components,
         "effect": float(effects[0].mean()),

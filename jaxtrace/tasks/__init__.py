@@ -1,8 +1,10 @@
 """Tasks: the prompt pairs PGB-CT scores, and how they are loaded."""
 
 from jaxtrace.tasks.data import (
+    GENERATED_TASKS,
     TASK_LOADERS,
     PromptPair,
+    load_binding,
     load_counterfact,
     load_custom,
     load_pairs,
@@ -17,7 +19,9 @@ __all__ = [
     "encode_pairs",
     "pad_id_of",
     "PromptPair",
+    "GENERATED_TASKS",
     "TASK_LOADERS",
+    "load_binding",
     "load_counterfact",
     "load_custom",
     "load_pairs",

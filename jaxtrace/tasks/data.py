@@ -17,8 +17,9 @@ Deliberate differences from the reference:
 """
 
 import json
+import random
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, NamedTuple
@@ -39,6 +40,7 @@ class PromptPair:
     sign: int = 1  # IE = (odds_intervened / odds_base) ** sign - 1, odds = score(targets[1]) / score(targets[0])
     label: str = ""  # short human id, e.g. occupation or "winobias-dev-17"
     subject: str = ""  # the subject named in the base prompt, for subject-position interventions and noise
+    keep: bool = False  # an invariance desideratum: the intervention should keep the base answer (targets[0])
 
     def __post_init__(self) -> None:
         if not isinstance(self.base, str) or not isinstance(self.counterfactual, str):
@@ -51,6 +53,8 @@ class PromptPair:
             raise ValueError(f"PromptPair sign must be 1 or -1, got {self.sign!r}")
         if not isinstance(self.label, str):
             raise TypeError("PromptPair label must be str")
+        if not isinstance(self.keep, bool):
+            raise TypeError("PromptPair keep must be bool")
         if not isinstance(self.subject, str) or (self.subject and self.subject not in self.base):
             raise ValueError(f"PromptPair subject {self.subject!r} must be a substring of the base prompt")
 
@@ -371,6 +375,70 @@ def load_counterfact(data: PathLike, limit: int | None = None, leading_space: bo
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Variable binding
+
+
+BINDING_TEMPLATE = "x = {x}\ny = {y}\nx {op} y = "
+BINDING_DESIDERATA = ("value", "task")
+
+
+def _apply(op: str, x: int, y: int) -> int:
+    return x + y if op == "+" else x - y
+
+
+def load_binding(data: PathLike | None = None, operands: tuple[int, int] = (10, 99), per_digit: int = 5,
+                 seed: int = 1234, desiderata: Sequence[str] = BINDING_DESIDERATA,
+                 template: str = BINDING_TEMPLATE) -> list[PromptPair]:
+    """Variable-binding arithmetic pairs (reference §7), generated with a seeded ``random.Random``; ``data`` unused.
+
+    Base prompts ``"x = {x}\ny = {y}\nx {op} y = "`` with x, y drawn from ``operands`` (inclusive), op in {+, -},
+    non-negative answers, balanced by the answer's first digit (``per_digit`` pairs for each of 1..9 per
+    desideratum). Targets are (base answer, counterfactual answer) as digit strings, the answers' first digits
+    different so that the first answer token tells them apart.
+
+    - ``value`` (value switch): the counterfactual changes x (same digit count); patching the circuit should move
+      the answer to the counterfactual's (``keep=False``).
+    - ``task`` (task switch): the counterfactual swaps the operator; patching should keep the base answer
+      (``keep=True``).
+    """
+    low, high = operands
+    if not 0 <= low <= high:
+        raise ValueError(f"operands must be a range 0 <= low <= high, got {operands}")
+    unknown = set(desiderata) - set(BINDING_DESIDERATA)
+    if unknown or not desiderata:
+        raise ValueError(f"desiderata must be among {BINDING_DESIDERATA}, got {list(desiderata)}")
+    rng = random.Random(seed)
+    pairs = []
+    for desideratum in desiderata:
+        for digit in "123456789":
+            found, tries = 0, 0
+            while found < per_digit:
+                tries += 1
+                if tries > 100_000:
+                    raise ValueError(f"operands {low}..{high} give no {desideratum}-switch pair with an answer "
+                                     f"starting with {digit}; widen --operands or lower --per-digit")
+                x, y, op = rng.randint(low, high), rng.randint(low, high), rng.choice("+-")
+                answer = _apply(op, x, y)
+                if answer < 0 or str(answer)[0] != digit:
+                    continue
+                if desideratum == "value":
+                    x_cf, op_cf = rng.randint(low, high), op
+                    if len(str(x_cf)) != len(str(x)):
+                        continue
+                else:
+                    x_cf, op_cf = x, "-" if op == "+" else "+"
+                answer_cf = _apply(op_cf, x_cf, y)
+                if answer_cf < 0 or str(answer_cf)[0] == digit:
+                    continue
+                found += 1
+                pairs.append(PromptPair(
+                    base=template.format(x=x, y=y, op=op), counterfactual=template.format(x=x_cf, y=y, op=op_cf),
+                    targets=(str(answer), str(answer_cf)), label=f"{desideratum}-{digit}-{found}",
+                    keep=desideratum == "task"))
+    return pairs
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Registry
 
 TASK_LOADERS: dict[str, Callable[..., list[PromptPair]]] = {
@@ -379,13 +447,17 @@ TASK_LOADERS: dict[str, Callable[..., list[PromptPair]]] = {
     "professions": load_professions,
     "custom": load_custom,
     "counterfact": load_counterfact,
+    "binding": load_binding,
 }
+GENERATED_TASKS = ("binding",)  # tasks that need no --data
 
 
-def load_pairs(task: str, data: PathLike, **options: object) -> list[PromptPair]:
+def load_pairs(task: str, data: PathLike | None, **options: object) -> list[PromptPair]:
     """Load the pairs of a registered task; ``options`` go to its loader (e.g. ``split="test"``)."""
     if task not in TASK_LOADERS:
         raise ValueError(f"unknown task {task!r}; known tasks: {sorted(TASK_LOADERS)}")
+    if data is None and task not in GENERATED_TASKS:
+        raise ValueError(f"task {task!r} reads its pairs from files: give the data path (CLI: --data)")
     pairs = TASK_LOADERS[task](data, **options)
     if not pairs:
         raise ValueError(f"task {task!r} produced no prompt pairs from {data}")

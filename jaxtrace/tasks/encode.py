@@ -34,6 +34,7 @@ class EncodedTask:
     target_pos: np.ndarray    # [N, K, M] int32
     target_valid: np.ndarray  # [N, K, M] float32
     sign: np.ndarray          # [N] float32
+    keep: np.ndarray          # [N] float32, 1 for invariance pairs (the intervention should keep targets[0])
     gate_mask: np.ndarray     # [N, T] float32, 1 where gates apply
     noise_mask: np.ndarray    # [N, P] float32, 1 where noise corrupts the counterfactual's embeddings
 
@@ -169,6 +170,7 @@ def encode_pairs(pairs: Sequence[PromptPair], tokenizer, positions: str = "promp
         target_pos=target_pos,
         target_valid=target_valid,
         sign=np.array([pair.sign for pair in kept], np.float32),
+        keep=np.array([pair.keep for pair in kept], np.float32),
         gate_mask=_pad(gate_rows, length, dtype=np.float32),
         noise_mask=_pad(noise_rows, prompt_length, dtype=np.float32),
     )
