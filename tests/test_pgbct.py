@@ -226,7 +226,7 @@ def test_bad_inputs(tiny_gpt2, small_task, tmp_path):
         with pytest.raises(ValueError, match="lambda1|lambda2|lr"):
             SearchConfig(**bad)
     objective = Objective(model, small_task, "mlp_out", batch_size=20)
-    objective._arrays["source"][:, 3] = np.nan
+    objective._arrays["source/mlp_out"][:, 3] = np.nan
     label = small_task.pairs[3].label
     with pytest.raises(MetricNaNError, match=f"1 examples: {label}"):
         objective.effects(np.ones((2, 32), np.float32))

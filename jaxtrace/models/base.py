@@ -10,7 +10,7 @@ from flax import nnx
 
 from jaxtrace.models import layers
 from jaxtrace.models.config import ModelConfig
-from jaxtrace.models.sites import Activations, Gates, check_gates, check_site
+from jaxtrace.models.sites import MODEL_SITES, Activations, Gates, check_gates
 
 
 class GatedLM(nnx.Module):
@@ -42,7 +42,8 @@ class GatedLM(nnx.Module):
         """(logits, activations site -> [L, B, ...]) at the requested sites (after any mixing there)."""
         config = self.config
         for site in sites:
-            check_site(site)
+            if site not in MODEL_SITES:
+                raise ValueError(f"capture takes model sites ({', '.join(MODEL_SITES)}), got {site!r}")
         check_gates(config, gates, source)
         input_ids = jnp.asarray(input_ids)
         batch, length = input_ids.shape
