@@ -89,11 +89,13 @@ def penalty(z: jax.Array, lambda1, lambda2) -> jax.Array:
 
 
 def make_update(objective: Objective, config: SearchConfig, optimizer: optax.GradientTransformation):
-    """One run's optimiser step (z, opt_state, params, batch, λ1, λ2) -> (z, opt_state, loss, metric term, effects)
-    on the objective's trained metric (its surrogate, for accuracy)."""
+    """One run's optimiser step (z, opt_state, params, batch, λ1, λ2) -> (z, opt_state, stats) on the objective's
+    trained metric (its surrogate, for accuracy). stats: loss, metric term, per-pair effects [B] and, after the
+    step, the nonzero count, the binary violation Σz(1−z) and the number of selected components."""
     metric = objective.metric.trained
     transform = TRANSFORMS[check_transform(config.transform, objective.metric)]
     norm = objective.n_components if config.penalty == "mean" else 1.0
+    cap = objective.n_components if config.max_components is None else config.max_components
 
     def loss_fn(z, params, batch, lambda1, lambda2):
         effects = objective.batch_effect(params, z, batch, metric)
@@ -105,7 +107,9 @@ def make_update(objective: Objective, config: SearchConfig, optimizer: optax.Gra
         (loss, (data, effects)), grad = jax.value_and_grad(loss_fn, has_aux=True)(z, params, batch, lambda1, lambda2)
         updates, opt_state = optimizer.update(grad, opt_state, z)
         z = optax.projections.projection_box(optax.apply_updates(z, updates), 0.0, 1.0)
-        return z, opt_state, loss, data, effects
+        stats = {"loss": loss, "metric": data, "effects": effects, "nonzero": jnp.sum(z != 0),
+                 "violation": jnp.sum(z * (1 - z)), "selected": jnp.minimum(jnp.sum(z >= config.threshold), cap)}
+        return z, opt_state, stats
 
     return update
 
@@ -157,38 +161,46 @@ def run_sweep(objective: Objective, configs: list[SearchConfig], checkpoints: Ep
             raise ValueError(f"the checkpoint has {start_epoch} epochs done; --epochs {config.epochs} is fewer")
     z, opt_state, keys = jnp.asarray(state["z"]), state["opt_state"], jax.random.wrap_key_data(state["keys"])
     n_pairs = len(objective.task)
+    epochs = range(start_epoch, config.epochs)
+    orders = {epoch: [objective.batches(np.asarray(jax.random.permutation(jax.random.fold_in(k, epoch), n_pairs)))
+                      for k in keys] for epoch in epochs}
+    # One packed shape for every step of the run: one compilation.
+    shape = np.array([objective.packer.sizes(idx) for runs in orders.values() for order in runs for idx in order])
+    rows, n_logits = (int(n) for n in shape.max(0)) if len(shape) else (None, None)
     n_batches = len(objective.batches(np.arange(n_pairs)))
-    bar = tqdm(total=(config.epochs - start_epoch) * n_batches, disable=not progress, desc="PGB-CT", unit="step")
-    for epoch in range(start_epoch, config.epochs):
+    bar = tqdm(total=len(epochs) * n_batches, disable=not progress, desc="PGB-CT", unit="step")
+    evaluated: dict[int, tuple[bytes, float]] = {}  # run -> (binary mask, its effect), re-evaluated on change
+    for epoch in epochs:
         start = time.perf_counter()
         lambda1 = jnp.asarray([SCHEDULES[c.schedule](c.lambda1, epoch) for c in configs], jnp.float32)
         lambda2 = jnp.asarray([SCHEDULES[c.schedule](c.lambda2, epoch) for c in configs], jnp.float32)
-        orders = [objective.batches(np.asarray(jax.random.permutation(jax.random.fold_in(k, epoch), n_pairs)))
-                  for k in keys]
-        losses, datas = np.zeros((n_batches, n_runs)), np.zeros((n_batches, n_runs))
-        for i in range(n_batches):
-            batch = jax.tree.map(lambda *xs: np.stack(xs), *[objective.batch(order[i]) for order in orders])
-            z, opt_state, loss, data, effects = step(z, opt_state, objective.params, batch, lambda1, lambda2)
-            effects = np.asarray(effects)
-            for run, order in enumerate(orders):
-                objective.check_finite(effects[run, : len(order[i])], order[i])
-            losses[i], datas[i] = np.asarray(loss), np.asarray(data)
-            z_host = np.asarray(z)
-            for run, c in enumerate(configs):
-                steps.append({"run": run, "epoch": epoch, "step": i, "loss": float(losses[i, run]),
-                              "metric": float(datas[i, run]), "nonzero": int((z_host[run] != 0).sum()),
-                              "violation": float((z_host[run] * (1 - z_host[run])).sum()),
-                              "selected": int(select(z_host[run], c.threshold, c.max_components).sum())})
-            bar.update()
-            bar.set_postfix(epoch=epoch + 1, loss=f"{losses[i].mean():.4f}", selected=steps[-1]["selected"])
+        gates_before, pending = [], []
+        for i in range(n_batches):  # one step in flight while the host packs the next batch
+            batch = objective.stacked_batch([order[i] for order in orders[epoch]], rows, n_logits)
+            gates_before.append(z)
+            z, opt_state, stats = step(z, opt_state, objective.params, batch, lambda1, lambda2)
+            pending.append(stats)
+            if i:
+                _advance(bar, epoch, jax.device_get(pending[i - 1]))
+        _advance(bar, epoch, jax.device_get(pending[-1]))
+        stats = jax.device_get(pending)
+        for i, row in enumerate(stats):
+            for run, order in enumerate(orders[epoch]):
+                objective.check_finite(row["effects"][run, : len(order[i])], order[i], gates_before[i][run])
+            for run in range(n_runs):
+                steps.append({"run": run, "epoch": epoch, "step": i,
+                              **{k: v[run].item() for k, v in row.items() if k != "effects"}})
         masks = np.stack([select(zr, c.threshold, c.max_components) for zr, c in zip(np.asarray(z), configs)])
-        effects = objective.mask_effects(masks.astype(np.float32)).mean(1)
+        changed = [run for run in range(n_runs) if evaluated.get(run, (None,))[0] != masks[run].tobytes()]
+        if changed:
+            for run, effect in zip(changed, objective.mask_effects(masks[changed].astype(np.float32)).mean(1)):
+                evaluated[run] = (masks[run].tobytes(), float(effect))
         seconds += time.perf_counter() - start
         for run, history in enumerate(histories):
-            history.append({"epoch": epoch + 1, "loss": float(losses[:, run].mean()),
-                            "metric": float(datas[:, run].mean()), "lambda1": float(lambda1[run]),
-                            "lambda2": float(lambda2[run]), "selected": int(masks[run].sum()),
-                            "effect": float(effects[run]), "seconds": seconds})
+            history.append({"epoch": epoch + 1, "loss": float(np.mean([r["loss"][run] for r in stats])),
+                            "metric": float(np.mean([r["metric"][run] for r in stats])),
+                            "lambda1": float(lambda1[run]), "lambda2": float(lambda2[run]),
+                            "selected": int(masks[run].sum()), "effect": evaluated[run][1], "seconds": seconds})
         if checkpoints is not None:
             checkpoints.save(epoch + 1, {"z": z, "opt_state": opt_state, "keys": jax.random.key_data(keys)},
                              {"configs": [dataclasses.asdict(c) for c in configs], "epochs_done": epoch + 1,
@@ -198,6 +210,12 @@ def run_sweep(objective: Objective, configs: list[SearchConfig], checkpoints: Ep
     return [SearchResult(c, z_host[run], select(z_host[run], c.threshold, c.max_components), histories[run],
                          [{k: v for k, v in row.items() if k != "run"} for row in steps if row["run"] == run],
                          seconds) for run, c in enumerate(configs)]
+
+
+def _advance(bar: tqdm, epoch: int, stats: dict) -> None:
+    """Move the progress bar past a finished step, showing its mean loss and selection over the runs."""
+    bar.update()
+    bar.set_postfix(epoch=epoch + 1, loss=f"{np.mean(stats['loss']):.4f}", selected=int(np.mean(stats["selected"])))
 
 
 def _check_resumable(saved: list[dict], configs: list[SearchConfig]) -> None:

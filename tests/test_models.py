@@ -113,6 +113,24 @@ def test_gate_positions_restrict_mixing(loaded):
     assert not np.allclose(np.asarray(mixed[:, 6:]), np.asarray(plain[:, 6:]))
 
 
+def test_packed_sequences_match_separate_forwards(loaded):
+    """Three sequences in one row with a [T, T] visibility mask and restarting positions give each one's logits."""
+    name, _, model = loaded
+    rng = np.random.RandomState(4)
+    lengths = (5, 7, 4)
+    seqs = [rng.randint(0, model.config.vocab_size, n) for n in lengths]
+    segment = np.concatenate([np.full(n, i) for i, n in enumerate(lengths)] + [np.full(2, -1)])
+    positions = np.concatenate([np.arange(n) for n in lengths] + [np.zeros(2, int)])
+    ids = np.concatenate(seqs + [np.zeros(2, int)])
+    visible = (segment[:, None] == segment[None, :]) & (positions[None, :] <= positions[:, None]) & (segment >= 0)
+    packed = np.asarray(model(ids[None], visible[None], position_ids=positions[None]))[0]
+    start = 0
+    for seq in seqs:
+        alone = np.asarray(model(seq[None]))[0]
+        np.testing.assert_allclose(packed[start: start + len(seq)], alone, atol=2e-5, err_msg=name)
+        start += len(seq)
+
+
 def test_shorter_source_mixes_only_its_positions(loaded):
     _, _, model = loaded
     ids, _ = _inputs(model.config.vocab_size)

@@ -44,6 +44,31 @@ def test_cached_objective_equals_uncached(tiny_gpt2, winobias, site):
     assert np.abs(cached.effects(z)).max() > 1e-3  # the gates do something
 
 
+@pytest.mark.parametrize("site", ["attn_pattern", "head_out", "mlp_out", "mlp_hidden"])
+def test_packed_objective_equals_per_pair_forwards(tiny_gpt2, small_task, site):
+    """Packed batches (shared prompts, several pairs a row) against each pair's unpacked rows through the model."""
+    _, model, _ = tiny_gpt2
+    task = small_task
+    objective = Objective(model, task, site, batch_size=16)
+    assert objective.packer.sizes(np.arange(16))[0] < 8  # 16 pairs share fewer than 8 rows
+    z = np.random.RandomState(0).uniform(size=(objective.n_layers, objective.n_per_layer)).astype(np.float32)
+    expected = []
+    for i in range(len(task)):
+        _, source = model.capture(task.cf_ids[i: i + 1], task.cf_mask[i: i + 1], sites=(site,))
+        log_odds = []
+        for gates in ({site: z}, None):
+            scores = []
+            for k in range(2):
+                logits = model(task.ids[i, k][None], task.mask[i, k][None], gates=gates, source=source,
+                               gate_positions=task.gate_mask[i][None] > 0)
+                valid = task.target_valid[i, k] > 0
+                logp = jax.nn.log_softmax(logits[0], -1)[task.target_pos[i, k][valid], task.target_ids[i, k][valid]]
+                scores.append(float(logp.mean()))
+            log_odds.append(scores[1] - scores[0])
+        expected.append(np.expm1(task.sign[i] * (log_odds[0] - log_odds[1])))
+    np.testing.assert_allclose(objective.effects(z), expected, atol=2e-5)
+
+
 def test_zero_gates_give_zero_effect_and_targets_are_scored(tiny_gpt2, winobias):
     _, model, _ = tiny_gpt2
     objective = Objective(model, winobias, "attn_pattern")
@@ -139,20 +164,20 @@ def test_resume_after_kill_and_extension_give_uninterrupted_z(tiny_gpt2, small_t
     config = SearchConfig(epochs=4, batch_size=16, lambda1=0.2, lambda2=0.2)
     full = trace(model, small_task, "attn_pattern", config, out=tmp_path / "full", progress=False)
 
-    # Killed during epoch 3 (its evaluation raises), then resumed.
+    # Killed in the middle of epoch 3 (3 batches of 16 pairs per epoch: its second batch raises), then resumed.
     calls = {"n": 0}
-    original = Objective.mask_effects
+    original = Objective.stacked_batch
 
-    def dying(self, masks, *args):
+    def dying(self, *args):
         calls["n"] += 1
-        if calls["n"] == 3:
+        if calls["n"] == 2 * 3 + 2:
             raise KeyboardInterrupt
-        return original(self, masks, *args)
+        return original(self, *args)
 
-    monkeypatch.setattr(Objective, "mask_effects", dying)
+    monkeypatch.setattr(Objective, "stacked_batch", dying)
     with pytest.raises(KeyboardInterrupt):
         trace(model, small_task, "attn_pattern", config, out=tmp_path / "killed", progress=False)
-    monkeypatch.setattr(Objective, "mask_effects", original)
+    monkeypatch.setattr(Objective, "stacked_batch", original)
     assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["1", "2"]
     with pytest.raises(FileExistsError, match="--resume"):
         trace(model, small_task, "attn_pattern", config, out=tmp_path / "killed", progress=False)

@@ -17,29 +17,39 @@ class GatedLM(nnx.Module):
     """A decoder-only LM whose forward takes explicit gates and source activations.
 
     Subclasses define the parameters (`self.blocks` holds every layer's parameters stacked on a leading layer axis)
-    and `embed`, `block` and `unembed`.
+    and `embed(ids, positions) -> [B, T, D]`, `block(params, x, context, intervention) -> x` and
+    `unembed(hidden [..., D]) -> logits [..., V]` (final norm and output head, float32).
     """
 
     config: ModelConfig
 
     def __call__(self, input_ids, attention_mask=None, gates: Gates | None = None,
-                 source: Activations | None = None, gate_positions=None, logit_positions=None,
+                 source: Activations | None = None, gate_positions=None, position_ids=None,
                  input_noise=None) -> jax.Array:
-        """Logits [B, T, V] (float32), or [B, P, V] at `logit_positions` [B, P] when given.
+        """Logits [B, T, V] (float32).
 
-        input_ids: [B, T] ints; attention_mask: [B, T] (1 = real token); gates: site -> [L, N] in [0, 1];
-        source: site -> [L, B, ...] captured activations (token axes may be shorter than T: the missing positions are
-        not mixed); gate_positions: [B, T] bool, the token positions where gates apply (default: all);
+        input_ids: [B, T] ints; attention_mask: [B, T] (1 = real token, causal attention) or [B, T, T] (which keys
+        each query sees, for packed sequences); gates: site -> [L, N] in [0, 1]; source: site -> [L, B, ...] captured
+        activations (token axes may be shorter than T: the missing positions are not mixed); gate_positions: [B, T]
+        bool, the token positions where gates apply (default: all); position_ids: [B, T] (default: 0..T-1);
         input_noise: [B, T, D] added to the input embeddings (noise-corrupted counterfactuals).
         """
-        logits, _ = self.capture(input_ids, attention_mask, (), gates, source, gate_positions, logit_positions,
+        logits, _ = self.capture(input_ids, attention_mask, (), gates, source, gate_positions, position_ids,
                                  input_noise)
         return logits
 
     def capture(self, input_ids, attention_mask=None, sites: Sequence[str] = (), gates: Gates | None = None,
-                source: Activations | None = None, gate_positions=None, logit_positions=None,
+                source: Activations | None = None, gate_positions=None, position_ids=None,
                 input_noise=None) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """(logits, activations site -> [L, B, ...]) at the requested sites (after any mixing there)."""
+        """(logits [B, T, V], activations site -> [L, B, ...]) at the requested sites (after any mixing there)."""
+        hidden, captured = self.hidden_states(input_ids, attention_mask, sites, gates, source, gate_positions,
+                                              position_ids, input_noise)
+        return self.unembed(hidden), captured
+
+    def hidden_states(self, input_ids, attention_mask=None, sites: Sequence[str] = (), gates: Gates | None = None,
+                      source: Activations | None = None, gate_positions=None, position_ids=None,
+                      input_noise=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(final hidden states [B, T, D] before the final norm, activations site -> [L, B, ...]); see `capture`."""
         config = self.config
         for site in sites:
             if site not in MODEL_SITES:
@@ -53,14 +63,14 @@ class GatedLM(nnx.Module):
             where = where * jnp.asarray(gate_positions, jnp.float32)
         sources = {}
         for site in gates:
-            src_len = layers.source_length(site, source[site])
-            sources[site] = layers.pad_source(site, source[site], length)
             if source[site].shape[1] != batch:
                 raise ValueError(f"source for {site!r} has batch {source[site].shape[1]}, the input {batch}")
-            where = where * (jnp.arange(length) < src_len)[None, :]
+            sources[site] = layers.pad_source(site, source[site], length)
+            where = where * (jnp.arange(length) < layers.source_length(site, source[site]))[None, :]
 
-        position_ids = jnp.broadcast_to(jnp.arange(length), (batch, length))
-        context = self.context(attention_mask, position_ids)
+        if position_ids is None:
+            position_ids = jnp.broadcast_to(jnp.arange(length), (batch, length))
+        context = self.context(attention_mask, jnp.asarray(position_ids))
         x = self.embed(input_ids, position_ids)
         if input_noise is not None:
             x = x + jnp.asarray(input_noise, x.dtype)
@@ -71,15 +81,11 @@ class GatedLM(nnx.Module):
             iv = layers.Intervention(layer_gates, layer_source, where, tuple(sites))
             return self.block(params, x, context, iv), iv.captured
 
-        x, captured = jax.lax.scan(layer, x, (stacked, gates, sources))
-        if logit_positions is not None:
-            x = jnp.take_along_axis(x, jnp.asarray(logit_positions)[..., None], axis=1)
-        return self.unembed(x), captured
+        return jax.lax.scan(layer, x, (stacked, gates, sources))
 
     def context(self, attention_mask, position_ids) -> dict[str, jax.Array]:
         """Per-forward tensors every layer reads (the attention bias; RoPE tables where used)."""
-        batch, length = position_ids.shape
-        return {"bias": layers.attention_bias(attention_mask, batch, length, self.config.sliding_window)}
+        return {"bias": layers.attention_bias(attention_mask, position_ids, self.config.sliding_window)}
 
 
 def functional(model: GatedLM):

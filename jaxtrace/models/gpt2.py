@@ -67,4 +67,4 @@ class GPT2(GatedLM):
     def unembed(self, x: jax.Array) -> jax.Array:
         x = layers.layer_norm(x, self.final_norm[...], self.final_norm_bias[...], self.config.norm_eps)
         head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
-        return jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32)

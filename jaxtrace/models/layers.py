@@ -88,16 +88,19 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x.astype(F32) * cos + rotated * sin).astype(x.dtype)
 
 
-def attention_bias(attention_mask: jax.Array | None, batch: int, length: int, sliding_window: int | None) -> jax.Array:
-    """Additive mask [B, 1, T, T]: causal, optional sliding window, padded keys (mask 0) excluded."""
-    q = jnp.arange(length)[:, None]
-    k = jnp.arange(length)[None, :]
-    allowed = k <= q
+def attention_bias(attention_mask: jax.Array | None, position_ids: jax.Array,
+                   sliding_window: int | None) -> jax.Array:
+    """Additive mask [B, 1, T, T] from a padding mask [B, T] (causal, padded keys excluded) or an explicit
+    visibility mask [B, T, T] (packed sequences); a sliding window applies to position ids [B, T]."""
+    batch, length = position_ids.shape
+    if attention_mask is not None and jnp.ndim(attention_mask) == 3:
+        allowed = jnp.asarray(attention_mask, bool)
+    else:
+        allowed = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (batch, length, length))
+        if attention_mask is not None:
+            allowed &= jnp.asarray(attention_mask, bool)[:, None, :]
     if sliding_window is not None:
-        allowed &= q - k < sliding_window
-    allowed = jnp.broadcast_to(allowed, (batch, length, length))
-    if attention_mask is not None:
-        allowed &= jnp.asarray(attention_mask, bool)[:, None, :]
+        allowed &= position_ids[:, :, None] - position_ids[:, None, :] < sliding_window
     return jnp.where(allowed, 0.0, NEG_INF).astype(F32)[:, None]
 
 

@@ -87,4 +87,4 @@ class Llama(GatedLM):
     def unembed(self, x: jax.Array) -> jax.Array:
         x = layers.rms_norm(x, self.final_norm[...], self.config.norm_eps)
         head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
-        return jnp.einsum("btd,dv->btv", x, head, preferred_element_type=jnp.float32)
+        return jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32)

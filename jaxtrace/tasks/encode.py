@@ -25,6 +25,7 @@ class EncodedTask:
     skipped: tuple[tuple[str, str], ...]  # (label, reason)
     corruption: str           # "prompt" (the counterfactual prompt) or "noise"
     noise: tuple[float | None, float, int]  # (absolute std or None, std as a multiple of the embeddings', seed)
+    pad_id: int               # the tokenizer's pad id (else EOS) that pads every array of token ids
     index: np.ndarray         # [N] int32, the pair's position in the task (seeds its noise)
     cf_ids: np.ndarray        # [N, P] int32
     cf_mask: np.ndarray       # [N, P] int32
@@ -48,7 +49,7 @@ class EncodedTask:
     def arrays(self) -> dict[str, np.ndarray]:
         """The per-pair arrays, each with a leading pair axis."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("pairs", "skipped", "corruption", "noise")}
+                if f.name not in ("pairs", "skipped", "corruption", "noise", "pad_id")}
 
 
 def pad_id_of(tokenizer) -> int:
@@ -161,6 +162,7 @@ def encode_pairs(pairs: Sequence[PromptPair], tokenizer, positions: str = "promp
         skipped=tuple(skipped),
         corruption=corruption,
         noise=(noise_std, noise_scale, noise_seed),
+        pad_id=pad,
         index=np.arange(len(kept), dtype=np.int32),
         cf_ids=_pad(cfs, prompt_length, pad),
         cf_mask=_pad([[1] * len(c) for c in cfs], prompt_length, 0),
