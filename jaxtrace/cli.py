@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -14,6 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxtrace
+from jaxtrace import parallel
 from jaxtrace.checkpoint import CheckpointError
 from jaxtrace.export import EXPORT_FORMATS
 from jaxtrace.models import SITES, full_gates, functional, gate_shape
@@ -25,6 +27,7 @@ from jaxtrace.tasks.encode import POSITIONS
 from jaxtrace.baselines import METHODS
 from jaxtrace.compare import compare, table_markdown, write_curve_plot
 from jaxtrace.tracing import baseline, build_task, evaluate_selection, trace, write_json
+from jaxtrace.families import find_circuits, run_family_sweep, summary_table
 
 
 
@@ -127,6 +130,30 @@ def _add_batch_args(parser: argparse.ArgumentParser) -> None:
                         help="memory budget of one batched mask evaluation (sets how many masks run at once)")
 
 
+def _add_parallel_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("devices and hosts (see jaxtrace.parallel)")
+    group.add_argument("--mesh", help="device mesh data=D,model=M (default: every device on data); pairs are split "
+                       "over data, parameters over model")
+    group.add_argument("--coordinator", help="multi-host: address host:port of process 0 (default: "
+                       "$JAX_COORDINATOR_ADDRESS, or detected on TPU pods, SLURM and Open MPI)")
+    group.add_argument("--num-processes", type=int, help="multi-host: number of processes ($JAX_NUM_PROCESSES)")
+    group.add_argument("--process-id", type=int, help="multi-host: this process's index ($JAX_PROCESS_ID)")
+
+
+def _device_mesh(args):
+    """Join a multi-host run if one is configured, then the mesh of `--mesh` (None on a single device)."""
+    parallel.initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    if not parallel.is_writer():  # one report and one progress bar, from process 0
+        sys.stdout = open(os.devnull, "w")
+        args.no_progress = True
+    if args.mesh is None and jax.device_count() == 1:
+        return None
+    mesh = parallel.parse_mesh(args.mesh)
+    print(f"mesh       data={mesh.shape['data']} x model={mesh.shape['model']} over {jax.device_count()} "
+          f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es)")
+    return mesh
+
+
 def _task_options(args) -> dict:
     return {"winobias": {"split": args.split, "fix_possessive": not args.reference_pronouns},
             "winogender": {"stats": args.stats, "fix_possessive": not args.reference_pronouns},
@@ -162,36 +189,41 @@ def cmd_trace(args) -> None:
     config = SearchConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lambda1=args.lambda1,
                           lambda2=args.lambda2, schedule=args.schedule, penalty=args.penalty, transform=transform,
                           threshold=args.threshold, max_components=args.max_components, seed=args.seed)
+    mesh = _device_mesh(args)
     model, task, options = _load(args)
     print(_summary(model, args.model))
     print(f"task       {args.task}: {len(task)} pairs; site {args.site}; results in {args.out}")
     metadata = {"model": args.model, "task": args.task, "task_options": options, "data": str(args.data)}
     circuit = trace(model, task, args.site, config, out=args.out, resume=args.resume,
                     progress=not args.no_progress, metadata=metadata, target_size=args.target_size,
-                    metric=args.metric)
+                    metric=args.metric, mesh=mesh)
     print(_circuit_summary(circuit, Path(args.out)))
 
 
 def cmd_baseline(args) -> None:
+    mesh = _device_mesh(args)
     model, task, options = _load(args)
     metadata = {"model": args.model, "task": args.task, "task_options": options, "data": str(args.data)}
     circuit = baseline(model, task, args.site, args.method, args.k, n_samples=args.samples, seed=args.seed,
                        batch_size=args.batch_size, memory_budget=int(args.memory_gb * 2**30), out=args.out,
-                       metadata=metadata, metric=args.metric)
+                       metadata=metadata, metric=args.metric, mesh=mesh)
     print(_circuit_summary(circuit, Path(args.out)))
 
 
 def cmd_compare(args) -> None:
+    mesh = _device_mesh(args)
     model, task, options = _load(args)
     config = SearchConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lambda1=args.lambda1,
                           lambda2=args.lambda2, seed=args.seed,
                           transform="inverse" if METRICS[args.metric].trained.ratio else "neg")
-    objective = Objective(model, task, args.site, args.batch_size, metric=args.metric)
+    objective = Objective(model, task, args.site, args.batch_size, metric=args.metric, mesh=mesh)
     factors = np.geomspace(args.lambda_range[0], args.lambda_range[1], args.n_lambdas)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
     def report(result: dict) -> None:
+        if not parallel.is_writer():
+            return
         write_json(out / "curve.json", {"model": args.model, "task": args.task, "task_options": options, **result})
         (out / "curve.md").write_text(table_markdown(result) + "\n")
         write_curve_plot(result, out / "curve.png")
@@ -237,8 +269,9 @@ def cmd_evaluate(args) -> None:
         if args.site is None:
             raise ValueError("--select needs --site")
         selected, site = _parse_selection(args.select), args.site
+    mesh = _device_mesh(args)
     model, task, _ = _load(args)
-    result = evaluate_selection(model, task, site, selected, metric=args.metric)
+    result = evaluate_selection(model, task, site, selected, metric=args.metric, mesh=mesh)
     print(f"{result['n_selected']} of {result['n_components']} {site} components on {result['n_pairs']} pairs: "
           f"effect {result['effect']:+.4f} (all {result['effect_all']:+.4f}, none {result['effect_none']:+.4f})")
     if args.json:
@@ -255,6 +288,29 @@ def cmd_demo(args) -> None:
     """A trace with the demo's defaults; a second call resumes (or just re-reports) the first."""
     args.resume = Path(args.out, "checkpoints").is_dir()
     cmd_trace(args)
+
+
+def cmd_sweep(args) -> None:
+    """Every (model, task) pair, finished pairs skipped and killed ones resumed; then the table and report."""
+    config = SearchConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, lambda1=args.lambda1,
+                          lambda2=args.lambda2, schedule=args.schedule, penalty=args.penalty, seed=args.seed,
+                          transform="inverse" if METRICS[args.metric].trained.ratio else "neg")
+    task_options = {}
+    for task in args.tasks:
+        options = {**_task_options(argparse.Namespace(**{**vars(args), "task": task})), "positions": args.positions}
+        if task == "counterfact":
+            options.update(noise_positions=args.noise_on, noise_std=args.noise_std, noise_scale=args.noise_scale)
+        task_options[task] = options
+
+    mesh = _device_mesh(args)
+
+    def load(spec: str):
+        return jaxtrace.load_model(spec, dtype=args.dtype, allow_pickle=args.allow_pickle, tokenizer=args.tokenizer)
+
+    run_family_sweep(args.models, args.tasks, args.site, args.out, args.data, config, task_options,
+                     metric=args.metric, progress=not args.no_progress, load=load, mesh=mesh)
+    print(summary_table(find_circuits(args.out)))
+    print(f"report     {Path(args.out) / 'report.md'}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -276,6 +332,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_task_args(trace_cmd)
     trace_cmd.add_argument("--site", default="attn_pattern", choices=list(SITES))
     trace_cmd.add_argument("--out", required=True, help="result folder")
+    _add_parallel_args(trace_cmd)
     trace_cmd.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     trace_cmd.add_argument("--no-progress", action="store_true")
     defaults = SearchConfig()
@@ -304,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     base.add_argument("--method", required=True, choices=list(METHODS))
     base.add_argument("--k", type=int, required=True, help="circuit size (single: the heat map, top-k selected)")
     _add_batch_args(base)
+    _add_parallel_args(base)
     base.set_defaults(run=cmd_baseline)
 
     comp = commands.add_parser("compare", help="effect against size for PGB-CT, greedy, top-k and random")
@@ -323,6 +381,7 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--lambda2", type=float, default=defaults.lambda2)
     comp.add_argument("--no-progress", action="store_true")
     _add_batch_args(comp)
+    _add_parallel_args(comp)
     comp.set_defaults(run=cmd_compare)
 
     evaluate = commands.add_parser("evaluate", help="the effect of a given subset of components")
@@ -332,7 +391,31 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--select", help="components as layer.index, comma separated (e.g. 3.7,10.2)")
     evaluate.add_argument("--site", choices=list(SITES), help="default: the circuit's")
     evaluate.add_argument("--json", action="store_true", help="also print the result as JSON")
+    _add_parallel_args(evaluate)
     evaluate.set_defaults(run=cmd_evaluate)
+
+    sweep = commands.add_parser("sweep", conflict_handler="resolve",
+                                help="every model x task pair (resumable) and a cross-model report")
+    _add_model_args(sweep)
+    _add_task_args(sweep)
+    comma_list = lambda text: [item.strip() for item in text.split(",") if item.strip()]  # noqa: E731
+    sweep.add_argument("--models", "--model", type=comma_list, required=True,
+                       help="comma-separated HF folders, .gguf files or registered names")
+    sweep.add_argument("--tasks", "--task", type=comma_list, required=True,
+                       help=f"comma-separated tasks among {', '.join(TASK_LOADERS)}")
+    sweep.add_argument("--site", default="attn_pattern", choices=list(SITES))
+    sweep.add_argument("--out", required=True, help="sweep folder (a rerun skips finished pairs)")
+    sweep.add_argument("--epochs", type=int, default=defaults.epochs)
+    sweep.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    sweep.add_argument("--lr", type=float)
+    sweep.add_argument("--lambda1", type=float, default=defaults.lambda1)
+    sweep.add_argument("--lambda2", type=float, default=defaults.lambda2)
+    sweep.add_argument("--schedule", default=defaults.schedule, choices=list(SCHEDULES))
+    sweep.add_argument("--penalty", default=defaults.penalty, choices=list(PENALTIES))
+    sweep.add_argument("--seed", type=int, default=defaults.seed)
+    sweep.add_argument("--no-progress", action="store_true")
+    _add_parallel_args(sweep)
+    sweep.set_defaults(run=cmd_sweep)
 
     export = commands.add_parser("export", help="write a circuit in another tool's format")
     export.add_argument("--circuit", required=True)

@@ -19,7 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtrace import packing
+from jax.sharding import Mesh
+
+from jaxtrace import packing, parallel
 from jaxtrace.metrics import PROBABILITY_RATIO, Metric, get_metric
 from jaxtrace.models import GatedLM, functional, gate_shape
 from jaxtrace.models.sites import check_site, expand_gates, model_sites
@@ -48,11 +50,14 @@ class Objective:
     the host; with `cache=False` every call recomputes them (the reference's way; used to check the cache).
     `cache=None` caches when the sources fit in `cache_limit_bytes`. `row_width` sets the packed row length
     (default: the longer of the longest pair and four average pairs).
+
+    On a `mesh` (see `jaxtrace.parallel`) a batch is split into one group of pairs per `data` device, each packed on
+    its own (batch arrays carry a leading group axis G), and the parameters are sharded over `model`.
     """
 
     def __init__(self, model: GatedLM, task: EncodedTask, site: str, batch_size: int = 32,
                  cache: bool | None = None, cache_limit_bytes: int = 4 << 30,
-                 metric: str | Metric = PROBABILITY_RATIO, row_width: int | None = None):
+                 metric: str | Metric = PROBABILITY_RATIO, row_width: int | None = None, mesh: Mesh | None = None):
         self.model, self.task, self.site = model, task, check_site(site)
         self.sites = model_sites(site)
         self.metric = get_metric(metric)
@@ -63,22 +68,27 @@ class Objective:
         self.noise_std = (noise_std if noise_std is not None else  # the embedding std is measured on the model
                           noise_scale * float(jnp.std(model.embed_tokens[...].astype(jnp.float32))))
         self.noise_key = jax.random.key(noise_seed)
-        self.batch_size = batch_size
-        self.packer = packing.Packer(task, batch_size, row_width)
+        self.batch_size, self.mesh = batch_size, mesh
+        self.groups = mesh.shape["data"] if mesh is not None else 1
+        self.slots = math.ceil(batch_size / self.groups)  # pair slots per group
+        self.packer = packing.Packer(task, self.slots, row_width)
         self.n_layers, self.n_per_layer = gate_shape(model.config, site)
         self.apply, self.params = functional(model)
+        if mesh is not None:
+            self.params = parallel.shard_params(self.params, mesh)
         self.cache_bytes = _bytes_per_pair(model, site, task.cf_ids.shape[1]) * len(task)
         if cache is None:
             cache = self.cache_bytes <= cache_limit_bytes
         elif cache and self.cache_bytes > cache_limit_bytes:
+            advice = "; head_out gates the same heads with memory linear in length" if site == "attn_pattern" else ""
             raise MemoryError(f"caching {site} sources needs {self.cache_bytes / 2**30:.1f} GiB, over the "
-                              f"{cache_limit_bytes / 2**30:.1f} GiB limit; use cache=False")
+                              f"{cache_limit_bytes / 2**30:.1f} GiB limit; use cache=False{advice}")
         self.cache = cache
         arrays = task.arrays()
         self._arrays = {name: arrays[name] for name in PAIR_ARRAYS}
         self._chunks = self.batches(np.arange(len(task)))
-        self._dataset_shape = tuple(int(n) for n in np.max([self.packer.sizes(idx) for idx in self._chunks], 0))
-        self._mask_effects = jax.jit(jax.vmap(self.batch_effect, in_axes=(None, 0, None)))
+        self._dataset_shape = tuple(int(n) for n in np.max([self.batch_shape(idx) for idx in self._chunks], 0))
+        self._mask_effects = self.jit(jax.vmap(self.batch_effect, in_axes=(None, 0, None)))
         if cache:
             self._arrays.update(self._precompute())
 
@@ -89,34 +99,37 @@ class Objective:
     # -- pure functions of (params, gates, batch) ----------------------------------------------------------------
 
     def noise(self, batch):
-        """[B, P, D] the embedding noise of each pair's counterfactual (zero outside its noise positions)."""
-        shape = (batch["cf_ids"].shape[1], self.model.config.d_model)
-        draw = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(self.noise_key, i), shape))
-        return self.noise_std * draw(batch["index"]) * batch["noise_mask"][..., None]
+        """[..., P, D] the embedding noise of each pair's counterfactual (zero outside its noise positions)."""
+        shape = (batch["cf_ids"].shape[-1], self.model.config.d_model)
+        draw = lambda i: jax.random.normal(jax.random.fold_in(self.noise_key, i), shape)  # noqa: E731
+        index = batch["index"]
+        noise = jax.vmap(draw)(index.reshape(-1)).reshape(*index.shape, *shape)
+        return self.noise_std * noise * batch["noise_mask"][..., None]
 
-    def _source(self, params, batch):
-        """Counterfactual activations {model site: [L, B, P, ...]} of a batch's prompts."""
-        noise = self.noise(batch) if self.task.corruption == "noise" else None
-        _, acts = self.apply(params, batch["cf_ids"], batch["cf_mask"], method="capture", sites=self.sites,
+    def _source(self, params, group):
+        """Counterfactual activations {model site: [L, B, P, ...]} of one group's prompts."""
+        noise = self.noise(group) if self.task.corruption == "noise" else None
+        _, acts = self.apply(params, group["cf_ids"], group["cf_mask"], method="capture", sites=self.sites,
                              input_noise=noise)
         return acts
 
-    def _outputs(self, params, batch, gates=None, source=None) -> dict[str, jax.Array]:
+    def _outputs(self, params, group, gates=None, source=None) -> dict[str, jax.Array]:
         """{"targets": [B, K] mean target-token log-probs, "last": [B, V] next-token log-probs at the last prompt
-        position} of a packed batch, optionally gated at the task's gate positions with per-pair `source`."""
+        position} of one packed group, optionally gated at the task's gate positions with per-pair `source`
+        {site: [L, B, P, ...]}."""
         packed_source = None
         if gates is not None:
-            packed_source = {site: packing.pack_source(site, acts, batch) for site, acts in source.items()}
-        hidden, _ = self.apply(params, batch["tokens"], packing.visibility(batch), gates=gates, source=packed_source,
-                               gate_positions=batch["gate"] > 0, position_ids=batch["positions"],
+            packed_source = {site: packing.pack_source(site, acts, group) for site, acts in source.items()}
+        hidden, _ = self.apply(params, group["tokens"], packing.visibility(group), gates=gates, source=packed_source,
+                               gate_positions=group["gate"] > 0, position_ids=group["positions"],
                                method="hidden_states")
-        hidden = hidden.reshape(-1, hidden.shape[-1])[batch["logit_index"]]
+        hidden = hidden.reshape(-1, hidden.shape[-1])[group["logit_index"]]
         logits = self.apply(params, hidden, method="unembed")  # [Q, V]
         norm = jax.nn.logsumexp(logits, axis=-1)  # [Q]
-        slot = batch["target_slot"]  # [B, K, M]
-        token_logp = logits[slot, batch["target_ids"]] - norm[slot]
-        valid = batch["target_valid"]
-        last = batch["last_slot"]
+        slot = group["target_slot"]  # [B, K, M]
+        token_logp = logits[slot, group["target_ids"]] - norm[slot]
+        valid = group["target_valid"]
+        last = group["last_slot"]
         return {"targets": (token_logp * valid).sum(-1) / valid.sum(-1), "last": logits[last] - norm[last, None]}
 
     def _base(self, outputs: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -124,60 +137,92 @@ class Objective:
         keep = ("targets", "last") if self.metric.uses_last else ("targets",)
         return {key: outputs[key] for key in keep}
 
-    def batch_effect(self, params, z, batch, metric: Metric | None = None):
-        """[B] per-pair effect of gates z under `metric` (default: the objective's)."""
-        metric = metric or self.metric
-        if self.cache:
-            source = {site: batch[f"source/{site}"] for site in self.sites}
-            base = {key.removeprefix("base_"): value for key, value in batch.items() if key.startswith("base_")}
+    def _group_effect(self, params, z, group, metric: Metric):
+        if self.cache:  # cached sources are pair-major [B, L, ...]
+            source = {site: jnp.moveaxis(group[f"source/{site}"], 0, 1) for site in self.sites}
+            base = {key.removeprefix("base_"): value for key, value in group.items() if key.startswith("base_")}
         else:
-            source = jax.lax.stop_gradient(self._source(params, batch))
-            base = jax.lax.stop_gradient(self._base(self._outputs(params, batch)))
-        gated = self._outputs(params, batch, expand_gates(self.model.config, self.site, z), source)
-        return metric.effect(gated, base, batch)
+            source = jax.lax.stop_gradient(self._source(params, group))
+            base = jax.lax.stop_gradient(self._base(self._outputs(params, group)))
+        gated = self._outputs(params, group, expand_gates(self.model.config, self.site, z), source)
+        return metric.effect(gated, base, group)
+
+    def batch_effect(self, params, z, batch, metric: Metric | None = None):
+        """[G * B_group] per-pair effect of gates z [L, N] under `metric` (default: the objective's)."""
+        effects = jax.vmap(lambda group: self._group_effect(params, z, group, metric or self.metric))(batch)
+        return effects.reshape(-1)
 
     # -- host side -----------------------------------------------------------------------------------------------
 
     def _precompute(self) -> dict[str, np.ndarray]:
-        source_fn = jax.jit(self._source)
-        base_fn = jax.jit(lambda params, batch: self._base(self._outputs(params, batch)))
+        """Pair-major counterfactual sources {f"source/{site}": [N, L, ...]} and base outputs {f"base_{key}": [N, ...]}."""
+        source_fn = self.jit(jax.vmap(self._source, in_axes=(None, 0)))
+        base_fn = self.jit(jax.vmap(lambda params, group: self._base(self._outputs(params, group)), in_axes=(None, 0)))
         sources, bases = [], []
         for idx, batch in self._dataset_batches(with_cache=False):
-            sources.append({s: np.asarray(a)[:, : len(idx)] for s, a in source_fn(self.params, batch).items()})
-            bases.append({k: np.asarray(v)[: len(idx)] for k, v in base_fn(self.params, batch).items()})
+            batch = self.put(batch)
+            pair_major = lambda a: np.moveaxis(np.asarray(a), 1, 2).reshape(-1, *a.shape[1:2], *a.shape[3:])  # noqa: E731
+            sources.append({s: pair_major(a)[: len(idx)] for s, a in source_fn(self.params, batch).items()})
+            bases.append({k: np.asarray(v).reshape(-1, *v.shape[2:])[: len(idx)]
+                          for k, v in base_fn(self.params, batch).items()})
         cached = {f"base_{key}": np.concatenate([b[key] for b in bases]) for key in bases[0]}
-        return {f"source/{s}": np.concatenate([a[s] for a in sources], axis=1) for s in self.sites} | cached
+        return {f"source/{s}": np.concatenate([a[s] for a in sources]) for s in self.sites} | cached
 
     def batches(self, order: np.ndarray) -> list[np.ndarray]:
         """Consecutive index chunks of at most `batch_size` pairs."""
         return [order[i: i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
+    def _groups(self, idx: np.ndarray) -> list[np.ndarray]:
+        return [idx[g * self.slots: (g + 1) * self.slots] for g in range(self.groups)]
+
+    def batch_shape(self, idx: np.ndarray) -> tuple[int, int]:
+        """(packed rows, logit positions) per group that a batch of pairs `idx` needs."""
+        sizes = [self.packer.sizes(group) for group in self._groups(idx) if len(group)]
+        return tuple(int(n) for n in np.max(sizes, 0))
+
     def batch(self, idx: np.ndarray, with_cache: bool = True, rows: int | None = None,
               n_logits: int | None = None) -> dict[str, np.ndarray]:
-        """Packed arrays of pairs `idx`; per-pair arrays padded to `batch_size` by repeating the first pair with
-        weight 0. `rows`, `n_logits`: minimum packed sizes (to give batches that run together one shape)."""
-        padded = np.concatenate([idx, np.full(self.batch_size - len(idx), idx[0])])
-        out = {}
-        for name, array in self._arrays.items():
-            if name.startswith("source/"):
-                if with_cache:
-                    out[name] = array[:, padded]
-            elif not name.startswith("base_") or with_cache:
-                out[name] = array[padded]
-        out.update(self.packer.pack(idx, rows, n_logits))
-        out["weight"] = (np.arange(self.batch_size) < len(idx)).astype(np.float32)
+        """Host arrays of pairs `idx`, each with a leading group axis G: per-pair arrays [G, B_group, ...] (padded
+        by repeating the first pair, with weight 0) and each group's packed arrays [G, R, S] etc. `rows`,
+        `n_logits`: minimum packed sizes (to give batches that run together one shape)."""
+        total = self.groups * self.slots
+        padded = np.concatenate([idx, np.full(total - len(idx), idx[0])])
+        grouped = lambda a: a.reshape(self.groups, self.slots, *a.shape[1:])  # noqa: E731
+        out = {name: grouped(array[padded]) for name, array in self._arrays.items()
+               if with_cache or not (name.startswith("source/") or name.startswith("base_"))}
+        rows_needed, logits_needed = self.batch_shape(idx)
+        packed = [self.packer.pack(group, max(rows or 0, rows_needed), max(n_logits or 0, logits_needed))
+                  for group in self._groups(idx)]
+        out.update({name: np.stack([p[name] for p in packed]) for name in packing.PACKED_KEYS})
+        out["weight"] = grouped((np.arange(total) < len(idx)).astype(np.float32))
         return out
 
     def stacked_batch(self, orders: list[np.ndarray], rows: int | None = None,
                       n_logits: int | None = None) -> dict[str, np.ndarray]:
         """Batches of several runs (a vmapped sweep) packed to one shape (at least `rows`, `n_logits`) and stacked
         on a leading run axis."""
-        sizes = np.array([self.packer.sizes(idx) for idx in orders] + [(rows or 0, n_logits or 0)]).max(0)
+        sizes = np.array([self.batch_shape(idx) for idx in orders] + [(rows or 0, n_logits or 0)]).max(0)
         batches = [self.batch(idx, rows=int(sizes[0]), n_logits=int(sizes[1])) for idx in orders]
         return jax.tree.map(lambda *xs: np.stack(xs), *batches)
 
+    def put(self, batch: dict[str, np.ndarray], group_axis: int = 0) -> dict[str, jax.Array]:
+        """Send a host batch to the devices: its group axis split over the mesh's `data` axis."""
+        if self.mesh is None:
+            return jax.device_put(batch)
+        return parallel.put_batch(batch, self.mesh, group_axis)
+
+    def replicate(self, tree):
+        """A pytree (gates, optimiser state) on the devices, whole on every device of the mesh."""
+        return jax.device_put(tree) if self.mesh is None else parallel.replicate(tree, self.mesh)
+
+    def jit(self, fn):
+        """`jax.jit`, with every output replicated on a mesh (so each process can read it)."""
+        if self.mesh is None:
+            return jax.jit(fn)
+        return jax.jit(fn, out_shardings=parallel.replicated(self.mesh))
+
     def _dataset_batches(self, with_cache: bool = True):
-        """(idx, batch) over the task in order, all packed to one shape (one compilation)."""
+        """(idx, host batch) over the task in order, all packed to one shape (one compilation)."""
         for idx in self._chunks:
             yield idx, self.batch(idx, with_cache, *self._dataset_shape)
 
@@ -188,7 +233,7 @@ class Objective:
         token and layer-step, plus the logits and log-softmax at its logit positions (float32).
         """
         c = self.model.config
-        rows, n_logits = self._dataset_shape
+        rows, n_logits = (self.groups * n for n in self._dataset_shape)
         width = self.packer.width
         per_mask = 4 * (rows * width * (4 * c.d_model + 2 * c.d_ff + 2 * c.n_heads * width)
                         + 2 * n_logits * c.vocab_size)
@@ -200,13 +245,13 @@ class Objective:
         Each data batch is sent once; the masks go through one jitted, vmapped program in chunks of
         `masks_per_chunk` (the last chunk padded, so every call has the same shape).
         """
-        masks = jnp.asarray(masks, jnp.float32)
+        masks = np.asarray(masks, np.float32)
         n_masks = masks.shape[0]
         chunk = self.masks_per_chunk(n_masks, memory_budget)
-        padded = jnp.concatenate([masks, jnp.repeat(masks[:1], -n_masks % chunk, axis=0)])
+        padded = self.replicate(np.concatenate([masks, np.repeat(masks[:1], -n_masks % chunk, axis=0)]))
         out = np.empty((n_masks, len(self.task)), np.float32)
         for idx, batch in self._dataset_batches():
-            batch = jax.device_put(batch)
+            batch = self.put(batch)
             for start in range(0, n_masks, chunk):
                 values = self._mask_effects(self.params, padded[start: start + chunk], batch)
                 stop = min(start + chunk, n_masks)
@@ -221,7 +266,7 @@ class Objective:
 
     def effects(self, z) -> np.ndarray:
         """[N] per-pair effects of gates z [L, N_per_layer] (soft or binary), checked to be finite."""
-        return self.mask_effects(jnp.asarray(z)[None])[0]
+        return self.mask_effects(np.asarray(z)[None])[0]
 
     def check_finite(self, values: np.ndarray, idx: np.ndarray, z) -> None:
         """Raise MetricNaNError naming the pairs whose effect under gates z is not finite.
@@ -232,8 +277,8 @@ class Objective:
         flagged = [int(i) for i, v in zip(idx, values) if not math.isfinite(float(v))]
         if not flagged:
             return
-        z = jnp.asarray(z, jnp.float32)[None]
-        alone = [i for i in flagged
-                 if not math.isfinite(float(self._mask_effects(self.params, z, self.batch(np.array([i])))[0, 0]))]
+        z = self.replicate(np.asarray(z, np.float32)[None])
+        alone = [i for i in flagged if not math.isfinite(
+            float(self._mask_effects(self.params, z, self.put(self.batch(np.array([i]))))[0, 0]))]
         bad = [self.task.pairs[i].label or str(i) for i in alone or flagged]
         raise MetricNaNError(f"the metric is not finite for {len(bad)} examples: {', '.join(bad[:10])}")

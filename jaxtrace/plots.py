@@ -86,3 +86,45 @@ def plot_single_effects(effects: np.ndarray, site: str, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def plot_relative_depth(profiles: dict[str, tuple[np.ndarray, np.ndarray]], path: Path, title: str) -> None:
+    """Circuits of models of different depth on one axis: per model (fraction selected [L], mean z [L]) per layer,
+    plotted at the relative depth (layer + 0.5) / L."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    for label, (selected, z) in profiles.items():
+        depth = (np.arange(len(z)) + 0.5) / len(z)
+        axes[0].plot(depth, selected, "o-", label=label)
+        axes[1].plot(depth, z, "o-", label=label)
+    axes[0].set_ylabel("fraction of the layer's components selected")
+    axes[1].set_ylabel("mean z of the layer")
+    for ax in axes:
+        ax.set_xlabel("relative depth (layer + 0.5) / layers")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(-0.02, 1.02)
+    axes[1].legend(fontsize=8)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_effect_vs_size(points: list[dict], path: Path) -> None:
+    """Effect against relative circuit size, one colour per model and one marker per task; each model's
+    all-components effect is the hollow marker at size 1. `points`: {label, task, size, effect, effect_all}."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = {label: f"C{i % 10}" for i, label in enumerate(dict.fromkeys(p["label"] for p in points))}
+    markers = {task: "osD^v<>p*h"[i % 10] for i, task in enumerate(dict.fromkeys(p["task"] for p in points))}
+    for p in points:
+        colour, marker = colours[p["label"]], markers[p["task"]]
+        ax.scatter(p["size"], p["effect"], color=colour, marker=marker, s=50)
+        ax.scatter(1.0, p["effect_all"], facecolors="none", edgecolors=colour, marker=marker, s=50)
+    handles = [plt.Line2D([], [], color=c, marker="o", linestyle="", label=label) for label, c in colours.items()]
+    handles += [plt.Line2D([], [], color="gray", marker=m, linestyle="", label=task) for task, m in markers.items()]
+    ax.legend(handles=handles, fontsize=8, loc="best")
+    ax.set_xlabel("circuit size (fraction of the components; hollow: all components)")
+    ax.set_ylabel("mean indirect effect")
+    ax.set_xlim(-0.02, 1.05)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -99,7 +99,7 @@ def make_update(objective: Objective, config: SearchConfig, optimizer: optax.Gra
 
     def loss_fn(z, params, batch, lambda1, lambda2):
         effects = objective.batch_effect(params, z, batch, metric)
-        weight = batch["weight"]
+        weight = batch["weight"].reshape(-1)
         data = (transform(effects) * weight).sum() / weight.sum()
         return data + penalty(z, lambda1, lambda2) / norm, (data, effects)
 
@@ -148,35 +148,37 @@ def run_sweep(objective: Objective, configs: list[SearchConfig], checkpoints: Ep
     _check_sweep(configs)
     config, n_runs = configs[0], len(configs)
     optimizer = optax.adam(config.learning_rate(objective.site))
-    step = jax.jit(jax.vmap(make_update(objective, config, optimizer), in_axes=(0, 0, None, 0, 0, 0)))
-    z = jnp.full((n_runs, objective.n_layers, objective.n_per_layer), config.init, jnp.float32)
-    keys = jnp.stack([jax.random.key_data(jax.random.key(c.seed)) for c in configs])
-    state = {"z": z, "opt_state": jax.vmap(optimizer.init)(z), "keys": keys}
+    step = objective.jit(jax.vmap(make_update(objective, config, optimizer), in_axes=(0, 0, None, 0, 0, 0)))
+    z = np.full((n_runs, objective.n_layers, objective.n_per_layer), config.init, np.float32)
+    keys = np.stack([jax.random.key_data(jax.random.key(c.seed)) for c in configs])
+    state = {"z": z, "opt_state": jax.tree.map(np.asarray, jax.vmap(optimizer.init)(z)), "keys": keys}
     histories, steps, start_epoch, seconds = [[] for _ in configs], [], 0, 0.0
     if resume:
-        state, meta = checkpoints.restore(jax.tree.map(np.asarray, state))
+        state, meta = checkpoints.restore(state)
         _check_resumable(meta["configs"], configs)
         histories, steps, start_epoch, seconds = meta["histories"], meta["steps"], meta["epochs_done"], meta["seconds"]
         if start_epoch > config.epochs:
             raise ValueError(f"the checkpoint has {start_epoch} epochs done; --epochs {config.epochs} is fewer")
-    z, opt_state, keys = jnp.asarray(state["z"]), state["opt_state"], jax.random.wrap_key_data(state["keys"])
+    z, opt_state = objective.replicate((state["z"], state["opt_state"]))  # whole on every device of a mesh
+    keys = jax.random.wrap_key_data(state["keys"])
     n_pairs = len(objective.task)
     epochs = range(start_epoch, config.epochs)
     orders = {epoch: [objective.batches(np.asarray(jax.random.permutation(jax.random.fold_in(k, epoch), n_pairs)))
                       for k in keys] for epoch in epochs}
     # One packed shape for every step of the run: one compilation.
-    shape = np.array([objective.packer.sizes(idx) for runs in orders.values() for order in runs for idx in order])
+    shape = np.array([objective.batch_shape(idx) for runs in orders.values() for order in runs for idx in order])
     rows, n_logits = (int(n) for n in shape.max(0)) if len(shape) else (None, None)
     n_batches = len(objective.batches(np.arange(n_pairs)))
     bar = tqdm(total=len(epochs) * n_batches, disable=not progress, desc="PGB-CT", unit="step")
     evaluated: dict[int, tuple[bytes, float]] = {}  # run -> (binary mask, its effect), re-evaluated on change
     for epoch in epochs:
         start = time.perf_counter()
-        lambda1 = jnp.asarray([SCHEDULES[c.schedule](c.lambda1, epoch) for c in configs], jnp.float32)
-        lambda2 = jnp.asarray([SCHEDULES[c.schedule](c.lambda2, epoch) for c in configs], jnp.float32)
+        lambda1, lambda2 = objective.replicate(tuple(
+            np.array([SCHEDULES[c.schedule](getattr(c, name), epoch) for c in configs], np.float32)
+            for name in ("lambda1", "lambda2")))
         gates_before, pending = [], []
         for i in range(n_batches):  # one step in flight while the host packs the next batch
-            batch = objective.stacked_batch([order[i] for order in orders[epoch]], rows, n_logits)
+            batch = objective.put(objective.stacked_batch([order[i] for order in orders[epoch]], rows, n_logits), 1)
             gates_before.append(z)
             z, opt_state, stats = step(z, opt_state, objective.params, batch, lambda1, lambda2)
             pending.append(stats)
@@ -202,7 +204,7 @@ def run_sweep(objective: Objective, configs: list[SearchConfig], checkpoints: Ep
                             "lambda1": float(lambda1[run]), "lambda2": float(lambda2[run]),
                             "selected": int(masks[run].sum()), "effect": evaluated[run][1], "seconds": seconds})
         if checkpoints is not None:
-            checkpoints.save(epoch + 1, {"z": z, "opt_state": opt_state, "keys": jax.random.key_data(keys)},
+            checkpoints.save(epoch + 1, {"z": z, "opt_state": opt_state, "keys": np.asarray(jax.random.key_data(keys))},
                              {"configs": [dataclasses.asdict(c) for c in configs], "epochs_done": epoch + 1,
                               "histories": histories, "steps": steps, "seconds": seconds})
     bar.close()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from jax.sharding import Mesh
 
 import jaxtrace
 from jaxtrace.checkpoint import EpochCheckpoints, save_tree
@@ -19,6 +20,7 @@ from jaxtrace.metrics import Metric
 from jaxtrace.models import GatedLM
 from jaxtrace.models.sites import component_names
 from jaxtrace.objective import Objective
+from jaxtrace.parallel import is_writer
 from jaxtrace.baselines import run_baseline
 from jaxtrace.plots import plot_effect_history, plot_gate_map, plot_single_effects
 from jaxtrace.search import SearchConfig, find_target_size, run_search
@@ -39,7 +41,9 @@ def build_task(task: str, data: str | Path, tokenizer, positions: str = "prompt"
 
 
 def write_json(path: Path, payload: Any) -> None:
-    """Write JSON atomically (temporary file in the same folder, then rename)."""
+    """Write JSON atomically (temporary file in the same folder, then rename); only process 0 writes."""
+    if not is_writer():
+        return
     with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
         json.dump(payload, f, indent=1)
     os.replace(f.name, path)
@@ -69,13 +73,15 @@ def components(mask: np.ndarray) -> list[list[int]]:
 def trace(model: GatedLM, task: EncodedTask, site: str, config: SearchConfig = SearchConfig(),
           out: str | Path | None = None, resume: bool = False, progress: bool = True,
           metadata: dict | None = None, target_size: int | None = None,
-          metric: str | Metric = "probability_ratio") -> dict:
+          metric: str | Metric = "probability_ratio", mesh: Mesh | None = None) -> dict:
     """Run PGB-CT and return the circuit dict; with `out`, checkpoint every epoch and write the results there.
 
     With `target_size`, λ is searched by vmapped sweeps (`find_target_size`; not checkpointed) and the run whose
     circuit size is closest is kept. `metadata` (model name, task options, ...) is stored in `circuit.json`.
+    On a `mesh` (`jaxtrace.parallel`) every process runs this call; checkpoints are written collectively and the
+    result files by process 0.
     """
-    objective = Objective(model, task, site, config.batch_size, metric=metric)
+    objective = Objective(model, task, site, config.batch_size, metric=metric, mesh=mesh)
     if target_size is not None:
         return _trace_target_size(objective, config, target_size, out, progress, metadata or {})
     checkpoints = None
@@ -131,17 +137,19 @@ def summarize(objective: Objective, mask: np.ndarray, z: np.ndarray, metadata: d
 
 
 def write_results(out: Path, circuit: dict, effects: np.ndarray, objective: Objective, steps: list[dict]) -> None:
-    """circuit.json, examples.csv, log.csv (searches), the final z (Orbax) and the plots."""
+    """circuit.json, examples.csv, log.csv (searches), the final z (Orbax) and the plots (files: process 0 only)."""
     out.mkdir(parents=True, exist_ok=True)
+    z = np.asarray(circuit["z"], np.float32)
+    save_tree(out / "z", {"z": z})  # collective
+    if not is_writer():
+        return
     write_json(out / "circuit.json", circuit)
     _write_csv(out / "examples.csv", [
         {"label": p.label, "base": p.base, "counterfactual": p.counterfactual, "effect": float(e)}
         for p, e in zip(objective.task.pairs, effects)])
-    z = np.asarray(circuit["z"], np.float32)
     mask = np.zeros(z.shape, bool)
     for layer, index in circuit["selected"]:
         mask[layer, index] = True
-    save_tree(out / "z", {"z": z})
     title = (f"{circuit.get('model', '')} {circuit.get('task', '')}: "
              f"{circuit['n_selected']} of {circuit['n_components']}")
     plot_gate_map(z, mask, objective.site, out / "z_map.png", title)
@@ -167,9 +175,10 @@ def _trace_target_size(objective: Objective, config: SearchConfig, target: int, 
 
 def baseline(model: GatedLM, task: EncodedTask, site: str, method: str, k: int, n_samples: int = 100,
              seed: int = 0, batch_size: int = 32, memory_budget: int = 2 << 30, out: str | Path | None = None,
-             metadata: dict | None = None, metric: str | Metric = "probability_ratio") -> dict:
+             metadata: dict | None = None, metric: str | Metric = "probability_ratio",
+             mesh: Mesh | None = None) -> dict:
     """A baseline circuit of size k (see `jaxtrace.baselines`), scored and written like a PGB-CT circuit."""
-    objective = Objective(model, task, site, batch_size, metric=metric)
+    objective = Objective(model, task, site, batch_size, metric=metric, mesh=mesh)
     mask, extras = run_baseline(objective, method, k, n_samples, seed, memory_budget)
     settings = {"k": k, "n_samples": n_samples, "seed": seed, "batch_size": batch_size}
     circuit, effects = summarize(objective, mask, mask.astype(np.float32), metadata or {}, method, settings, [],
@@ -179,15 +188,16 @@ def baseline(model: GatedLM, task: EncodedTask, site: str, method: str, k: int, 
     if out is not None:
         out = Path(out)
         write_results(out, circuit, effects, objective, [])
-        if "single_effects" in extras:
+        if "single_effects" in extras and is_writer():
             plot_single_effects(extras["single_effects"], site, out / "single_effects.png")
     return circuit
 
 
 def evaluate_selection(model: GatedLM, task: EncodedTask, site: str, selected: list[list[int]],
-                       batch_size: int = 32, metric: str | Metric = "probability_ratio") -> dict:
+                       batch_size: int = 32, metric: str | Metric = "probability_ratio",
+                       mesh: Mesh | None = None) -> dict:
     """Mean effect of a subset of components (and of all and of none) on the task's objective."""
-    objective = Objective(model, task, site, batch_size, metric=metric)
+    objective = Objective(model, task, site, batch_size, metric=metric, mesh=mesh)
     mask = np.zeros((objective.n_layers, objective.n_per_layer), np.float32)
     for layer, index in selected:
         if not (0 <= layer < objective.n_layers and 0 <= index < objective.n_per_layer):

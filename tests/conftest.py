@@ -28,12 +28,13 @@ TINY_CONFIGS = {
 FAMILY_NAMES = list(TINY_CONFIGS)
 
 
-def build_hf_model(name: str, seed: int = 0):
-    """A tiny random transformers model (float32, eager attention, eval mode) with non-trivial norms and biases."""
+def build_hf_model(name: str, seed: int = 0, **overrides):
+    """A tiny random transformers model (float32, eager attention, eval mode) with non-trivial norms and biases;
+    `overrides` change its config (e.g. vocab_size)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs = dict(TINY_CONFIGS[name])
+    kwargs = {**TINY_CONFIGS[name], **overrides}
     config = AutoConfig.for_model(kwargs.pop("model_type"), initializer_range=0.3, **kwargs)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
@@ -69,3 +70,14 @@ def tiny_gpt2(tmp_path_factory):
     tokenizer.save_pretrained(folder)
     model, tok = jaxtrace.load_model(folder)
     return folder, model, tok
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Drop JAX's compiled programs after each test module. Every compiled CPU program keeps a few memory maps, and a
+    long single-process run of many distinct programs reaches Linux's `vm.max_map_count` (65530), where LLVM's JIT
+    aborts the process."""
+    yield
+    import jax
+
+    jax.clear_caches()

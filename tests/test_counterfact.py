@@ -76,10 +76,10 @@ def test_noise_is_seeded_fixed_and_placed(tiny_gpt2, counterfact_file):
     first = Objective(model, task, "mlp_out", batch_size=4)
     again = Objective(model, task, "mlp_out", batch_size=4)
     batch = first.batch(np.arange(4))
-    noise = np.asarray(first.noise(batch))
-    np.testing.assert_array_equal(noise, np.asarray(again.noise(batch)))
+    noise = np.asarray(first.noise(batch))[0]  # group 0: the whole batch on one device
+    np.testing.assert_array_equal(noise, np.asarray(again.noise(batch))[0])
     reordered = first.batch(np.array([2, 0, 3, 1]))
-    np.testing.assert_array_equal(np.asarray(first.noise(reordered))[1], noise[0])  # fixed per pair, not per slot
+    np.testing.assert_array_equal(np.asarray(first.noise(reordered))[0, 1], noise[0])  # fixed per pair, not per slot
     assert np.all((noise != 0).any(-1) == (task.noise_mask > 0))
     embed_std = float(jnp.std(model.embed_tokens[...]))
     assert first.noise_std == pytest.approx(3.0 * embed_std)
@@ -96,7 +96,8 @@ def test_one_target_effect_is_clean_over_gated_probability(tiny_gpt2, counterfac
     effects = objective.effects(ones)
     assert np.all(objective.effects(0 * ones) == 0)
     batch = objective.batch(np.arange(4))
-    _, source = model.capture(batch["cf_ids"], batch["cf_mask"], sites=("mlp_out",), input_noise=objective.noise(batch))
+    _, source = model.capture(batch["cf_ids"][0], batch["cf_mask"][0], sites=("mlp_out",),
+                              input_noise=objective.noise(batch)[0])
     for i in range(4):
         ids, valid = task.ids[i, 0], task.target_valid[i, 0] > 0
         pos, tok = task.target_pos[i, 0][valid], task.target_ids[i, 0][valid]

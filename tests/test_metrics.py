@@ -1,10 +1,11 @@
 """Metrics as a public interface: built-ins against plain computations, and a user metric against its built-in."""
 
-import jax.numpy as jnp
+import jax
 import numpy as np
 import pytest
 
 from jaxtrace.metrics import ACCURACY, KL_DIVERGENCE, LOGIT_DIFFERENCE, METRICS, Metric, check_transform
+from jaxtrace.models import functional
 from jaxtrace.objective import Objective
 from jaxtrace.search import SearchConfig, run_search
 from jaxtrace.tasks import encode_pairs, load_pairs
@@ -17,16 +18,25 @@ def task(tiny_gpt2):
     return encode_pairs(load_pairs("professions", SHARED / "data")[:48], tokenizer)
 
 
-def _gated_outputs(model, task, z, i):
-    """Plain per-pair computation of the gated next-token log-probs and target scores, via the public model API."""
-    import jax
+def _gated_outputs(model, task, z):
+    """Plain per-pair computation of the gated and ungated next-token log-probs [N, V] at each pair's first target
+    position, via the public model API (one jitted forward per pair)."""
+    apply, params = functional(model)
 
-    _, source = model.capture(task.cf_ids[i: i + 1], task.cf_mask[i: i + 1], sites=("mlp_out",))
-    logp = jax.nn.log_softmax(model(task.ids[i, :1], task.mask[i, :1], gates={"mlp_out": z}, source=source,
-                                    gate_positions=task.gate_mask[i: i + 1] > 0), -1)[0]
-    base = jax.nn.log_softmax(model(task.ids[i, :1], task.mask[i, :1]), -1)[0]
-    pos = task.target_pos[i, 0, 0]
-    return np.asarray(logp[pos]), np.asarray(base[pos])
+    @jax.jit
+    def outputs(ids, mask, cf_ids, cf_mask, where):
+        _, source = apply(params, cf_ids, cf_mask, method="capture", sites=("mlp_out",))
+        gated = apply(params, ids, mask, gates={"mlp_out": z}, source=source, gate_positions=where)
+        return jax.nn.log_softmax(gated, -1)[0], jax.nn.log_softmax(apply(params, ids, mask), -1)[0]
+
+    gated, base = [], []
+    for i in range(len(task)):
+        logp, clean = outputs(task.ids[i, :1], task.mask[i, :1], task.cf_ids[i: i + 1], task.cf_mask[i: i + 1],
+                              task.gate_mask[i: i + 1] > 0)
+        pos = task.target_pos[i, 0, 0]
+        gated.append(np.asarray(logp[pos]))
+        base.append(np.asarray(clean[pos]))
+    return np.stack(gated), np.stack(base)
 
 
 def test_accuracy_and_kl_match_plain_python(tiny_gpt2, task):
@@ -35,9 +45,8 @@ def test_accuracy_and_kl_match_plain_python(tiny_gpt2, task):
     accuracy = Objective(model, task, "mlp_out", batch_size=16, metric="accuracy").effects(z)
     kl = Objective(model, task, "mlp_out", batch_size=16, metric="kl_divergence").effects(z)
     hits, kls = [], []
-    for i, pair in enumerate(task.pairs):
-        gated, base = _gated_outputs(model, task, z, i)
-        wanted = task.target_ids[i, 1 if pair.sign > 0 else 0, 0]
+    for pair, ids, gated, base in zip(task.pairs, task.target_ids, *_gated_outputs(model, task, z)):
+        wanted = ids[1 if pair.sign > 0 else 0, 0]
         hits.append(float(np.argmax(gated) == wanted))
         kls.append(float(np.sum(np.exp(base) * (base - gated))))
     np.testing.assert_array_equal(accuracy, hits)

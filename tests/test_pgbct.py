@@ -12,6 +12,7 @@ import pytest
 
 from jaxtrace.checkpoint import CheckpointError
 from jaxtrace.metrics import TRANSFORMS
+from jaxtrace.models.base import functional
 from jaxtrace.objective import MetricNaNError, Objective
 from jaxtrace.search import SearchConfig, penalty, run_search, run_sweep, select
 from jaxtrace.tasks import encode_pairs, load_pairs
@@ -52,18 +53,19 @@ def test_packed_objective_equals_per_pair_forwards(tiny_gpt2, small_task, site):
     objective = Objective(model, task, site, batch_size=16)
     assert objective.packer.sizes(np.arange(16))[0] < 8  # 16 pairs share fewer than 8 rows
     z = np.random.RandomState(0).uniform(size=(objective.n_layers, objective.n_per_layer)).astype(np.float32)
+    apply, params = functional(model)
+    capture = jax.jit(lambda p, ids, mask: apply(p, ids, mask, method="capture", sites=(site,))[1])
+    forward = jax.jit(lambda p, ids, mask, gates, source, where: jax.nn.log_softmax(
+        apply(p, ids, mask, gates=gates, source=source, gate_positions=where), -1))
     expected = []
     for i in range(len(task)):
-        _, source = model.capture(task.cf_ids[i: i + 1], task.cf_mask[i: i + 1], sites=(site,))
+        source = capture(params, np.repeat(task.cf_ids[i: i + 1], 2, 0), np.repeat(task.cf_mask[i: i + 1], 2, 0))
         log_odds = []
-        for gates in ({site: z}, None):
-            scores = []
-            for k in range(2):
-                logits = model(task.ids[i, k][None], task.mask[i, k][None], gates=gates, source=source,
-                               gate_positions=task.gate_mask[i][None] > 0)
-                valid = task.target_valid[i, k] > 0
-                logp = jax.nn.log_softmax(logits[0], -1)[task.target_pos[i, k][valid], task.target_ids[i, k][valid]]
-                scores.append(float(logp.mean()))
+        for gate in (z, np.zeros_like(z)):
+            logp = np.asarray(forward(params, task.ids[i], task.mask[i], {site: gate}, source,
+                                      np.repeat(task.gate_mask[i][None] > 0, 2, 0)))
+            scores = [logp[k, task.target_pos[i, k], task.target_ids[i, k]][task.target_valid[i, k] > 0].mean()
+                      for k in range(2)]
             log_odds.append(scores[1] - scores[0])
         expected.append(np.expm1(task.sign[i] * (log_odds[0] - log_odds[1])))
     np.testing.assert_allclose(objective.effects(z), expected, atol=2e-5)
@@ -251,7 +253,7 @@ def test_bad_inputs(tiny_gpt2, small_task, tmp_path):
         with pytest.raises(ValueError, match="lambda1|lambda2|lr"):
             SearchConfig(**bad)
     objective = Objective(model, small_task, "mlp_out", batch_size=20)
-    objective._arrays["source/mlp_out"][:, 3] = np.nan
+    objective._arrays["source/mlp_out"][3] = np.nan
     label = small_task.pairs[3].label
     with pytest.raises(MetricNaNError, match=f"1 examples: {label}"):
         objective.effects(np.ones((2, 32), np.float32))

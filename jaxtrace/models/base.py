@@ -53,7 +53,7 @@ class GatedLM(nnx.Module):
         config = self.config
         for site in sites:
             if site not in MODEL_SITES:
-                raise ValueError(f"capture takes model sites ({', '.join(MODEL_SITES)}), got {site!r}")
+                raise ValueError(f"unknown site {site!r} for capture; model sites: {', '.join(MODEL_SITES)}")
         check_gates(config, gates, source)
         input_ids = jnp.asarray(input_ids)
         batch, length = input_ids.shape
