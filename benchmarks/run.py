@@ -1,8 +1,8 @@
 """Time one PGB-CT objective three ways, on one machine in one run: jaxtrace, PyTorch as the reference does it, and
 optimised PyTorch (`benchmarks/torch_pgbct.py`). Writes `RESULTS.md` and the raw `results.json`.
 
-    python benchmarks/run.py --quick          # a few steps per cell, runs extrapolated (well under 15 minutes)
-    python benchmarks/run.py                  # 15-epoch runs measured where affordable (about an hour)
+    python benchmarks/run.py --quick          # a few steps per cell, every run extrapolated
+    python benchmarks/run.py                  # 15-epoch runs measured where affordable (about an hour, idle CPU)
     python benchmarks/run.py --workloads gpt2-winobias --impls jaxtrace torch-optimised
 
 Workloads (batches of 32 pairs, 15 epochs, jaxtrace's default hyperparameters everywhere):
@@ -20,19 +20,24 @@ JAX has no persistent cache here and each cell gets an empty TorchInductor cache
 Per cell:
   setup      the z-independent work before the first step: jaxtrace's `Objective` (cached sources and base
              scores) and `Optimised`'s precompute; nothing for the reference style, which redoes it every batch;
-  compile    jaxtrace: `lower().compile()` of the training step exactly as `run_search` builds it (also the
-             source of the FLOP count, XLA's cost analysis); optimised torch: `torch.compile` of the gated
-             forward (its first forward+backward), kept only if its steps beat eager ones (else "eager");
+  compile    jaxtrace: `lower().compile()` of the training step exactly as `run_search` builds it; optimised
+             torch: `torch.compile` of the gated forward (its first forward+backward), kept only if its steps
+             beat eager ones (else "eager"; `--torch-compile`);
   step       median wall time of an optimiser step on 32 pairs (after one warm-up step);
   run        end to end for 15 epochs: setup + compile + 15 epochs with the per-epoch evaluation of the binary
              mask (jaxtrace's `run_search`, which compiles its own step, or `run` of the torch forms). Measured
              directly where affordable, else extrapolated (and marked so): from E measured epochs as
              first epoch + 14 x the mean of the later ones, or from the step time as
-             15 x (steps per epoch x median step + one evaluation of the dataset);
-  K masks    jaxtrace only: `Objective.mask_effects` of K random binary masks, K = 1, 8, 64 (second call timed).
+             15 x (steps per epoch x median step + one evaluation of the task, timed on one batch) + the
+             evaluation's one-off compilation;
+  K masks    jaxtrace only: `Objective.mask_effects` of K random binary masks, K = 1, 8, 64 (second call timed), on
+             the task's first 32 pairs (8 with --quick; `--kmask-pairs 0`: the whole task);
+  FLOPs      jaxtrace only: XLA's cost analysis of the training step compiled with its layer scan unrolled (XLA
+             counts a loop body once); achieved FLOP/s = FLOPs / median step.
 
 The machine's float32 matmul peak (jitted jnp.matmul, and torch.matmul; 4096 x 4096, best of several) is measured
-in the same run; achieved FLOP/s of a jaxtrace step is its XLA FLOP count over its median time.
+in the same run. Each cell also records the share of the machine's CPU that other processes took meanwhile: on a
+shared CPU every timing suffers, PyTorch's most (`--wait-idle` waits for a quiet machine before each cell).
 """
 
 from __future__ import annotations
@@ -91,7 +96,7 @@ WORKLOADS = {
 class Plan:
     """What a cell measures. steps: timed optimiser steps (after one warm-up); run_epochs: epochs run for real
     (15: the run is measured, 2..14: extrapolated from them, 0: extrapolated from the step time); eval_batches:
-    torch evaluation batches timed for a step-based extrapolation; kmask_pairs: pairs the K-mask throughput is
+    torch evaluation batches timed (jaxtrace times one batch); kmask_pairs: pairs the K-mask throughput is
     measured on (None: the whole task)."""
 
     steps: int
@@ -145,6 +150,10 @@ class PeakMemory:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         return {"baseline_mb": self.baseline_mb, "peak_mb": peak, "growth_mb": peak - self.baseline_mb,
                 "peak_reset": self.reset}
+
+
+def plural(n: int, one: str, many: str | None = None) -> str:
+    return f"{n} {one if n == 1 else many or one + 's'}"
 
 
 def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
@@ -315,7 +324,9 @@ def cell_jaxtrace(spec: Workload, plan: Plan, args) -> dict:
         return (rng.random((k, objective.n_layers, objective.n_per_layer)) < 0.5).astype(np.float32)
 
     eval_objective = objective_on(BATCH)
-    eval_s = mask_seconds(eval_objective, random_masks(1))[1] * n_pairs / len(eval_objective.task)
+    first_s, batch_s = mask_seconds(eval_objective, random_masks(1))
+    eval_s = batch_s * n_pairs / len(eval_objective.task)
+    eval_compile_s = max(0.0, first_s - batch_s)  # the first evaluation compiles its program
 
     # K masks at once, on the task (or its first kmask_pairs pairs): the first call compiles, the second is timed.
     kmask_objective, kmask = objective_on(plan.kmask_pairs), []
@@ -326,13 +337,13 @@ def cell_jaxtrace(spec: Workload, plan: Plan, args) -> dict:
                       "pair_masks_per_s": k * pairs / seconds})
 
     if not plan.run_epochs:  # run_search compiles its step, then every epoch steps and evaluates the mask
-        run["total_s"] = setup_s + compile_s + EPOCHS * (n_batches * step_s + eval_s)
-        run["how"] = (f"extrapolated from {plan.steps} steps and one evaluation batch (every epoch evaluated, "
-                      "an upper bound: run_search skips the evaluation when the mask has not changed)")
+        run["total_s"] = setup_s + compile_s + eval_compile_s + EPOCHS * (n_batches * step_s + eval_s)
+        run["how"] = (f"extrapolated from {plural(plan.steps, 'step')} and one evaluation batch (every epoch "
+                      "evaluated, an upper bound: run_search skips the evaluation when the mask has not changed)")
     return {"n_pairs": n_pairs, "n_batches": n_batches, "load_s": load_s, "setup_s": setup_s, "compile_s": compile_s,
             "compile_status": "XLA", "step_s": step_s, "step_times": step_times, "flops": flops,
-            "flops_xla_scanned": flops_scanned, "packed_shape": [rows, n_logits], "eval_s": eval_s, "run": run,
-            "memory": peak, "kmask": kmask}
+            "flops_xla_scanned": flops_scanned, "packed_shape": [rows, n_logits], "eval_s": eval_s,
+            "eval_compile_s": eval_compile_s, "run": run, "memory": peak, "kmask": kmask}
 
 
 def _reset_gates(form) -> None:
@@ -400,8 +411,10 @@ def cell_torch(impl: str, spec: Workload, plan: Plan, args) -> dict:
     def eval_batch(i: int) -> float:
         return timed(lambda: form._batch_effects(torch.as_tensor(mask), eval_idx[i % len(eval_idx)]))[1]
 
-    eval_times = [eval_batch(i) for i in range(plan.eval_batches + (impl == "torch-optimised"))]
+    warm = impl == "torch-optimised"  # its first evaluation compiles the no-gradient graph (when compiled)
+    eval_times = [eval_batch(i) for i in range(plan.eval_batches + warm)]
     eval_batch_s = statistics.median(eval_times[-plan.eval_batches:])
+    eval_compile_s = max(0.0, eval_times[0] - eval_batch_s) if warm else 0.0
     _reset_gates(form)
 
     run: dict[str, Any] = {"epochs_measured": plan.run_epochs}
@@ -416,12 +429,13 @@ def cell_torch(impl: str, spec: Workload, plan: Plan, args) -> dict:
             run["total_s"] = setup_s + compile_s + extrapolate_epochs(epochs)
             run["how"] = f"extrapolated from {plan.run_epochs} epochs"
     else:
-        run["total_s"] = setup_s + compile_s + EPOCHS * n_batches * (step_s + eval_batch_s)
-        run["how"] = (f"extrapolated from {plan.steps} steps and {plan.eval_batches} evaluation "
-                      f"batch{'es' if plan.eval_batches > 1 else ''}")
+        run["total_s"] = setup_s + compile_s + eval_compile_s + EPOCHS * n_batches * (step_s + eval_batch_s)
+        run["how"] = (f"extrapolated from {plural(plan.steps, 'step')} and "
+                      f"{plural(plan.eval_batches, 'evaluation batch', 'evaluation batches')}")
     return {"n_pairs": n_pairs, "n_batches": n_batches, "load_s": load_s, "setup_s": setup_s, "compile_s": compile_s,
             "compile_status": compile_status, "step_s": step_s, "step_times": step_times,
-            "eager_step_s": eager_step_s, "eval_batch_s": eval_batch_s, "run": run, "memory": memory.read(),
+            "eager_step_s": eager_step_s, "eval_batch_s": eval_batch_s,
+            "eval_compile_s": eval_compile_s, "run": run, "memory": memory.read(),
             "threads": torch.get_num_threads()}
 
 
@@ -743,8 +757,8 @@ def report(results: dict) -> str:
                   if "jaxtrace" in cells and "error" not in cells["jaxtrace"] and cells["jaxtrace"].get("kmask")]
     if kmask_rows:
         lines += ["## jaxtrace: many masks at once (`Objective.mask_effects`)", "",
-                  "K random binary masks scored on every pair of the task (or its first pairs, as stated) by one "
-                  "jitted, vmapped program; the first call compiles, the second is timed.", "",
+                  "K random binary masks scored on the task's first pairs (the `pairs` column) by one jitted, "
+                  "vmapped program; the first call compiles, the second is timed.", "",
                   "| workload | pairs | K | seconds | masks/s | pairs·masks/s | first call s |",
                   "|---|---:|---:|---:|---:|---:|---:|"]
         for name, cell in kmask_rows:
@@ -790,11 +804,13 @@ def report(results: dict) -> str:
     lines += ["## Notes", "",
               "- Extrapolated cells are marked; the rule is in the notes under each table: from E measured epochs, "
               "first epoch (one-off compilations) + 14 × the mean of the later ones; from steps, "
-              "15 × (steps per epoch × median step + one evaluation of the task).",
+              "15 × (steps per epoch × median step + one evaluation of the task) + the evaluation's one-off "
+              "compilation.",
               "- The torch forms use the same encoded task (jaxtrace's `build_task`), so token ids and skipped pairs "
               "agree; `tests/test_torch_benchmark.py` checks that their effects and Adam steps equal jaxtrace's.",
               "- Memory of step-extrapolated cells covers the steps and evaluation batches that ran (a run "
-              "repeats them). jaxtrace's K-mask evaluation ran after the peak was read.",
+              "repeats them). jaxtrace's FLOP count and K-mask evaluation ran after the peak was read; "
+              "TorchInductor's compile worker processes are not counted.",
               ""]
     return "\n".join(lines)
 
