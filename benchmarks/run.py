@@ -245,11 +245,10 @@ def cell_jaxtrace(spec: Workload, plan: Plan, args) -> dict:
     (run_search), then the K-mask throughput."""
     import jax
     import numpy as np
-    import optax
 
     import jaxtrace
     from jaxtrace.objective import Objective
-    from jaxtrace.search import SCHEDULES, SearchConfig, make_update, run_search
+    from jaxtrace.search import SCHEDULES, SearchConfig, run_search, training_step
 
     (model, tokenizer), load_s = timed(lambda: jaxtrace.load_model(model_source(spec, args.gpt2_folder)))
     task = build_task(spec, tokenizer, args.data)
@@ -259,10 +258,10 @@ def cell_jaxtrace(spec: Workload, plan: Plan, args) -> dict:
 
     # The step exactly as run_search builds it, on batches packed to the shape of a 15-epoch run.
     config = SearchConfig(epochs=EPOCHS, batch_size=BATCH)
-    optimizer = optax.adam(config.learning_rate(spec.site))
+    optimizer = training_step(objective, config)[1]
 
     def make_step():  # what run_search compiles
-        return objective.jit(jax.vmap(make_update(objective, config, optimizer), in_axes=(0, 0, None, 0, 0, 0)))
+        return training_step(objective, config)[0]
 
     key = jax.random.key(config.seed)
     orders = [objective.batches(np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), n_pairs)))

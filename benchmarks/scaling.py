@@ -28,12 +28,11 @@ def measure(model_spec: str, data: str, mesh_spec: str | None, steps: int) -> di
     """Compile time and median step time of the vmapped PGB-CT step on this process's devices."""
     import jax
     import numpy as np
-    import optax
 
     import jaxtrace
     from jaxtrace import parallel
     from jaxtrace.objective import Objective
-    from jaxtrace.search import SearchConfig, make_update
+    from jaxtrace.search import SearchConfig, training_step
     from jaxtrace.tracing import build_task
 
     model, tokenizer = jaxtrace.load_model(model_spec)
@@ -41,8 +40,7 @@ def measure(model_spec: str, data: str, mesh_spec: str | None, steps: int) -> di
     mesh = None if mesh_spec is None else parallel.parse_mesh(mesh_spec)
     objective = Objective(model, task, "attn_pattern", 32, mesh=mesh)
     config = SearchConfig()
-    optimizer = optax.adam(config.learning_rate("attn_pattern"))
-    step = objective.jit(jax.vmap(make_update(objective, config, optimizer), in_axes=(0, 0, None, 0, 0, 0)))
+    step, optimizer = training_step(objective, config)
     z = np.full((1, objective.n_layers, objective.n_per_layer), 0.5, np.float32)
     z, opt_state = objective.replicate((z, jax.tree.map(np.asarray, jax.vmap(optimizer.init)(z))))
     lambdas = objective.replicate(np.full(1, config.lambda1, np.float32))

@@ -155,13 +155,15 @@ class Objective:
     # -- host side -----------------------------------------------------------------------------------------------
 
     def _precompute(self) -> dict[str, np.ndarray]:
-        """Pair-major counterfactual sources {f"source/{site}": [N, L, ...]} and base outputs {f"base_{key}": [N, ...]}."""
+        """Pair-major counterfactual sources {f"source/{site}": [N, L, ...]} and base outputs
+        {f"base_{key}": [N, ...]}."""
         source_fn = self.jit(jax.vmap(self._source, in_axes=(None, 0)))
         base_fn = self.jit(jax.vmap(lambda params, group: self._base(self._outputs(params, group)), in_axes=(None, 0)))
+        # [G, L, B_group, ...] -> [G * B_group, L, ...]
+        pair_major = lambda a: np.moveaxis(np.asarray(a), 1, 2).reshape(-1, a.shape[1], *a.shape[3:])  # noqa: E731
         sources, bases = [], []
         for idx, batch in self._dataset_batches(with_cache=False):
             batch = self.put(batch)
-            pair_major = lambda a: np.moveaxis(np.asarray(a), 1, 2).reshape(-1, *a.shape[1:2], *a.shape[3:])  # noqa: E731
             sources.append({s: pair_major(a)[: len(idx)] for s, a in source_fn(self.params, batch).items()})
             bases.append({k: np.asarray(v).reshape(-1, *v.shape[2:])[: len(idx)]
                           for k, v in base_fn(self.params, batch).items()})

@@ -114,6 +114,14 @@ def make_update(objective: Objective, config: SearchConfig, optimizer: optax.Gra
     return update
 
 
+def training_step(objective: Objective, config: SearchConfig) -> tuple[Callable, optax.GradientTransformation]:
+    """(step, optimizer): the jitted optimiser step of R runs optimised together (vmapped `make_update`),
+    (z [R, L, N], opt_state, params, batch with a leading run axis, λ1 [R], λ2 [R]) -> (z, opt_state, stats)."""
+    optimizer = optax.adam(config.learning_rate(objective.site))
+    update = make_update(objective, config, optimizer)
+    return objective.jit(jax.vmap(update, in_axes=(0, 0, None, 0, 0, 0))), optimizer
+
+
 @dataclasses.dataclass
 class SearchResult:
     config: SearchConfig
@@ -147,11 +155,10 @@ def run_sweep(objective: Objective, configs: list[SearchConfig], checkpoints: Ep
     """
     _check_sweep(configs)
     config, n_runs = configs[0], len(configs)
-    optimizer = optax.adam(config.learning_rate(objective.site))
-    step = objective.jit(jax.vmap(make_update(objective, config, optimizer), in_axes=(0, 0, None, 0, 0, 0)))
+    step, optimizer = training_step(objective, config)
     z = np.full((n_runs, objective.n_layers, objective.n_per_layer), config.init, np.float32)
     keys = np.stack([jax.random.key_data(jax.random.key(c.seed)) for c in configs])
-    state = {"z": z, "opt_state": jax.tree.map(np.asarray, jax.vmap(optimizer.init)(z)), "keys": keys}
+    state = {"z": z, "opt_state": jax.tree.map(np.asarray, jax.vmap(optimizer.init)(z)), "keys": keys}  # on host
     histories, steps, start_epoch, seconds = [[] for _ in configs], [], 0, 0.0
     if resume:
         state, meta = checkpoints.restore(state)
@@ -204,7 +211,7 @@ def run_sweep(objective: Objective, configs: list[SearchConfig], checkpoints: Ep
                             "lambda1": float(lambda1[run]), "lambda2": float(lambda2[run]),
                             "selected": int(masks[run].sum()), "effect": evaluated[run][1], "seconds": seconds})
         if checkpoints is not None:
-            checkpoints.save(epoch + 1, {"z": z, "opt_state": opt_state, "keys": np.asarray(jax.random.key_data(keys))},
+            checkpoints.save(epoch + 1, {"z": z, "opt_state": opt_state, "keys": state["keys"]},
                              {"configs": [dataclasses.asdict(c) for c in configs], "epochs_done": epoch + 1,
                               "histories": histories, "steps": steps, "seconds": seconds})
     bar.close()
