@@ -7,8 +7,9 @@ one target, IE = p_clean / p_gated - 1). Gates mix the counterfactual's activati
 task's gate positions; target positions stay live. The counterfactual is another prompt, or (`corruption="noise"`)
 the base prompt with seeded Gaussian noise on its input embeddings, fixed per pair.
 
-Batches are packed (`jaxtrace.packing`): each gated prompt is computed once for all its targets, and pairs share
-rows, so a step costs the batch's real tokens rather than batch x targets x the longest row.
+Batches are packed (`jaxtrace.packing`): each gated prompt is computed once for all its targets, pairs share rows,
+and the prefix a pair's base and counterfactual prompts share is read from cached keys and values instead of being
+recomputed, so a step costs the batch's z-dependent tokens rather than batch x targets x the longest row.
 """
 
 from __future__ import annotations
@@ -29,18 +30,21 @@ from jaxtrace.tasks import EncodedTask
 
 # Per-pair task arrays a batch carries (the token rows themselves travel packed).
 PAIR_ARRAYS = ("index", "cf_ids", "cf_mask", "noise_mask", "target_ids", "target_valid", "sign", "keep")
+CACHED_PREFIXES = ("source/", "prefix/", "base_")  # the cached z-independent arrays a batch carries
 
 
 class MetricNaNError(FloatingPointError):
     """The metric is not finite for some examples."""
 
 
-def _bytes_per_pair(model: GatedLM, site: str, length: int) -> int:
-    """Float32 bytes of one pair's cached source activations (every model site a site or component set gates)."""
+def _bytes_per_pair(model: GatedLM, site: str, length: int, prefix: int) -> int:
+    """Float32 bytes of one pair's cached source activations (every model site a site or component set gates) and
+    shared-prefix keys and values."""
     c = model.config
     per_layer = {"attn_pattern": c.n_heads * length * length, "head_out": length * c.n_heads * c.head_dim,
                  "mlp_out": length * c.d_model, "mlp_hidden": length * c.d_ff}
-    return 4 * c.n_layers * sum(per_layer[s] for s in model_sites(site))
+    keys_values = 2 * prefix * c.n_kv_heads * c.head_dim
+    return 4 * c.n_layers * (sum(per_layer[s] for s in model_sites(site)) + keys_values)
 
 
 class Objective:
@@ -49,7 +53,8 @@ class Objective:
     With `cache=True` the counterfactual activations and base log-odds are computed once per dataset and kept on
     the host; with `cache=False` every call recomputes them (the reference's way; used to check the cache).
     `cache=None` caches when the sources fit in `cache_limit_bytes`. `row_width` sets the packed row length
-    (default: the longer of the longest pair and four average pairs).
+    (default: the longer of the longest pair and four average pairs). `share_prefix=False` recomputes the prompt
+    tokens base and counterfactual share (the same effects, up to float rounding, at a higher cost; for checks).
 
     On a `mesh` (see `jaxtrace.parallel`) a batch is split into one group of pairs per `data` device, each packed on
     its own (batch arrays carry a leading group axis G), and the parameters are sharded over `model`.
@@ -57,7 +62,8 @@ class Objective:
 
     def __init__(self, model: GatedLM, task: EncodedTask, site: str, batch_size: int = 32,
                  cache: bool | None = None, cache_limit_bytes: int = 4 << 30,
-                 metric: str | Metric = PROBABILITY_RATIO, row_width: int | None = None, mesh: Mesh | None = None):
+                 metric: str | Metric = PROBABILITY_RATIO, row_width: int | None = None, mesh: Mesh | None = None,
+                 share_prefix: bool = True):
         self.model, self.task, self.site = model, task, check_site(site)
         self.sites = model_sites(site)
         self.metric = get_metric(metric)
@@ -71,12 +77,13 @@ class Objective:
         self.batch_size, self.mesh = batch_size, mesh
         self.groups = mesh.shape["data"] if mesh is not None else 1
         self.slots = math.ceil(batch_size / self.groups)  # pair slots per group
-        self.packer = packing.Packer(task, self.slots, row_width)
+        self.packer = packing.Packer(task, self.slots, row_width, share_prefix=share_prefix)
+        self.prefix_length = int(self.packer.prefix_len.max())  # cached prefix tokens per pair (0: none)
         self.n_layers, self.n_per_layer = gate_shape(model.config, site)
         self.apply, self.params = functional(model)
         if mesh is not None:
             self.params = parallel.shard_params(self.params, mesh)
-        self.cache_bytes = _bytes_per_pair(model, site, task.cf_ids.shape[1]) * len(task)
+        self.cache_bytes = _bytes_per_pair(model, site, task.cf_ids.shape[1], self.prefix_length) * len(task)
         if cache is None:
             cache = self.cache_bytes <= cache_limit_bytes
         elif cache and self.cache_bytes > cache_limit_bytes:
@@ -86,6 +93,7 @@ class Objective:
         self.cache = cache
         arrays = task.arrays()
         self._arrays = {name: arrays[name] for name in PAIR_ARRAYS}
+        self._arrays["prompt_ids"] = task.ids[:, 0, : task.cf_ids.shape[1]]  # [N, P] the base prompts
         self._chunks = self.batches(np.arange(len(task)))
         self._dataset_shape = tuple(int(n) for n in np.max([self.batch_shape(idx) for idx in self._chunks], 0))
         self._mask_effects = self.jit(jax.vmap(self.batch_effect, in_axes=(None, 0, None)))
@@ -113,15 +121,26 @@ class Objective:
                              input_noise=noise)
         return acts
 
-    def _outputs(self, params, group, gates=None, source=None) -> dict[str, jax.Array]:
+    def _prefix(self, params, group) -> dict[str, jax.Array] | None:
+        """The base prompts' keys and values {"keys", "values": [L, B, D, KV, Dh]} at their first D =
+        `prefix_length` positions, which no gate changes (None when no pair shares a prefix)."""
+        if not self.prefix_length:
+            return None
+        _, acts = self.apply(params, group["prompt_ids"], group["cf_mask"], method="capture",
+                             sites=("attn_keys", "attn_values"))
+        return {"keys": acts["attn_keys"][:, :, : self.prefix_length],
+                "values": acts["attn_values"][:, :, : self.prefix_length]}
+
+    def _outputs(self, params, group, prefix, gates=None, source=None) -> dict[str, jax.Array]:
         """{"targets": [B, K] mean target-token log-probs, "last": [B, V] next-token log-probs at the last prompt
-        position} of one packed group, optionally gated at the task's gate positions with per-pair `source`
-        {site: [L, B, P, ...]}."""
+        position} of one packed group whose shared prefixes have keys and values `prefix` (see `_prefix`),
+        optionally gated at the task's gate positions with per-pair `source` {site: [L, B, P, ...]}."""
         packed_source = None
         if gates is not None:
             packed_source = {site: packing.pack_source(site, acts, group) for site, acts in source.items()}
+        memory = None if prefix is None else packing.pack_memory(prefix, group)
         hidden, _ = self.apply(params, group["tokens"], packing.visibility(group), gates=gates, source=packed_source,
-                               gate_positions=group["gate"] > 0, position_ids=group["positions"],
+                               gate_positions=group["gate"] > 0, position_ids=group["positions"], memory=memory,
                                method="hidden_states")
         hidden = hidden.reshape(-1, hidden.shape[-1])[group["logit_index"]]
         logits = self.apply(params, hidden, method="unembed")  # [Q, V]
@@ -138,13 +157,16 @@ class Objective:
         return {key: outputs[key] for key in keep}
 
     def _group_effect(self, params, z, group, metric: Metric):
-        if self.cache:  # cached sources are pair-major [B, L, ...]
+        if self.cache:  # cached arrays are pair-major [B, L, ...]
             source = {site: jnp.moveaxis(group[f"source/{site}"], 0, 1) for site in self.sites}
+            prefix = ({key: jnp.moveaxis(group[f"prefix/{key}"], 0, 1) for key in ("keys", "values")}
+                      if self.prefix_length else None)
             base = {key.removeprefix("base_"): value for key, value in group.items() if key.startswith("base_")}
         else:
             source = jax.lax.stop_gradient(self._source(params, group))
-            base = jax.lax.stop_gradient(self._base(self._outputs(params, group)))
-        gated = self._outputs(params, group, expand_gates(self.model.config, self.site, z), source)
+            prefix = jax.lax.stop_gradient(self._prefix(params, group))
+            base = jax.lax.stop_gradient(self._base(self._outputs(params, group, prefix)))
+        gated = self._outputs(params, group, prefix, expand_gates(self.model.config, self.site, z), source)
         return metric.effect(gated, base, group)
 
     def batch_effect(self, params, z, batch, metric: Metric | None = None):
@@ -155,20 +177,24 @@ class Objective:
     # -- host side -----------------------------------------------------------------------------------------------
 
     def _precompute(self) -> dict[str, np.ndarray]:
-        """Pair-major counterfactual sources {f"source/{site}": [N, L, ...]} and base outputs
-        {f"base_{key}": [N, ...]}."""
-        source_fn = self.jit(jax.vmap(self._source, in_axes=(None, 0)))
-        base_fn = self.jit(jax.vmap(lambda params, group: self._base(self._outputs(params, group)), in_axes=(None, 0)))
+        """Pair-major counterfactual sources {f"source/{site}": [N, L, ...]}, shared-prefix keys and values
+        {"prefix/keys", "prefix/values": [N, L, D, KV, Dh]} and base outputs {f"base_{key}": [N, ...]}."""
+        def terms(params, group):
+            prefix = self._prefix(params, group)
+            layer_major = {f"source/{site}": acts for site, acts in self._source(params, group).items()}
+            layer_major |= {f"prefix/{key}": value for key, value in (prefix or {}).items()}
+            return layer_major, self._base(self._outputs(params, group, prefix))
+
+        terms_fn = self.jit(jax.vmap(terms, in_axes=(None, 0)))
         # [G, L, B_group, ...] -> [G * B_group, L, ...]
         pair_major = lambda a: np.moveaxis(np.asarray(a), 1, 2).reshape(-1, a.shape[1], *a.shape[3:])  # noqa: E731
-        sources, bases = [], []
+        chunks = []
         for idx, batch in self._dataset_batches(with_cache=False):
-            batch = self.put(batch)
-            sources.append({s: pair_major(a)[: len(idx)] for s, a in source_fn(self.params, batch).items()})
-            bases.append({k: np.asarray(v).reshape(-1, *v.shape[2:])[: len(idx)]
-                          for k, v in base_fn(self.params, batch).items()})
-        cached = {f"base_{key}": np.concatenate([b[key] for b in bases]) for key in bases[0]}
-        return {f"source/{s}": np.concatenate([a[s] for a in sources]) for s in self.sites} | cached
+            layer_major, base = terms_fn(self.params, self.put(batch))
+            chunks.append({name: pair_major(a)[: len(idx)] for name, a in layer_major.items()}
+                          | {f"base_{key}": np.asarray(v).reshape(-1, *v.shape[2:])[: len(idx)]
+                             for key, v in base.items()})
+        return {name: np.concatenate([chunk[name] for chunk in chunks]) for name in chunks[0]}
 
     def batches(self, order: np.ndarray) -> list[np.ndarray]:
         """Consecutive index chunks of at most `batch_size` pairs."""
@@ -191,7 +217,7 @@ class Objective:
         padded = np.concatenate([idx, np.full(total - len(idx), idx[0])])
         grouped = lambda a: a.reshape(self.groups, self.slots, *a.shape[1:])  # noqa: E731
         out = {name: grouped(array[padded]) for name, array in self._arrays.items()
-               if with_cache or not (name.startswith("source/") or name.startswith("base_"))}
+               if with_cache or not name.startswith(CACHED_PREFIXES)}
         rows_needed, logits_needed = self.batch_shape(idx)
         packed = [self.packer.pack(group, max(rows or 0, rows_needed), max(n_logits or 0, logits_needed))
                   for group in self._groups(idx)]
@@ -231,13 +257,14 @@ class Objective:
     def masks_per_chunk(self, n_masks: int, memory_budget: int) -> int:
         """How many masks one vmapped call evaluates: the budget over one mask's activation bytes for a batch.
 
-        Per mask, a packed batch keeps about 4 residual-width and 2 MLP-width vectors and one attention row per
-        token and layer-step, plus the logits and log-softmax at its logit positions (float32).
+        Per mask, a packed batch keeps about 4 residual-width and 2 MLP-width vectors and one attention row (over
+        memory and row keys) per token and layer-step, plus the logits and log-softmax at its logit positions
+        (float32).
         """
         c = self.model.config
         rows, n_logits = (self.groups * n for n in self._dataset_shape)
-        width = self.packer.width
-        per_mask = 4 * (rows * width * (4 * c.d_model + 2 * c.d_ff + 2 * c.n_heads * width)
+        width, keys = self.packer.width, self.packer.width + self.packer.memory_width
+        per_mask = 4 * (rows * width * (4 * c.d_model + 2 * c.d_ff + 2 * c.n_heads * keys)
                         + 2 * n_logits * c.vocab_size)
         return int(max(1, min(n_masks, memory_budget // per_mask)))
 

@@ -5,9 +5,15 @@ Gates touch prompt tokens only, so the K targets of a pair can share one gated p
 each continuation seeing the prompt and itself, then the next pair. Pairs are placed first-fit-decreasing into rows
 of a fixed width, so padding is paid per row instead of per pair and per target.
 
-Token t sees token u iff both belong to the same pair, pos(u) <= pos(t), and u is a prompt token or in t's
-continuation. Logits are computed only where a target token is predicted: at the last prompt token (every target's
-first token) and at every continuation token.
+Shared prefixes: where the base and counterfactual prompts agree (same tokens, no noise) up to position d, every
+activation at positions < d is the same in both runs, so mixing there changes nothing and those positions do not
+depend on the gates. They are not recomputed: a row keeps only each pair's tokens from d on, and reads the prefix's
+keys and values (cached from the ungated base prompt) from the row's memory slots, [R, M] next to its [R, S] tokens.
+For WinoBias (prompts differ only in the final pronoun) this halves the tokens a step computes.
+
+Token t sees token u iff both belong to the same pair, pos(u) <= pos(t), and u is a prompt token (in memory or in
+the row) or in t's continuation. Logits are computed only where a target token is predicted: at the last prompt token
+(every target's first token) and at every continuation token.
 """
 
 from __future__ import annotations
@@ -20,34 +26,56 @@ import numpy as np
 
 from jaxtrace.tasks import EncodedTask
 
-PACKED_KEYS = ("tokens", "positions", "pair", "branch", "gate", "logit_index", "target_slot", "last_slot")
+PACKED_KEYS = ("tokens", "positions", "pair", "branch", "gate", "memory_pair", "memory_positions", "logit_index",
+               "target_slot", "last_slot")
+
+
+def shared_prefix_lengths(task: EncodedTask) -> np.ndarray:
+    """[N] the number of leading prompt tokens where base and counterfactual agree (same token, no noise), at most
+    the prompt length - 1 (the last prompt token is always computed: the first target is predicted there)."""
+    prompt_len = task.cf_mask.sum(1).astype(np.int64)
+    base = task.ids[:, 0, : task.cf_ids.shape[1]]
+    differs = ((base != task.cf_ids) | (task.noise_mask > 0)) & (task.cf_mask > 0)
+    first = np.where(differs.any(1), differs.argmax(1), prompt_len)
+    return np.minimum(first, prompt_len - 1)
+
+
+def _row_width(longest: int, mean: float) -> int:
+    """Room for the longest item or four average ones, a multiple of 8 (0 for no items)."""
+    return 8 * math.ceil(max(longest, 4 * mean) / 8)
 
 
 class Packer:
-    """Packs batches of a task's pairs into rows of `width` tokens; the row count is rounded up to a multiple of
-    `row_multiple` (e.g. the number of devices the rows are split over)."""
+    """Packs batches of a task's pairs into rows of `width` tokens and `memory_width` prefix slots; the row count is
+    rounded up to a multiple of `row_multiple` (e.g. the number of devices the rows are split over). With
+    `share_prefix=False` every prompt token is computed (no memory)."""
 
-    def __init__(self, task: EncodedTask, batch_size: int, width: int | None = None, row_multiple: int = 1):
+    def __init__(self, task: EncodedTask, batch_size: int, width: int | None = None, row_multiple: int = 1,
+                 share_prefix: bool = True):
         self.task, self.batch_size, self.row_multiple = task, batch_size, row_multiple
         self.prompt_len = task.cf_mask.sum(1).astype(np.int64)                        # [N]
         self.cont_len = task.mask.sum(2).astype(np.int64) - self.prompt_len[:, None]  # [N, K]
-        self.pair_len = self.prompt_len + self.cont_len.sum(1)                         # [N]
+        self.prefix_len = shared_prefix_lengths(task) if share_prefix else np.zeros(len(task), np.int64)  # [N]
+        self.pair_len = self.prompt_len - self.prefix_len + self.cont_len.sum(1)      # [N] tokens computed
         longest, mean = int(self.pair_len.max()), float(self.pair_len.mean())
-        self.width = width or 8 * math.ceil(max(longest, 4 * mean) / 8)
+        self.width = width or _row_width(longest, mean)
         if self.width < longest:
             raise ValueError(f"packed rows of {self.width} tokens cannot hold the longest pair ({longest} tokens)")
+        self.memory_width = _row_width(int(self.prefix_len.max()), float(self.prefix_len.mean()))
 
-    def _place(self, idx: np.ndarray) -> tuple[list[tuple[int, int]], int]:
-        """First-fit decreasing: (row, offset) of each pair in `idx`, and the number of rows used."""
-        free: list[int] = []
-        placed = [(0, 0)] * len(idx)
+    def _place(self, idx: np.ndarray) -> tuple[list[tuple[int, int, int]], int]:
+        """First-fit decreasing: (row, token offset, memory offset) of each pair in `idx`, and the rows used."""
+        free: list[list[int]] = []  # per row: [free tokens, free memory slots]
+        placed = [(0, 0, 0)] * len(idx)
         for slot in sorted(range(len(idx)), key=lambda s: -self.pair_len[idx[s]]):
-            length = self.pair_len[idx[slot]]
-            row = next((r for r, room in enumerate(free) if room >= length), len(free))
+            length, prefix = self.pair_len[idx[slot]], self.prefix_len[idx[slot]]
+            row = next((r for r, (room, memory) in enumerate(free) if room >= length and memory >= prefix),
+                       len(free))
             if row == len(free):
-                free.append(self.width)
-            placed[slot] = (row, self.width - free[row])
-            free[row] -= length
+                free.append([self.width, self.memory_width])
+            placed[slot] = (row, self.width - free[row][0], self.memory_width - free[row][1])
+            free[row][0] -= length
+            free[row][1] -= prefix
         return placed, len(free)
 
     def sizes(self, idx: np.ndarray) -> tuple[int, int]:
@@ -60,7 +88,8 @@ class Packer:
         """Packed arrays of pairs `idx` (at most `batch_size`; slots past them repeat slot 0's targets).
 
         tokens, positions, pair (slot in the batch, -1 = padding), branch (0 = prompt, k + 1 = continuation of
-        target k), gate (1 where gates apply): [R, S]; logit_index [Q]: flat indices into R * S of the positions
+        target k), gate (1 where gates apply): [R, S]; memory_pair, memory_positions: [R, M], whose shared-prefix
+        token each memory slot holds (pair -1 = empty); logit_index [Q]: flat indices into R * S of the positions
         whose logits are needed; target_slot [B, K, M]: the logit row predicting each target token; last_slot [B]:
         the logit row of each pair's last prompt token.
         """
@@ -75,18 +104,22 @@ class Packer:
             "pair": np.full((rows, width), -1, np.int32),
             "branch": np.zeros((rows, width), np.int32),
             "gate": np.zeros((rows, width), np.float32),
+            "memory_pair": np.full((rows, self.memory_width), -1, np.int32),
+            "memory_positions": np.zeros((rows, self.memory_width), np.int32),
             "logit_index": np.zeros(n_logits, np.int32),
             "target_slot": np.zeros((self.batch_size, n_targets, n_tokens), np.int32),
             "last_slot": np.zeros(self.batch_size, np.int32),
         }
         n_used = 0
-        for slot, (i, (row, start)) in enumerate(zip(idx, placed)):
-            prompt = self.prompt_len[i]
-            stop = start + prompt
-            out["tokens"][row, start:stop] = task.ids[i, 0, :prompt]
-            out["positions"][row, start:stop] = np.arange(prompt)
+        for slot, (i, (row, start, memory_start)) in enumerate(zip(idx, placed)):
+            prompt, prefix = self.prompt_len[i], self.prefix_len[i]
+            out["memory_pair"][row, memory_start:memory_start + prefix] = slot
+            out["memory_positions"][row, memory_start:memory_start + prefix] = np.arange(prefix)
+            stop = start + prompt - prefix
+            out["tokens"][row, start:stop] = task.ids[i, 0, prefix:prompt]
+            out["positions"][row, start:stop] = np.arange(prefix, prompt)
             out["pair"][row, start:stop] = slot
-            out["gate"][row, start:stop] = task.gate_mask[i, :prompt]
+            out["gate"][row, start:stop] = task.gate_mask[i, prefix:prompt]
             last = n_used
             out["logit_index"][last] = row * width + stop - 1
             out["last_slot"][slot] = last
@@ -106,17 +139,38 @@ class Packer:
         return out
 
 
+def _keys(batch: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """(pair, position, branch) [R, M + S] of every key a packed row's tokens attend over: memory slots, then the
+    row's tokens (memory holds prompt tokens, branch 0)."""
+    memory_pair = batch["memory_pair"]
+    return (jnp.concatenate([memory_pair, batch["pair"]], 1),
+            jnp.concatenate([batch["memory_positions"], batch["positions"]], 1),
+            jnp.concatenate([jnp.zeros_like(memory_pair), batch["branch"]], 1))
+
+
 def visibility(batch: dict[str, jax.Array]) -> jax.Array:
-    """[R, S, S] bool: which keys each packed token attends to (same pair, causal, prompt or own continuation)."""
+    """[R, S, M + S] bool: which keys (memory slots, then row tokens) each packed token attends to (same pair,
+    causal, prompt or own continuation)."""
     pair, branch, pos = batch["pair"], batch["branch"], batch["positions"]
-    same_pair = (pair[:, :, None] == pair[:, None, :]) & (pair[:, :, None] >= 0)
-    causal = pos[:, None, :] <= pos[:, :, None]
-    shared = (branch[:, None, :] == 0) | (branch[:, None, :] == branch[:, :, None])
+    key_pair, key_pos, key_branch = _keys(batch)
+    same_pair = (pair[:, :, None] == key_pair[:, None, :]) & (pair[:, :, None] >= 0)
+    causal = key_pos[:, None, :] <= pos[:, :, None]
+    shared = (key_branch[:, None, :] == 0) | (key_branch[:, None, :] == branch[:, :, None])
     return same_pair & causal & shared
 
 
+def pack_memory(prefix: dict[str, jax.Array], batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per-pair prefix keys and values {"keys", "values": [L, B, D, KV, Dh]} -> the rows' memory
+    {"keys", "values": [L, R, M, KV, Dh], "positions": [R, M]} (empty slots hold pair 0's first token, unseen)."""
+    pair = jnp.maximum(batch["memory_pair"], 0)
+    pos = jnp.minimum(batch["memory_positions"], prefix["keys"].shape[2] - 1)
+    return {"keys": prefix["keys"][:, pair, pos], "values": prefix["values"][:, pair, pos],
+            "positions": batch["memory_positions"]}
+
+
 def pack_source(site: str, source: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
-    """Per-pair prompt activations [L, B, P, ...] ([L, B, H, P, P] for attn_pattern) -> packed [L, R, S, ...].
+    """Per-pair prompt activations [L, B, P, ...] ([L, B, H, P, P] for attn_pattern) -> packed [L, R, S, ...]
+    ([L, R, H, S, M + S]: keys are the memory slots, then the row's tokens).
 
     Only prompt tokens are gated; elsewhere the packed source holds some pair's value, which a zero gate weight
     leaves unused. Attention patterns are placed block-diagonally (zero between different pairs' tokens).
@@ -126,7 +180,10 @@ def pack_source(site: str, source: jax.Array, batch: dict[str, jax.Array]) -> ja
     pos = jnp.minimum(batch["positions"], n_prompt - 1)
     if site != "attn_pattern":
         return source[:, pair, pos]
+    key_pair, key_pos, key_branch = _keys(batch)
     prompt = (batch["branch"] == 0) & (batch["pair"] >= 0)
-    block = prompt[:, :, None] & prompt[:, None, :] & (batch["pair"][:, :, None] == batch["pair"][:, None, :])
-    gathered = source[:, pair[:, :, None], :, pos[:, :, None], pos[:, None, :]]  # [R, S, S, L, H]
+    key_prompt = (key_branch == 0) & (key_pair >= 0)
+    block = prompt[:, :, None] & key_prompt[:, None, :] & (batch["pair"][:, :, None] == key_pair[:, None, :])
+    key_pos = jnp.minimum(key_pos, n_prompt - 1)
+    gathered = source[:, pair[:, :, None], :, pos[:, :, None], key_pos[:, None, :]]  # [R, S, M + S, L, H]
     return jnp.where(block[..., None, None], gathered, 0.0).transpose(3, 0, 4, 1, 2)

@@ -259,3 +259,43 @@ def test_bad_inputs(tiny_gpt2, small_task, tmp_path):
         objective.effects(np.ones((2, 32), np.float32))
     with pytest.raises(MetricNaNError, match=label):
         run_search(objective, SearchConfig(epochs=1, batch_size=20), progress=False)
+
+
+@pytest.fixture(scope="module")
+def family_models(tiny_gpt2, tmp_path_factory):
+    """GPT-2 (learned positions), Mistral (GQA with one KV head, sliding window 5), Qwen3 (q/k norm, head_dim 16),
+    all with the GPT-2 tokenizer's vocabulary."""
+    import jaxtrace
+    from conftest import build_hf_model
+
+    _, gpt2, tokenizer = tiny_gpt2
+    models = {"gpt2": gpt2}
+    for family in ("mistral", "qwen3"):
+        folder = tmp_path_factory.mktemp(f"{family}_gpt2_vocab")
+        build_hf_model(family, vocab_size=tokenizer.vocab_size).save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+        models[family] = jaxtrace.load_model(folder)[0]
+    return models
+
+
+@pytest.mark.parametrize("family", ["gpt2", "mistral", "qwen3"])
+@pytest.mark.parametrize("site", ["attn_pattern", "mlp_out"])
+def test_shared_prefix_read_from_cache_equals_recomputing_it(family_models, small_task, family, site):
+    """WinoBias prompts differ only in the pronoun: the shared prefix's keys and values come from the cache, the
+    step computes about half the tokens, and effects and z-gradients equal those of recomputing every token."""
+    model = family_models[family]
+    shared = Objective(model, small_task, site, batch_size=16)
+    full = Objective(model, small_task, site, batch_size=16, share_prefix=False)
+    assert shared.prefix_length > 0 and full.prefix_length == 0
+    assert shared.packer.pair_len.sum() < 0.7 * full.packer.pair_len.sum()
+    z = np.random.RandomState(1).uniform(size=(shared.n_layers, shared.n_per_layer)).astype(np.float32)
+    np.testing.assert_allclose(shared.effects(z), full.effects(z), atol=1e-5)
+
+    def gradient(objective):
+        batch = objective.put(objective.batch(np.arange(16)))
+        loss = lambda z: objective.batch_effect(objective.params, z, batch).mean()  # noqa: E731
+        return np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(z)))
+
+    expected = gradient(full)
+    assert np.abs(expected).max() > 1e-4
+    np.testing.assert_allclose(gradient(shared), expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())

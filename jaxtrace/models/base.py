@@ -10,7 +10,7 @@ from flax import nnx
 
 from jaxtrace.models import layers
 from jaxtrace.models.config import ModelConfig
-from jaxtrace.models.sites import MODEL_SITES, Activations, Gates, check_gates
+from jaxtrace.models.sites import CAPTURE_ONLY_SITES, MODEL_SITES, Activations, Gates, check_gates
 
 
 class GatedLM(nnx.Module):
@@ -25,36 +25,41 @@ class GatedLM(nnx.Module):
 
     def __call__(self, input_ids, attention_mask=None, gates: Gates | None = None,
                  source: Activations | None = None, gate_positions=None, position_ids=None,
-                 input_noise=None) -> jax.Array:
+                 input_noise=None, memory=None) -> jax.Array:
         """Logits [B, T, V] (float32).
 
-        input_ids: [B, T] ints; attention_mask: [B, T] (1 = real token, causal attention) or [B, T, T] (which keys
-        each query sees, for packed sequences); gates: site -> [L, N] in [0, 1]; source: site -> [L, B, ...] captured
-        activations (token axes may be shorter than T: the missing positions are not mixed); gate_positions: [B, T]
-        bool, the token positions where gates apply (default: all); position_ids: [B, T] (default: 0..T-1);
-        input_noise: [B, T, D] added to the input embeddings (noise-corrupted counterfactuals).
+        input_ids: [B, T] ints; attention_mask: [B, T] (1 = real token, causal attention) or [B, T, M + T] (which
+        keys each query sees, for packed sequences); gates: site -> [L, N] in [0, 1]; source: site -> [L, B, ...]
+        captured activations (token axes may be shorter than T: the missing positions are not mixed);
+        gate_positions: [B, T] bool, the token positions where gates apply (default: all); position_ids: [B, T]
+        (default: 0..T-1); input_noise: [B, T, D] added to the input embeddings (noise-corrupted counterfactuals);
+        memory: {"keys", "values": [L, B, M, KV, Dh], "positions": [B, M]}, cached tokens (e.g. captured at
+        `attn_keys`/`attn_values`) that queries attend to before the T live keys, as `attention_mask` allows.
         """
         logits, _ = self.capture(input_ids, attention_mask, (), gates, source, gate_positions, position_ids,
-                                 input_noise)
+                                 input_noise, memory)
         return logits
 
     def capture(self, input_ids, attention_mask=None, sites: Sequence[str] = (), gates: Gates | None = None,
                 source: Activations | None = None, gate_positions=None, position_ids=None,
-                input_noise=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                input_noise=None, memory=None) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(logits [B, T, V], activations site -> [L, B, ...]) at the requested sites (after any mixing there)."""
         hidden, captured = self.hidden_states(input_ids, attention_mask, sites, gates, source, gate_positions,
-                                              position_ids, input_noise)
+                                              position_ids, input_noise, memory)
         return self.unembed(hidden), captured
 
     def hidden_states(self, input_ids, attention_mask=None, sites: Sequence[str] = (), gates: Gates | None = None,
                       source: Activations | None = None, gate_positions=None, position_ids=None,
-                      input_noise=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                      input_noise=None, memory=None) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(final hidden states [B, T, D] before the final norm, activations site -> [L, B, ...]); see `capture`."""
         config = self.config
         for site in sites:
-            if site not in MODEL_SITES:
-                raise ValueError(f"unknown site {site!r} for capture; model sites: {', '.join(MODEL_SITES)}")
+            if site not in MODEL_SITES and site not in CAPTURE_ONLY_SITES:
+                raise ValueError(f"unknown site {site!r} for capture; sites: "
+                                 f"{', '.join([*MODEL_SITES, *CAPTURE_ONLY_SITES])}")
         check_gates(config, gates, source)
+        if memory is not None and jnp.ndim(attention_mask) != 3:
+            raise ValueError("a forward with memory needs an explicit [B, T, M + T] attention mask")
         input_ids = jnp.asarray(input_ids)
         batch, length = input_ids.shape
         gates = dict(gates or {})
@@ -65,27 +70,32 @@ class GatedLM(nnx.Module):
         for site in gates:
             if source[site].shape[1] != batch:
                 raise ValueError(f"source for {site!r} has batch {source[site].shape[1]}, the input {batch}")
-            sources[site] = layers.pad_source(site, source[site], length)
+            n_memory = 0 if memory is None else memory["keys"].shape[2]
+            sources[site] = layers.pad_source(site, source[site], length, n_memory)
             where = where * (jnp.arange(length) < layers.source_length(site, source[site]))[None, :]
 
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(length), (batch, length))
-        context = self.context(attention_mask, jnp.asarray(position_ids))
+        position_ids = jnp.asarray(position_ids)
+        key_positions = None if memory is None else jnp.concatenate([memory["positions"], position_ids], 1)
+        context = self.context(attention_mask, position_ids, key_positions)
         x = self.embed(input_ids, position_ids)
         if input_noise is not None:
             x = x + jnp.asarray(input_noise, x.dtype)
         stacked = nnx.to_pure_dict(nnx.state(self.blocks, nnx.Param))
+        layer_memory = None if memory is None else {"keys": memory["keys"], "values": memory["values"]}
 
         def layer(x, inputs):
-            params, layer_gates, layer_source = inputs
-            iv = layers.Intervention(layer_gates, layer_source, where, tuple(sites))
+            params, layer_gates, layer_source, layer_memory = inputs
+            iv = layers.Intervention(layer_gates, layer_source, where, tuple(sites), layer_memory)
             return self.block(params, x, context, iv), iv.captured
 
-        return jax.lax.scan(layer, x, (stacked, gates, sources))
+        return jax.lax.scan(layer, x, (stacked, gates, sources, layer_memory))
 
-    def context(self, attention_mask, position_ids) -> dict[str, jax.Array]:
+    def context(self, attention_mask, position_ids, key_positions=None) -> dict[str, jax.Array]:
         """Per-forward tensors every layer reads (the attention bias; RoPE tables where used)."""
-        return {"bias": layers.attention_bias(attention_mask, position_ids, self.config.sliding_window)}
+        return {"bias": layers.attention_bias(attention_mask, position_ids, self.config.sliding_window,
+                                              key_positions)}
 
 
 def functional(model: GatedLM):

@@ -88,10 +88,11 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return (x.astype(F32) * cos + rotated * sin).astype(x.dtype)
 
 
-def attention_bias(attention_mask: jax.Array | None, position_ids: jax.Array,
-                   sliding_window: int | None) -> jax.Array:
-    """Additive mask [B, 1, T, T] from a padding mask [B, T] (causal, padded keys excluded) or an explicit
-    visibility mask [B, T, T] (packed sequences); a sliding window applies to position ids [B, T]."""
+def attention_bias(attention_mask: jax.Array | None, position_ids: jax.Array, sliding_window: int | None,
+                   key_positions: jax.Array | None = None) -> jax.Array:
+    """Additive mask [B, 1, T, S] from a padding mask [B, T] (causal, padded keys excluded) or an explicit
+    visibility mask [B, T, S] (packed sequences, whose S keys may start with memory slots); a sliding window applies
+    to query position ids [B, T] and key positions [B, S] (default: the query positions)."""
     batch, length = position_ids.shape
     if attention_mask is not None and jnp.ndim(attention_mask) == 3:
         allowed = jnp.asarray(attention_mask, bool)
@@ -100,7 +101,8 @@ def attention_bias(attention_mask: jax.Array | None, position_ids: jax.Array,
         if attention_mask is not None:
             allowed &= jnp.asarray(attention_mask, bool)[:, None, :]
     if sliding_window is not None:
-        allowed &= position_ids[:, :, None] - position_ids[:, None, :] < sliding_window
+        key_positions = position_ids if key_positions is None else key_positions
+        allowed &= position_ids[:, :, None] - key_positions[:, None, :] < sliding_window
     return jnp.where(allowed, 0.0, NEG_INF).astype(F32)[:, None]
 
 
@@ -114,11 +116,13 @@ _SITE_WEIGHT = {
 
 
 class Intervention:
-    """One layer's gates, sources and captures, applied by the block at each named site."""
+    """One layer's gates, sources and captures, applied by the block at each named site, and the layer's memory
+    (keys and values [B, M, KV, Dh] of cached tokens that every query may attend to before its own row)."""
 
     def __init__(self, gates: Mapping[str, jax.Array], source: Mapping[str, jax.Array], where: jax.Array,
-                 capture: Sequence[str]):
+                 capture: Sequence[str], memory: Mapping[str, jax.Array] | None = None):
         self.gates, self.source, self.where, self.capture = gates, source, where, capture
+        self.memory = memory
         self.captured: dict[str, jax.Array] = {}
 
     def __call__(self, site: str, live: jax.Array) -> jax.Array:
@@ -134,37 +138,45 @@ class Intervention:
 def gated_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, iv: Intervention) -> jax.Array:
     """Grouped-query attention with the `attn_pattern` and `head_out` sites.
 
-    q: [B, T, H, Dh]; k, v: [B, T, KV, Dh]; bias: [B, 1, T, T]. Query head h reads KV head h // (H / KV).
-    Returns the per-head outputs [B, T, H, Dh].
+    q: [B, T, H, Dh]; k, v: [B, T, KV, Dh] (after RoPE; captured at the `attn_keys`, `attn_values` sites); bias:
+    [B, 1, T, M + T], keys being the intervention's M memory tokens, then the T live ones. Query head h reads KV head
+    h // (H / KV). Returns the per-head outputs [B, T, H, Dh].
     """
     batch, length, n_heads, head_dim = q.shape
-    n_kv = k.shape[2]
+    k, v = iv("attn_keys", k), iv("attn_values", v)
+    if iv.memory is not None:
+        k = jnp.concatenate([iv.memory["keys"].astype(k.dtype), k], axis=1)
+        v = jnp.concatenate([iv.memory["values"].astype(v.dtype), v], axis=1)
+    n_keys, n_kv = k.shape[1], k.shape[2]
     group = n_heads // n_kv
     qg = q.reshape(batch, length, n_kv, group, head_dim)
     scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=F32) * head_dim**-0.5
-    probs = jax.nn.softmax(scores.reshape(batch, n_heads, length, length) + bias, axis=-1)
+    probs = jax.nn.softmax(scores.reshape(batch, n_heads, length, n_keys) + bias, axis=-1)
     probs = iv("attn_pattern", probs)
-    probs = probs.reshape(batch, n_kv, group, length, length).astype(v.dtype)
+    probs = probs.reshape(batch, n_kv, group, length, n_keys).astype(v.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, length, n_heads, head_dim)
     return iv("head_out", out)
 
 
-def pad_source(site: str, source: jax.Array, length: int) -> jax.Array:
-    """Zero-pad a captured source [L, B, ...] along its token axes up to `length` tokens."""
-    src_len = source.shape[-1] if site == "attn_pattern" else source.shape[2]
+def pad_source(site: str, source: jax.Array, length: int, n_memory: int = 0) -> jax.Array:
+    """Zero-pad a captured source [L, B, ...] along its token axes up to `length` tokens (attention keys: up to
+    `n_memory` + `length`)."""
+    src_len = source_length(site, source)
     if src_len > length:
         raise ValueError(f"source for {site!r} has {src_len} tokens, more than the {length} of the live input")
-    if src_len == length:
-        return source
     pad = [(0, 0)] * source.ndim
-    token_axes = (-2, -1) if site == "attn_pattern" else (2,)
-    for axis in token_axes:
-        pad[axis] = (0, length - src_len)
-    return jnp.pad(source, pad)
+    pad[-2 if site == "attn_pattern" else 2] = (0, length - src_len)
+    if site == "attn_pattern":
+        if source.shape[-1] > n_memory + length:
+            raise ValueError(f"source for {site!r} has {source.shape[-1]} keys, more than the "
+                             f"{n_memory + length} the live input attends to")
+        pad[-1] = (0, n_memory + length - source.shape[-1])
+    return jnp.pad(source, pad) if any(p != (0, 0) for p in pad) else source
 
 
 def source_length(site: str, source: jax.Array) -> int:
-    return source.shape[-1] if site == "attn_pattern" else source.shape[2]
+    """The number of (query) token positions a captured source covers."""
+    return source.shape[-2] if site == "attn_pattern" else source.shape[2]
 
 
 def dtype_of(config: ModelConfig) -> Any:

@@ -61,9 +61,9 @@ class Llama(GatedLM):
         self.lm_head = (None if config.tie_embeddings else
                         layers.param(rngs, (config.d_model, config.vocab_size), ("embed", "vocab"), dtype))
 
-    def context(self, attention_mask, position_ids) -> dict[str, jax.Array]:
+    def context(self, attention_mask, position_ids, key_positions=None) -> dict[str, jax.Array]:
         cos, sin = layers.rope_tables(self.config, position_ids)
-        return {**super().context(attention_mask, position_ids), "cos": cos, "sin": sin}
+        return {**super().context(attention_mask, position_ids, key_positions), "cos": cos, "sin": sin}
 
     def embed(self, input_ids: jax.Array, position_ids: jax.Array) -> jax.Array:
         return self.embed_tokens[...][input_ids]

@@ -40,6 +40,8 @@ MODEL_SITES: dict[str, str] = {
     "mlp_out": "MLP block output, one gate per residual dimension",
     "mlp_hidden": "MLP intermediate neurons",
 }
+# Sites that can be captured but not gated: each layer's attention keys and values [B, T, KV, Dh] after RoPE.
+CAPTURE_ONLY_SITES: dict[str, str] = {"attn_keys": "attention keys after RoPE", "attn_values": "attention values"}
 COMPONENT_SETS: dict[str, tuple[str, ...]] = {"heads_mlp": ("head_out", "mlp_out")}
 SITES: dict[str, str] = {
     **MODEL_SITES,
