@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
 import jax
@@ -85,6 +86,9 @@ class GatedLM(nnx.Module):
         stacked = nnx.to_pure_dict(nnx.state(self.blocks, nnx.Param))
         layer_memory = None if memory is None else {"keys": memory["keys"], "values": memory["values"]}
 
+        # Under differentiation each layer keeps only its matmul outputs and recomputes the rest (norms, softmax,
+        # mixing) in the backward pass: on CPU that is faster than storing every residual of the scan.
+        @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.dots_saveable, prevent_cse=False)
         def layer(x, inputs):
             params, layer_gates, layer_source, layer_memory = inputs
             iv = layers.Intervention(layer_gates, layer_source, where, tuple(sites), layer_memory)
