@@ -807,6 +807,13 @@ def report(results: dict) -> str:
               "compilation.",
               "- The torch forms use the same encoded task (jaxtrace's `build_task`), so token ids and skipped pairs "
               "agree; `tests/test_torch_benchmark.py` checks that their effects and Adam steps equal jaxtrace's.",
+              "- Where jaxtrace does less work: besides caching the z-independent terms and packing pairs (which the "
+              "optimised PyTorch form does too, by padding), jaxtrace does not recompute the prompt prefix that base "
+              "and counterfactual share (its keys and values are cached and read as attention memory; "
+              "`jaxtrace/packing.py`): WinoBias prompts differ only in the pronoun, so a jaxtrace step computes "
+              "half the tokens, Professions prompts from their second token, a quarter fewer. Neither PyTorch form "
+              "does this (the optimised one could, through `past_key_values`). The FLOP column is jaxtrace's own "
+              "step.",
               "- Memory of step-extrapolated cells covers the steps and evaluation batches that ran (a run "
               "repeats them). jaxtrace's FLOP count and K-mask evaluation ran after the peak was read; "
               "TorchInductor's compile worker processes are not counted.",
