@@ -123,13 +123,14 @@ class Objective:
 
     def _prefix(self, params, group) -> dict[str, jax.Array] | None:
         """The base prompts' keys and values {"keys", "values": [L, B, D, KV, Dh]} at their first D =
-        `prefix_length` positions, which no gate changes (None when no pair shares a prefix)."""
+        `prefix_length` positions, which no gate changes (None when no pair shares a prefix). Attention is causal,
+        so a forward over those D tokens alone gives them."""
         if not self.prefix_length:
             return None
-        _, acts = self.apply(params, group["prompt_ids"], group["cf_mask"], method="capture",
+        prefix = slice(0, self.prefix_length)
+        _, acts = self.apply(params, group["prompt_ids"][:, prefix], group["cf_mask"][:, prefix], method="capture",
                              sites=("attn_keys", "attn_values"))
-        return {"keys": acts["attn_keys"][:, :, : self.prefix_length],
-                "values": acts["attn_values"][:, :, : self.prefix_length]}
+        return {"keys": acts["attn_keys"], "values": acts["attn_values"]}
 
     def _outputs(self, params, group, prefix, gates=None, source=None) -> dict[str, jax.Array]:
         """{"targets": [B, K] mean target-token log-probs, "last": [B, V] next-token log-probs at the last prompt
