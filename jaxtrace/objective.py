@@ -37,7 +37,7 @@ class MetricNaNError(FloatingPointError):
     """The metric is not finite for some examples."""
 
 
-def _bytes_per_pair(model: GatedLM, site: str, length: int, prefix: int) -> int:
+def _bytes_per_pair(model: GatedLM, site: str, length: int, prefix: int = 0) -> int:
     """Float32 bytes of one pair's cached source activations (every model site a site or component set gates) and
     shared-prefix keys and values."""
     c = model.config

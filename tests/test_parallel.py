@@ -154,8 +154,9 @@ def _step_memory(model, site: str, length: int) -> tuple[int, int]:
 
 
 def test_memory_growth_with_prompt_length(tiny_gpt2):
-    """attn_pattern's sources grow as T² per prompt, head_out's as T; the live T×T attention of the backward pass
-    is common to both, and attn_pattern adds a T² mix on top of it."""
+    """attn_pattern's sources grow as T² per prompt, head_out's as T; the step's temporaries are dominated by the
+    live T×T attention of the backward pass, common to both (layers rematerialise the mix, so attn_pattern's step
+    needs little more than head_out's)."""
     _, model, _ = tiny_gpt2
     lengths = (64, 128, 256)
     measured = {site: [_step_memory(model, site, t) for t in lengths] for site in ("attn_pattern", "head_out")}
@@ -165,8 +166,10 @@ def test_memory_growth_with_prompt_length(tiny_gpt2):
     growth = lambda values: np.log2(values[-1] / values[0]) / np.log2(lengths[-1] / lengths[0])  # noqa: E731
     assert growth([s for s, _ in measured["attn_pattern"]]) == pytest.approx(2.0, abs=0.01)
     assert growth([s for s, _ in measured["head_out"]]) == pytest.approx(1.0, abs=0.01)
-    extra = [a[1] - h[1] for a, h in zip(measured["attn_pattern"], measured["head_out"])]
-    assert min(extra) > 0 and growth(extra) == pytest.approx(2.0, abs=0.3)
+    for site, rows in measured.items():
+        assert growth([temp for _, temp in rows]) > 1.5, site
+    for (_, pattern_temp), (_, head_temp) in zip(measured["attn_pattern"], measured["head_out"]):
+        assert pattern_temp < 1.5 * head_temp
 
 
 def test_attn_pattern_cache_over_the_limit_points_to_head_out(tiny_gpt2, winobias):
