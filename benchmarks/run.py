@@ -248,7 +248,7 @@ def cell_jaxtrace(spec: Workload, plan: Plan, args) -> dict:
 
     import jaxtrace
     from jaxtrace.objective import Objective
-    from jaxtrace.search import SCHEDULES, SearchConfig, run_search, training_step
+    from jaxtrace.search import SCHEDULES, SearchConfig, epoch_batches, run_search, training_step
 
     (model, tokenizer), load_s = timed(lambda: jaxtrace.load_model(model_source(spec, args.gpt2_folder)))
     task = build_task(spec, tokenizer, args.data)
@@ -264,9 +264,8 @@ def cell_jaxtrace(spec: Workload, plan: Plan, args) -> dict:
         return training_step(objective, config)[0]
 
     key = jax.random.key(config.seed)
-    orders = [objective.batches(np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), n_pairs)))
-              for epoch in range(EPOCHS)]
-    rows, n_logits = (int(n) for n in np.max([objective.batch_shape(idx) for order in orders for idx in order], 0))
+    orders = [epoch_batches(objective, key, epoch) for epoch in range(EPOCHS)]
+    rows, n_logits = objective.packed_shape([idx for order in orders for idx in order])
     full = [idx for order in orders for idx in order if len(idx) == BATCH]
     batches = [objective.put(objective.stacked_batch([idx], rows, n_logits), 1) for idx in full[: plan.steps + 1]]
     z = np.full((1, objective.n_layers, objective.n_per_layer), config.init, np.float32)

@@ -45,8 +45,8 @@ def measure(model_spec: str, data: str, mesh_spec: str | None, steps: int) -> di
     z, opt_state = objective.replicate((z, jax.tree.map(np.asarray, jax.vmap(optimizer.init)(z))))
     lambdas = objective.replicate(np.full(1, config.lambda1, np.float32))
     orders = [np.random.default_rng(i).permutation(len(task))[:32] for i in range(steps + 1)]
-    rows, n_logits = np.max([objective.batch_shape(idx) for idx in orders], 0)
-    batches = [objective.put(objective.stacked_batch([idx], int(rows), int(n_logits)), 1) for idx in orders]
+    rows, n_logits = objective.packed_shape(orders)
+    batches = [objective.put(objective.stacked_batch([idx], rows, n_logits), 1) for idx in orders]
     start = time.perf_counter()
     compiled = step.lower(z, opt_state, objective.params, batches[0], lambdas, lambdas).compile()
     compile_s = time.perf_counter() - start

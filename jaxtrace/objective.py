@@ -95,7 +95,7 @@ class Objective:
         self._arrays = {name: arrays[name] for name in PAIR_ARRAYS}
         self._arrays["prompt_ids"] = task.ids[:, 0, : task.cf_ids.shape[1]]  # [N, P] the base prompts
         self._chunks = self.batches(np.arange(len(task)))
-        self._dataset_shape = tuple(int(n) for n in np.max([self.batch_shape(idx) for idx in self._chunks], 0))
+        self._dataset_shape = self.packed_shape(self._chunks)
         self._mask_effects = self.jit(jax.vmap(self.batch_effect, in_axes=(None, 0, None)))
         if cache:
             self._arrays.update(self._precompute())
@@ -209,6 +209,11 @@ class Objective:
         sizes = [self.packer.sizes(group) for group in self._groups(idx) if len(group)]
         return tuple(int(n) for n in np.max(sizes, 0))
 
+    def packed_shape(self, batches: list[np.ndarray]) -> tuple[int, int]:
+        """(rows, logit positions) per group that fit every batch of pairs in `batches`: packing them all to it gives
+        one shape, hence one compilation."""
+        return tuple(int(n) for n in np.max([self.batch_shape(idx) for idx in batches], 0))
+
     def batch(self, idx: np.ndarray, with_cache: bool = True, rows: int | None = None,
               n_logits: int | None = None) -> dict[str, np.ndarray]:
         """Host arrays of pairs `idx`, each with a leading group axis G: per-pair arrays [G, B_group, ...] (padded
@@ -230,8 +235,9 @@ class Objective:
                       n_logits: int | None = None) -> dict[str, np.ndarray]:
         """Batches of several runs (a vmapped sweep) packed to one shape (at least `rows`, `n_logits`) and stacked
         on a leading run axis."""
-        sizes = np.array([self.batch_shape(idx) for idx in orders] + [(rows or 0, n_logits or 0)]).max(0)
-        batches = [self.batch(idx, rows=int(sizes[0]), n_logits=int(sizes[1])) for idx in orders]
+        needed_rows, needed_logits = self.packed_shape(orders)
+        rows, n_logits = max(rows or 0, needed_rows), max(n_logits or 0, needed_logits)
+        batches = [self.batch(idx, rows=rows, n_logits=n_logits) for idx in orders]
         return jax.tree.map(lambda *xs: np.stack(xs), *batches)
 
     def put(self, batch: dict[str, np.ndarray], group_axis: int = 0) -> dict[str, jax.Array]:

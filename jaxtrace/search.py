@@ -122,6 +122,13 @@ def training_step(objective: Objective, config: SearchConfig) -> tuple[Callable,
     return objective.jit(jax.vmap(update, in_axes=(0, 0, None, 0, 0, 0))), optimizer
 
 
+def epoch_batches(objective: Objective, key: jax.Array, epoch: int) -> list[np.ndarray]:
+    """The pair-index batches of one run's epoch: a permutation of the task seeded by (key, epoch), in chunks of
+    `batch_size`."""
+    order = jax.random.permutation(jax.random.fold_in(key, epoch), len(objective.task))
+    return objective.batches(np.asarray(order))
+
+
 @dataclasses.dataclass
 class SearchResult:
     config: SearchConfig
@@ -170,11 +177,10 @@ def run_sweep(objective: Objective, configs: list[SearchConfig], checkpoints: Ep
     keys = jax.random.wrap_key_data(state["keys"])
     n_pairs = len(objective.task)
     epochs = range(start_epoch, config.epochs)
-    orders = {epoch: [objective.batches(np.asarray(jax.random.permutation(jax.random.fold_in(k, epoch), n_pairs)))
-                      for k in keys] for epoch in epochs}
+    orders = {epoch: [epoch_batches(objective, k, epoch) for k in keys] for epoch in epochs}
     # One packed shape for every step of the run: one compilation.
-    shape = np.array([objective.batch_shape(idx) for runs in orders.values() for order in runs for idx in order])
-    rows, n_logits = (int(n) for n in shape.max(0)) if len(shape) else (None, None)
+    every_batch = [idx for runs in orders.values() for order in runs for idx in order]
+    rows, n_logits = objective.packed_shape(every_batch) if every_batch else (None, None)
     n_batches = len(objective.batches(np.arange(n_pairs)))
     bar = tqdm(total=len(epochs) * n_batches, disable=not progress, desc="PGB-CT", unit="step")
     evaluated: dict[int, tuple[bytes, float]] = {}  # run -> (binary mask, its effect), re-evaluated on change

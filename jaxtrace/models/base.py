@@ -68,10 +68,10 @@ class GatedLM(nnx.Module):
         if gate_positions is not None:
             where = where * jnp.asarray(gate_positions, jnp.float32)
         sources = {}
+        n_memory = 0 if memory is None else memory["keys"].shape[2]
         for site in gates:
             if source[site].shape[1] != batch:
                 raise ValueError(f"source for {site!r} has batch {source[site].shape[1]}, the input {batch}")
-            n_memory = 0 if memory is None else memory["keys"].shape[2]
             sources[site] = layers.pad_source(site, source[site], length, n_memory)
             where = where * (jnp.arange(length) < layers.source_length(site, source[site]))[None, :]
 
