@@ -198,7 +198,7 @@ def unrolled_scans():
 
 
 def build_task(spec: Workload, tokenizer, data: Path):
-    from jaxtrace.tracing import build_task as build
+    from jaxtrace.tasks import build_task as build
 
     options = {"split": spec.split} if spec.split else {}
     return build(spec.task, data, tokenizer, **options)
@@ -208,17 +208,18 @@ def subset(task, n: int):
     """The task's first n pairs (as `encode_pairs` of the first n pairs gives)."""
     if n >= len(task):
         return task
-    arrays = {name: value[:n] for name, value in task.arrays().items()}
-    return dataclasses.replace(task, pairs=task.pairs[:n], **arrays)
+    import jax
+
+    return dataclasses.replace(task, pairs=task.pairs[:n], arrays=jax.tree.map(lambda a: a[:n], task.arrays))
 
 
 def tokenizer_for(spec: Workload, gpt2_folder: Path | None):
     """The tokenizer jaxtrace.load_model gives for the workload's model (so every cell encodes the same ids)."""
-    from jaxtrace.loading import load_tokenizer, resolve_model_path
+    from jaxtrace.io.loading import load_tokenizer, resolve_model_path
 
     if spec.model == "gpt2-random":
         return load_tokenizer(gpt2_folder)
-    from jaxtrace.loading.gguf import gguf_tokenizer
+    from jaxtrace.io.loading.gguf import gguf_tokenizer
 
     return gguf_tokenizer(resolve_model_path(spec.model))
 
@@ -234,7 +235,7 @@ def load_torch_model(spec: Workload, gpt2_folder: Path | None):
 
     if spec.model == "gpt2-random":
         return AutoModelForCausalLM.from_pretrained(gpt2_folder, dtype=torch.float32)
-    from jaxtrace.loading import resolve_model_path
+    from jaxtrace.io.loading import resolve_model_path
 
     path = resolve_model_path(spec.model)
     return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
@@ -247,38 +248,36 @@ def cell_jaxtrace(spec: Workload, plan: Plan, args) -> dict:
     import numpy as np
 
     import jaxtrace
-    from jaxtrace.objective import Objective
-    from jaxtrace.search import SCHEDULES, SearchConfig, epoch_batches, run_search, training_step
+    from jaxtrace.core.search import SearchState
+    from jaxtrace.engine import loop
 
     (model, tokenizer), load_s = timed(lambda: jaxtrace.load_model(model_source(spec, args.gpt2_folder)))
     task = build_task(spec, tokenizer, args.data)
     memory = PeakMemory()
-    objective, setup_s = timed(lambda: Objective(model, task, spec.site, batch_size=BATCH))
-    n_pairs, n_batches = len(task), len(objective.batches(np.arange(len(task))))
+    objective, setup_s = timed(lambda: jaxtrace.build_objective(model, task, spec.site, batch_size=BATCH))
+    n_pairs, n_batches = len(task), len(objective.batcher.in_order)
 
     # The step exactly as run_search builds it, on batches packed to the shape of a 15-epoch run.
-    config = SearchConfig(epochs=EPOCHS, batch_size=BATCH)
-    optimizer = training_step(objective, config)[1]
+    config = jaxtrace.SearchConfig(epochs=EPOCHS)
 
-    def make_step():  # what run_search compiles
-        return training_step(objective, config)[0]
+    def make_step():  # what run_search compiles (a fresh program object: lowering it traces anew)
+        return loop.training_step(objective, config, fresh=True)[0]
 
     key = jax.random.key(config.seed)
-    orders = [epoch_batches(objective, key, epoch) for epoch in range(EPOCHS)]
-    rows, n_logits = objective.packed_shape([idx for order in orders for idx in order])
+    orders = [objective.batcher.epoch(key, epoch) for epoch in range(EPOCHS)]
+    rows, n_logits = objective.batcher.shape([idx for order in orders for idx in order])
     full = [idx for order in orders for idx in order if len(idx) == BATCH]
-    batches = [objective.put(objective.stacked_batch([idx], rows, n_logits), 1) for idx in full[: plan.steps + 1]]
-    z = np.full((1, objective.n_layers, objective.n_per_layer), config.init, np.float32)
-    z, opt_state = objective.replicate((z, jax.tree.map(np.asarray, jax.vmap(optimizer.init)(z))))
-    lambdas = objective.replicate(tuple(np.array([SCHEDULES[config.schedule](lam, 0)], np.float32)
-                                        for lam in (config.lambda1, config.lambda2)))
-    step_args = (z, opt_state, objective.params, batches[0], *lambdas)
+    batches = [loop.stacked_inputs(objective, [idx], (rows, n_logits)) for idx in full[: plan.steps + 1]]
+    state = loop.initial_state(objective, [config])
+    state = objective.batcher.replicate(SearchState(state["z"], state["opt_state"]))
+    lambdas = objective.batcher.replicate(tuple(np.array([lam], np.float32) for lam in config.lambdas(0)))
+    step_args = (state, objective.params, *batches[0], *lambdas)
     compiled, compile_s = timed(lambda: make_step().lower(*step_args).compile())
     flops_scanned = xla_flops(compiled)
     step_times = []
-    for i, batch in enumerate(batches):  # the first is the warm-up
-        (z, opt_state, _), seconds = timed(lambda: jax.block_until_ready(
-            compiled(z, opt_state, objective.params, batch, *lambdas)))
+    for i, (batch, cache) in enumerate(batches):  # the first is the warm-up
+        (state, _), seconds = timed(lambda: jax.block_until_ready(
+            compiled(state, objective.params, batch, cache, *lambdas)))
         step_times.append(seconds)
     step_s = statistics.median(step_times[1:])
     del batches[1:], compiled
@@ -286,7 +285,7 @@ def cell_jaxtrace(spec: Workload, plan: Plan, args) -> dict:
     # The run (measured, or extrapolated below once the evaluation's cost is known).
     run: dict[str, Any] = {"epochs_measured": plan.run_epochs}
     if plan.run_epochs:
-        result, wall = timed(lambda: run_search(objective, config.replace(epochs=plan.run_epochs), progress=False))
+        result, wall = timed(lambda: jaxtrace.run_search(objective, config.replace(epochs=plan.run_epochs)))
         epochs = epoch_durations(result.history)
         run.update(measured_s=setup_s + wall, epoch_s=epochs, selected=int(result.mask.sum()),
                    effect=result.history[-1]["effect"])
@@ -301,17 +300,17 @@ def cell_jaxtrace(spec: Workload, plan: Plan, args) -> dict:
     with unrolled_scans():
         flops = xla_flops(make_step().lower(*step_args).compile())
 
-    subsets: dict[int, Objective] = {}
+    subsets: dict = {}
 
-    def objective_on(pairs: int | None) -> Objective:
+    def objective_on(pairs: int | None):
         """The objective on the task's first `pairs` pairs (None: the whole task)."""
         if pairs is None or pairs >= n_pairs:
             return objective
         if pairs not in subsets:
-            subsets[pairs] = Objective(model, subset(task, pairs), spec.site, batch_size=BATCH)
+            subsets[pairs] = jaxtrace.build_objective(model, subset(task, pairs), spec.site, batch_size=BATCH)
         return subsets[pairs]
 
-    def mask_seconds(target: Objective, masks) -> tuple[float, float]:
+    def mask_seconds(target, masks) -> tuple[float, float]:
         """(first call, second call) seconds of target.mask_effects(masks)."""
         return timed(lambda: target.mask_effects(masks))[1], timed(lambda: target.mask_effects(masks))[1]
 
@@ -319,7 +318,7 @@ def cell_jaxtrace(spec: Workload, plan: Plan, args) -> dict:
     rng = np.random.default_rng(0)
 
     def random_masks(k: int) -> np.ndarray:
-        return (rng.random((k, objective.n_layers, objective.n_per_layer)) < 0.5).astype(np.float32)
+        return (rng.random((k, *objective.shape)) < 0.5).astype(np.float32)
 
     eval_objective = objective_on(BATCH)
     first_s, batch_s = mask_seconds(eval_objective, random_masks(1))
@@ -449,7 +448,7 @@ def cell_check(spec: Workload, args) -> dict:
     task = build_task(spec, tokenizer, args.data)
     diffs = []
     for i in range(4):
-        ids = task.ids[i, 0, : int(task.mask[i, 0].sum())][None]
+        ids = task.arrays.ids[i, 0, : int(task.arrays.mask[i, 0].sum())][None]
         with torch.no_grad():
             expected = hf(torch.as_tensor(ids, dtype=torch.long)).logits.numpy()
         diffs.append(float(np.abs(np.asarray(model(ids)) - expected).max()))

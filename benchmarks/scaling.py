@@ -2,7 +2,7 @@
 
     python benchmarks/scaling.py [--model smollm2-135m] [--data ../shared/data] [--steps 5]
 
-Each mesh runs the training step of `jaxtrace.search` (batch 32 WinoBias-dev pairs, attn_pattern) in its own
+Each mesh runs the training step of `jaxtrace.engine.loop` (batch 32 WinoBias-dev pairs, attn_pattern) in its own
 subprocess started with `--xla_force_host_platform_device_count=N`; the parent writes `benchmarks/SCALING.md` and
 `benchmarks/scaling.json`. Simulated devices share the machine's cores: the differences show the cost of the
 sharded program (partitioning, collectives, per-shard packing) and how well the per-device programs fill the cores,
@@ -30,34 +30,34 @@ def measure(model_spec: str, data: str, mesh_spec: str | None, steps: int) -> di
     import numpy as np
 
     import jaxtrace
-    from jaxtrace import parallel
-    from jaxtrace.objective import Objective
-    from jaxtrace.search import SearchConfig, training_step
-    from jaxtrace.tracing import build_task
+    from jaxtrace.core.search import SearchState
+    from jaxtrace.engine import loop
+    from jaxtrace.engine.mesh import parse_mesh
 
     model, tokenizer = jaxtrace.load_model(model_spec)
-    task = build_task("winobias", data, tokenizer, split="dev")
-    mesh = None if mesh_spec is None else parallel.parse_mesh(mesh_spec)
-    objective = Objective(model, task, "attn_pattern", 32, mesh=mesh)
-    config = SearchConfig()
-    step, optimizer = training_step(objective, config)
-    z = np.full((1, objective.n_layers, objective.n_per_layer), 0.5, np.float32)
-    z, opt_state = objective.replicate((z, jax.tree.map(np.asarray, jax.vmap(optimizer.init)(z))))
-    lambdas = objective.replicate(np.full(1, config.lambda1, np.float32))
+    task = jaxtrace.build_task("winobias", data, tokenizer, split="dev")
+    mesh = None if mesh_spec is None else parse_mesh(mesh_spec)
+    objective = jaxtrace.build_objective(model, task, "attn_pattern", 32, mesh=mesh)
+    config = jaxtrace.SearchConfig()
+    step, _ = loop.training_step(objective, config, fresh=True)
+    state = loop.initial_state(objective, [config])
+    state = objective.batcher.replicate(SearchState(state["z"], state["opt_state"]))
+    lambdas = objective.batcher.replicate(np.full(1, config.lambda1, np.float32))
     orders = [np.random.default_rng(i).permutation(len(task))[:32] for i in range(steps + 1)]
-    rows, n_logits = objective.packed_shape(orders)
-    batches = [objective.put(objective.stacked_batch([idx], rows, n_logits), 1) for idx in orders]
+    rows, n_logits = objective.batcher.shape(orders)
+    batches = [loop.stacked_inputs(objective, [idx], (rows, n_logits)) for idx in orders]
     start = time.perf_counter()
-    compiled = step.lower(z, opt_state, objective.params, batches[0], lambdas, lambdas).compile()
+    compiled = step.lower(state, objective.params, *batches[0], lambdas, lambdas).compile()
     compile_s = time.perf_counter() - start
-    jax.block_until_ready(compiled(z, opt_state, objective.params, batches[0], lambdas, lambdas))
+    jax.block_until_ready(compiled(state, objective.params, *batches[0], lambdas, lambdas))
     times = []
     for batch in batches[1:]:
         start = time.perf_counter()
-        jax.block_until_ready(compiled(z, opt_state, objective.params, batch, lambdas, lambdas))
+        jax.block_until_ready(compiled(state, objective.params, *batch, lambdas, lambdas))
         times.append(time.perf_counter() - start)
     return {"mesh": mesh_spec or "single device", "devices": jax.device_count(), "compile_s": compile_s,
-            "step_s": float(np.median(times)), "rows_per_group": int(rows), "row_width": objective.packer.width}
+            "step_s": float(np.median(times)), "rows_per_group": int(rows),
+            "row_width": objective.batcher.packer.width}
 
 
 def cpu_name() -> str:

@@ -1,6 +1,6 @@
 """PGB-CT in PyTorch on Hugging Face models, for benchmarking jaxtrace: the same objective in two forms.
 
-Both forms reproduce jaxtrace's objective (`jaxtrace.objective`, `jaxtrace.search.make_update`) at the
+Both forms reproduce jaxtrace's objective (`jaxtrace.core.objective`, `jaxtrace.core.search.pgbct`) at the
 `attn_pattern` and `mlp_out` sites of GPT-2 and Llama-family models (float32, eager attention): for pair i with
 targets t0, t1, score(t) = mean log p(token | prompt + previous target tokens), log_odds = score(t1) - score(t0)
 (-score(t0) for one target), IE_i = exp(sign_i * (log_odds_gated - log_odds_base)) - 1; the loss of a batch is
@@ -28,7 +28,7 @@ states at the target positions and applies the LM head there only. `compile=True
 `compile_status`.
 
 Where both forms deliberately follow jaxtrace rather than the reference (all of it comes from the shared
-`EncodedTask`, built with `jaxtrace.tracing.build_task`, so token ids and skipped pairs are identical):
+`EncodedTask`, built with `jaxtrace.build_task`, so token ids and skipped pairs are identical):
   - gates apply at the task's gate positions of the prompt only (`gate_mask`; the reference's MLP scripts mix at
     every position, padding included); target (continuation) tokens are never gated;
   - padding uses the tokenizer's pad id (else EOS), not a hard-coded 50256, and always on the right;
@@ -50,7 +50,7 @@ import torch
 from torch import nn
 from transformers import AttentionInterface
 
-from jaxtrace.search import SCHEDULES
+from jaxtrace.core.search import SCHEDULES
 from jaxtrace.tasks import EncodedTask
 
 SITES = ("attn_pattern", "mlp_out")
@@ -112,16 +112,16 @@ class _PGBCT:
         self.optimizer = torch.optim.Adam([self.z], lr=self.lr)
         # The task as tensors.
         self.pad_id = task.pad_id
-        self.ids = torch.as_tensor(task.ids, dtype=torch.long)                   # [N, K, T]
-        self.row_len = torch.as_tensor(task.mask.sum(2), dtype=torch.long)      # [N, K]
-        self.prompt_len = torch.as_tensor(task.cf_mask.sum(1), dtype=torch.long)  # [N]
-        self.cf_ids = torch.as_tensor(task.cf_ids, dtype=torch.long)             # [N, P]
-        self.target_ids = torch.as_tensor(task.target_ids, dtype=torch.long)     # [N, K, M]
-        self.target_pos = torch.as_tensor(task.target_pos, dtype=torch.long)     # [N, K, M]
-        self.target_valid = torch.as_tensor(task.target_valid, dtype=torch.float32)
+        self.ids = torch.as_tensor(task.arrays.ids, dtype=torch.long)                   # [N, K, T]
+        self.row_len = torch.as_tensor(task.arrays.mask.sum(2), dtype=torch.long)      # [N, K]
+        self.prompt_len = torch.as_tensor(task.arrays.cf_mask.sum(1), dtype=torch.long)  # [N]
+        self.cf_ids = torch.as_tensor(task.arrays.cf_ids, dtype=torch.long)             # [N, P]
+        self.target_ids = torch.as_tensor(task.arrays.target_ids, dtype=torch.long)     # [N, K, M]
+        self.target_pos = torch.as_tensor(task.arrays.target_pos, dtype=torch.long)     # [N, K, M]
+        self.target_valid = torch.as_tensor(task.arrays.target_valid, dtype=torch.float32)
         self.n_target_tokens = self.target_valid.sum(2).long()                    # [N, K]
-        self.sign = torch.as_tensor(task.sign, dtype=torch.float32)              # [N]
-        self.gate_mask = torch.as_tensor(task.gate_mask, dtype=torch.float32)    # [N, T]
+        self.sign = torch.as_tensor(task.arrays.sign, dtype=torch.float32)              # [N]
+        self.gate_mask = torch.as_tensor(task.arrays.gate_mask, dtype=torch.float32)    # [N, T]
 
     @property
     def n_components(self) -> int:

@@ -18,14 +18,16 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 import jaxtrace  # noqa: E402
-from jaxtrace import parallel  # noqa: E402
-from jaxtrace.checkpoint import EpochCheckpoints  # noqa: E402
-from jaxtrace.objective import Objective  # noqa: E402
-from jaxtrace.search import SearchConfig, run_search  # noqa: E402
+from jaxtrace.engine import mesh as parallel  # noqa: E402
+from jaxtrace.io.checkpoints import EpochCheckpoints  # noqa: E402
+from jaxtrace.engine.objective import build_objective  # noqa: E402
+from jaxtrace.core.search import SearchConfig  # noqa: E402
+from jaxtrace.engine.loop import initial_state, run_search  # noqa: E402
 from jaxtrace.tasks import encode_pairs, load_pairs  # noqa: E402
 
 MESHES = [None, "data=8", "data=4,model=2", "data=2,model=4"]
-CONFIG = SearchConfig(epochs=3, batch_size=16, lambda1=0.01, lambda2=0.01)
+CONFIG = SearchConfig(epochs=3, lambda1=0.01, lambda2=0.01)
+BATCH = 16
 
 
 def layout(array: jax.Array) -> dict:
@@ -41,18 +43,19 @@ def main(folder: str, data: str, checkpoint_dir: str, out: str) -> None:
     results = {"devices": jax.device_count(), "runs": {}}
     for spec in MESHES:
         mesh = None if spec is None else parallel.parse_mesh(spec)
-        objective = Objective(model, task, "attn_pattern", CONFIG.batch_size, mesh=mesh)
-        result = run_search(objective, CONFIG, progress=False)
+        objective = build_objective(model, task, "attn_pattern", BATCH, mesh=mesh)
+        result = run_search(objective, CONFIG)
         query = nnx.to_pure_dict(objective.params)["blocks"]["q"]  # [L, D, H, Dh]
-        batch = objective.put(objective.batch(np.arange(CONFIG.batch_size)))
+        batch, _ = objective.batcher.put(objective.inputs(np.arange(BATCH)))
         results["runs"][str(spec)] = {
             "loss": [row["loss"] for row in result.steps], "z": result.z.tolist(), "mask": result.mask.tolist(),
-            "query": layout(query), "batch_tokens": layout(batch["tokens"])}
-    first = Objective(model, task, "attn_pattern", CONFIG.batch_size, mesh=parallel.parse_mesh("data=8"))
+            "query": layout(query), "batch_tokens": layout(batch.rows.tokens)}
+    first = build_objective(model, task, "attn_pattern", BATCH, mesh=parallel.parse_mesh("data=8"))
     checkpoints = EpochCheckpoints(checkpoint_dir)
-    run_search(first, CONFIG.replace(epochs=1), checkpoints, progress=False)
-    second = Objective(model, task, "attn_pattern", CONFIG.batch_size, mesh=parallel.parse_mesh("data=2,model=4"))
-    resumed = run_search(second, CONFIG, checkpoints, resume=True, progress=False)
+    run_search(first, CONFIG.replace(epochs=1), on_epoch=checkpoints.save)
+    second = build_objective(model, task, "attn_pattern", BATCH, mesh=parallel.parse_mesh("data=2,model=4"))
+    start = checkpoints.restore(initial_state(second, [CONFIG]))
+    resumed = run_search(second, CONFIG, start=start)
     checkpoints.close()
     results["resumed"] = {"z": resumed.z.tolist(), "mask": resumed.mask.tolist()}
     with open(out, "w") as f:

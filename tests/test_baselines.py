@@ -7,10 +7,11 @@ import json
 import numpy as np
 import pytest
 
-from jaxtrace import baselines
+from jaxtrace.runs import baselines
 from jaxtrace.cli import main
-from jaxtrace.objective import Objective
-from jaxtrace.search import SearchConfig, find_target_size, run_search, run_sweep
+from jaxtrace.engine.objective import build_objective, masks_per_chunk
+from jaxtrace.core.search import SearchConfig
+from jaxtrace.engine.loop import find_target_size, run_search, run_searches
 from jaxtrace.tasks import encode_pairs, load_pairs
 from conftest import SHARED
 
@@ -22,13 +23,13 @@ def objective(tiny_gpt2):
     """8 heads of a tiny GPT-2 on 40 WinoBias pairs (signs flipped so that patching helps: see test_pgbct)."""
     _, model, tokenizer = tiny_gpt2
     task = encode_pairs(load_pairs("winobias", DATA, split="dev")[:40], tokenizer)
-    return Objective(model, dataclasses.replace(task, sign=-task.sign), "attn_pattern", batch_size=16)
+    return build_objective(model, task.replace_arrays(sign=-task.arrays.sign), "attn_pattern", batch_size=16)
 
 
 def _mean_effect(objective, flat_indices):
     mask = np.zeros(objective.n_components, np.float32)
     mask[list(flat_indices)] = 1.0
-    return float(objective.effects(mask.reshape(objective.n_layers, -1)).mean())
+    return float(objective.effects(mask.reshape(objective.shape)).mean())
 
 
 def test_vmapped_evaluation_equals_loop_and_chunks_agree(objective):
@@ -40,13 +41,13 @@ def test_vmapped_evaluation_equals_loop_and_chunks_agree(objective):
     batched = objective.mask_effects(masks)
     looped = np.stack([objective.effects(mask) for mask in masks])
     np.testing.assert_allclose(batched, looped, atol=1e-5)
-    assert objective.masks_per_chunk(9, 2 << 30) == 9
-    tiny_budget = objective.masks_per_chunk(9, 1)  # forces one mask per chunk
+    assert masks_per_chunk(objective, 9, 2 << 30) == 9
+    tiny_budget = masks_per_chunk(objective, 9, 1)  # forces one mask per chunk
     assert tiny_budget == 1
     np.testing.assert_allclose(objective.evaluate_masks(masks, memory_budget=1), objective.evaluate_masks(masks),
                                atol=1e-6)
     np.testing.assert_allclose(objective.mask_effects(masks, memory_budget=1), batched, atol=1e-5)
-    assert objective.masks_per_chunk(9, 3 * (2 << 20)) < 9  # chunk sizes follow the budget
+    assert masks_per_chunk(objective, 9, 3 * (2 << 20)) < 9  # chunk sizes follow the budget
 
 
 def test_single_and_topk_match_plain_python(objective):
@@ -88,8 +89,8 @@ def test_random_best_is_seeded_and_best_of_its_draws(objective):
 
 def test_pgbct_near_exhaustive_optimum(objective):
     """With metric -IE PGB-CT optimises the mean effect itself; accepted gap: >= 90% of the best at its size."""
-    config = SearchConfig(epochs=10, batch_size=16, lambda1=0.01, lambda2=0.01, transform="neg")
-    result = run_search(objective, config, progress=False)
+    config = SearchConfig(epochs=10, lambda1=0.01, lambda2=0.01, transform="neg")
+    result = run_search(objective, config)
     size = int(result.mask.sum())
     assert 0 < size < 8
     best = max(_mean_effect(objective, c) for c in itertools.combinations(range(8), size))
@@ -99,21 +100,21 @@ def test_pgbct_near_exhaustive_optimum(objective):
 
 
 def test_sweep_equals_separate_runs(objective):
-    base = SearchConfig(epochs=3, batch_size=16, lambda1=0.01, lambda2=0.01)
+    base = SearchConfig(epochs=3, lambda1=0.01, lambda2=0.01)
     configs = [base.replace(lambda1=l1, seed=seed) for l1, seed in ((0.0, 42), (0.05, 42), (0.5, 7))]
-    swept = run_sweep(objective, configs, progress=False)
+    swept = run_searches(objective, configs)
     for config, result in zip(configs, swept):
-        alone = run_search(objective, config, progress=False)
+        alone = run_search(objective, config)
         np.testing.assert_allclose(result.z, alone.z, atol=1e-5)
         assert np.array_equal(result.mask, alone.mask)
         assert [h["effect"] for h in result.history] == pytest.approx([h["effect"] for h in alone.history], abs=1e-6)
     with pytest.raises(ValueError, match="differ only in"):
-        run_sweep(objective, [base, base.replace(lr=0.3)], progress=False)
+        run_searches(objective, [base, base.replace(lr=0.3)])
 
 
 def test_target_size(objective):
-    best, runs = find_target_size(objective, SearchConfig(epochs=3, batch_size=16, lambda1=0.01, lambda2=0.01), 3,
-                                  n_lambdas=4, progress=False)
+    best, runs = find_target_size(objective, SearchConfig(epochs=3, lambda1=0.01, lambda2=0.01), 3,
+                                  n_lambdas=4)
     sizes = [int(r.mask.sum()) for r in runs]
     assert int(best.mask.sum()) == min(sizes, key=lambda s: abs(s - 3))
     assert len(runs) in (4, 8)

@@ -6,11 +6,12 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from jaxtrace.models.sites import expand_gates, gate_shape
-from jaxtrace.objective import Objective
-from jaxtrace.search import SearchConfig, run_search
+from jaxtrace.core.sites import expand_gates, gate_shape
+from jaxtrace.engine.objective import build_objective
+from jaxtrace.core.search import SearchConfig
+from jaxtrace.engine.loop import run_search
 from jaxtrace.tasks import encode_pairs, load_binding
-from jaxtrace.tracing import summarize
+from jaxtrace.runs.common import Provenance, summarize
 
 PROMPT = re.compile(r"x = (\d+)\ny = (\d+)\nx ([+-]) y = $")
 
@@ -65,8 +66,8 @@ def test_heads_mlp_accuracy_and_logit_difference_match_torch_hooks(tiny_gpt2, bi
     assert len(task) == 36 and not task.skipped
     n_layers, width = gate_shape(model.config, "heads_mlp")
     z = (np.random.RandomState(1).uniform(size=(n_layers, width)) > 0.5).astype(np.float32)
-    accuracy = Objective(model, task, "heads_mlp", batch_size=16, metric="accuracy").effects(z)
-    logit_difference = Objective(model, task, "heads_mlp", batch_size=16, metric="logit_difference").effects(z)
+    accuracy = build_objective(model, task, "heads_mlp", batch_size=16, metric="accuracy").effects(z)
+    logit_difference = build_objective(model, task, "heads_mlp", batch_size=16, metric="logit_difference").effects(z)
 
     hf = GPT2LMHeadModel.from_pretrained(folder).eval()
     d_model = hf.config.n_embd
@@ -89,34 +90,33 @@ def test_heads_mlp_accuracy_and_logit_difference_match_torch_hooks(tiny_gpt2, bi
                       for site in gates}
             with gated(hf, gates, source):
                 logp = torch.log_softmax(hf(base_ids).logits[0, -1], -1)
-            t0, t1 = (task.target_ids[i, k, 0] for k in (0, 1))
+            t0, t1 = (task.arrays.target_ids[i, k, 0] for k in (0, 1))
             hits.append(float(int(logp.argmax()) == (t0 if pair.keep else t1)))
             change = float((logp[t1] - logp[t0]) - (base_logp[t1] - base_logp[t0]))
             changes.append(-change**2 if pair.keep else change)
     np.testing.assert_array_equal(accuracy, hits)
-    single_token = task.target_valid[:, :, 1:].sum((1, 2)) == 0  # multi-token answers average their tokens
+    single_token = task.arrays.target_valid[:, :, 1:].sum((1, 2)) == 0  # multi-token answers average their tokens
     assert single_token.sum() >= 30
     np.testing.assert_allclose(logit_difference[single_token], np.array(changes)[single_token], atol=1e-4)
 
 
 def test_heads_mlp_search_cache_and_circuit_names(tiny_gpt2, binding_task):
     _, model, _ = tiny_gpt2
-    cached = Objective(model, binding_task, "heads_mlp", batch_size=16, metric="accuracy")
-    uncached = Objective(model, binding_task, "heads_mlp", batch_size=16, metric="accuracy", cache=False)
-    z = np.random.RandomState(2).uniform(size=(cached.n_layers, cached.n_per_layer)).astype(np.float32)
+    cached = build_objective(model, binding_task, "heads_mlp", batch_size=16, metric="accuracy")
+    uncached = build_objective(model, binding_task, "heads_mlp", batch_size=16, metric="accuracy", cache=False)
+    z = np.random.RandomState(2).uniform(size=cached.shape).astype(np.float32)
     np.testing.assert_array_equal(cached.effects(z), uncached.effects(z))
     expanded = expand_gates(model.config, "heads_mlp", z)
     assert expanded["head_out"].shape == (2, 4) and expanded["mlp_out"].shape == (2, 32)
     np.testing.assert_array_equal(np.asarray(expanded["mlp_out"])[:, 7], z[:, 4])
 
-    result = run_search(cached, SearchConfig(epochs=1, batch_size=16, transform="neg", lambda1=0.0, lambda2=0.0),
-                        progress=False)
+    result = run_search(cached, SearchConfig(epochs=1, transform="neg", lambda1=0.0, lambda2=0.0))
     assert result.z.shape == (2, 5)
     mask = np.zeros((2, 5), bool)
     mask[1, 4] = mask[0, 2] = True
-    circuit, _ = summarize(cached, mask, result.z, {}, "pgbct", {}, [], 0.0)
-    assert circuit["selected_names"] == ["L0.H2", "L1.MLP"]
+    circuit, _ = summarize(cached, mask, result.z, Provenance(), "pgbct", {}, [], 0.0)
+    assert circuit.selected_names == ["L0.H2", "L1.MLP"]
     with pytest.raises(ValueError, match="invariance pairs"):
-        Objective(model, binding_task, "heads_mlp", metric="probability_ratio")
+        build_objective(model, binding_task, "heads_mlp", metric="probability_ratio")
     with pytest.raises(ValueError, match="expand_gates"):
-        model(binding_task.ids[:1, 0], gates={"heads_mlp": z}, source={"heads_mlp": z})
+        model(binding_task.arrays.ids[:1, 0], gates={"heads_mlp": z}, source={"heads_mlp": z})

@@ -1,5 +1,6 @@
 """Factual recall: the CounterFact loader, subject positions, seeded embedding noise, and the one-target effect."""
 
+import functools
 import json
 
 import jax
@@ -7,11 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtrace.objective import Objective
-from jaxtrace.search import SearchConfig
+from jaxtrace.core import objective as core
+from jaxtrace.engine.objective import build_objective
+from jaxtrace.core.search import SearchConfig
 from jaxtrace.tasks import load_counterfact
 from jaxtrace.tasks.encode import subject_span
-from jaxtrace.tracing import build_task, trace
+from jaxtrace.runs.trace import trace
+from jaxtrace.tasks import build_task
 
 RECORDS = [
     {"case_id": 0, "requested_rewrite": {"prompt": "The mother tongue of {} is", "subject": "Danielle Darrieux",
@@ -54,13 +57,13 @@ def test_subject_positions_cover_multi_token_subjects(tiny_gpt2, counterfact_fil
         ids = tokenizer(pair.base)["input_ids"]
         start, stop = subject_span(tokenizer, ids, pair.base, pair.subject)
         assert tokenizer.decode(ids[start:stop]).strip() == pair.subject
-    task = build_task("counterfact", counterfact_file, tokenizer, positions="subject", noise_positions="subject")
+    task = build_task("counterfact", counterfact_file, tokenizer, positions="subject", noise_on="subject")
     ids = tokenizer("The mother tongue of Danielle Darrieux is")["input_ids"]
-    gated = np.flatnonzero(task.gate_mask[0])
+    gated = np.flatnonzero(task.arrays.gate_mask[0])
     assert tokenizer.decode([ids[i] for i in gated]).strip() == "Danielle Darrieux" and len(gated) >= 3
-    np.testing.assert_array_equal(task.noise_mask[0, : len(ids)], task.gate_mask[0, : len(ids)])
+    np.testing.assert_array_equal(task.arrays.noise_mask[0, : len(ids)], task.arrays.gate_mask[0, : len(ids)])
     last = build_task("counterfact", counterfact_file, tokenizer, positions="last")
-    assert np.flatnonzero(last.gate_mask[0]).tolist() == [len(ids) - 1]
+    assert np.flatnonzero(last.arrays.gate_mask[0]).tolist() == [len(ids) - 1]
 
 
 def test_pairs_without_subject_are_skipped(tiny_gpt2):
@@ -72,47 +75,49 @@ def test_pairs_without_subject_are_skipped(tiny_gpt2):
 
 def test_noise_is_seeded_fixed_and_placed(tiny_gpt2, counterfact_file):
     _, model, tokenizer = tiny_gpt2
-    task = build_task("counterfact", counterfact_file, tokenizer, noise_positions="subject", noise_scale=3.0)
-    first = Objective(model, task, "mlp_out", batch_size=4)
-    again = Objective(model, task, "mlp_out", batch_size=4)
-    batch = first.batch(np.arange(4))
-    noise = np.asarray(first.noise(batch))[0]  # group 0: the whole batch on one device
-    np.testing.assert_array_equal(noise, np.asarray(again.noise(batch))[0])
-    reordered = first.batch(np.array([2, 0, 3, 1]))
-    np.testing.assert_array_equal(np.asarray(first.noise(reordered))[0, 1], noise[0])  # fixed per pair, not per slot
-    assert np.all((noise != 0).any(-1) == (task.noise_mask > 0))
+    task = build_task("counterfact", counterfact_file, tokenizer, noise_on="subject", noise_scale=3.0)
+    first = build_objective(model, task, "mlp_out", batch_size=4)
+    again = build_objective(model, task, "mlp_out", batch_size=4)
+    pairs = first.batcher.batch(np.arange(4)).pairs
+    group = lambda pairs: jax.tree.map(lambda a: a[0], pairs)  # noqa: E731  group 0: the whole batch on one device
+    noise = np.asarray(core.noise(first.spec, group(pairs)))
+    np.testing.assert_array_equal(noise, np.asarray(core.noise(again.spec, group(pairs))))
+    reordered = first.batcher.batch(np.array([2, 0, 3, 1])).pairs
+    np.testing.assert_array_equal(np.asarray(core.noise(first.spec, group(reordered)))[1], noise[0])  # per pair
+    assert np.all((noise != 0).any(-1) == (task.arrays.noise_mask > 0))
     embed_std = float(jnp.std(model.embed_tokens[...]))
-    assert first.noise_std == pytest.approx(3.0 * embed_std)
-    assert np.std(noise[task.noise_mask > 0]) == pytest.approx(first.noise_std, rel=0.1)
+    assert first.spec.noise_std == pytest.approx(3.0 * embed_std)
+    assert np.std(noise[task.arrays.noise_mask > 0]) == pytest.approx(first.spec.noise_std, rel=0.1)
     other = build_task("counterfact", counterfact_file, tokenizer, noise_std=0.5, noise_seed=1)
-    assert Objective(model, other, "mlp_out").noise_std == 0.5
+    assert build_objective(model, other, "mlp_out").spec.noise_std == 0.5
 
 
 def test_one_target_effect_is_clean_over_gated_probability(tiny_gpt2, counterfact_file):
     _, model, tokenizer = tiny_gpt2
     task = build_task("counterfact", counterfact_file, tokenizer)
-    objective = Objective(model, task, "mlp_out", batch_size=4)
+    objective = build_objective(model, task, "mlp_out", batch_size=4)
     ones = np.ones((2, 32), np.float32)
     effects = objective.effects(ones)
     assert np.all(objective.effects(0 * ones) == 0)
-    batch = objective.batch(np.arange(4))
-    _, source = model.capture(batch["cf_ids"][0], batch["cf_mask"][0], sites=("mlp_out",),
-                              input_noise=objective.noise(batch)[0])
+    pairs = jax.tree.map(lambda a: a[0], objective.batcher.batch(np.arange(4)).pairs)
+    _, source = model.capture(pairs.cf_ids, pairs.cf_mask, sites=("mlp_out",),
+                              input_noise=core.noise(objective.spec, pairs))
     for i in range(4):
-        ids, valid = task.ids[i, 0], task.target_valid[i, 0] > 0
-        pos, tok = task.target_pos[i, 0][valid], task.target_ids[i, 0][valid]
+        ids, valid = task.arrays.ids[i, 0], task.arrays.target_valid[i, 0] > 0
+        pos, tok = task.arrays.target_pos[i, 0][valid], task.arrays.target_ids[i, 0][valid]
         clean = jax.nn.log_softmax(model(ids[None]), -1)[0, pos, tok].mean()
         row_source = {"mlp_out": source["mlp_out"][:, i: i + 1]}
         gated = jax.nn.log_softmax(model(ids[None], gates={"mlp_out": ones}, source=row_source,
-                                         gate_positions=task.gate_mask[i][None] > 0), -1)[0, pos, tok].mean()
+                                         gate_positions=task.arrays.gate_mask[i][None] > 0), -1)[0, pos, tok].mean()
         assert effects[i] == pytest.approx(float(jnp.exp(clean - gated)) - 1, rel=1e-4, abs=1e-6)
 
 
 def test_counterfact_trace_resumes_with_identical_noise(tiny_gpt2, counterfact_file, tmp_path):
     _, model, tokenizer = tiny_gpt2
     task = build_task("counterfact", counterfact_file, tokenizer)
-    config = SearchConfig(epochs=3, batch_size=2, lambda1=0.01, lambda2=0.01)
-    full = trace(model, task, "mlp_out", config, out=tmp_path / "full", progress=False)
-    trace(model, task, "mlp_out", config.replace(epochs=1), out=tmp_path / "part", progress=False)
-    resumed = trace(model, task, "mlp_out", config, out=tmp_path / "part", resume=True, progress=False)
-    np.testing.assert_array_equal(np.asarray(resumed["z"]), np.asarray(full["z"]))
+    config = SearchConfig(epochs=3, lambda1=0.01, lambda2=0.01)
+    run = functools.partial(trace, model, task, "mlp_out", batch_size=2, progress=False)
+    full = run(config, out=tmp_path / "full")
+    run(config.replace(epochs=1), out=tmp_path / "part")
+    resumed = run(config, out=tmp_path / "part", resume=True)
+    np.testing.assert_array_equal(np.asarray(resumed.z), np.asarray(full.z))

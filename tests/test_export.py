@@ -1,26 +1,34 @@
 """EAP-IG / MIB graph JSON export of circuits, on hand-built circuits of a tiny config (no models)."""
 
+import dataclasses
 import json
 import math
 
 import pytest
 
-from jaxtrace import export
-from jaxtrace.export import EXPORT_FORMATS, to_eap_graph, write_eap_graph
+from jaxtrace.core.models import ModelConfig
+from jaxtrace.io import export
+from jaxtrace.io.export import EXPORT_FORMATS, to_eap_graph, write_eap_graph
 
 L, H, D, D_FF = 2, 3, 4, 5
 HEAD_Z = [[0.9, 0.7, 0.1], [0.2, 0.3, 0.8]]
 
 
+def model_config(n_layers=L, n_heads=H, d_model=D) -> dict:
+    return dataclasses.asdict(ModelConfig("llama", vocab_size=16, d_model=d_model, n_layers=n_layers,
+                                          n_heads=n_heads, n_kv_heads=1, head_dim=2, d_ff=D_FF, max_positions=32,
+                                          norm_eps=1e-6, tie_embeddings=True))
+
+
 def make_circuit(site="head_out", selected=((0, 0), (0, 1), (1, 2)), z=None) -> dict:
+    """A circuit.json record (what `jaxtrace.Circuit.to_dict` writes)."""
     width = {"attn_pattern": H, "head_out": H, "mlp_out": D, "mlp_hidden": D_FF}[site]
     if z is None:
         z = HEAD_Z if width == H else [[0.1 * (i + 1) / width for i in range(width)] for _ in range(L)]
-    return {"model": "tiny", "task": "winobias", "site": site,
-            "model_config": {"n_layers": L, "n_heads": H, "n_kv_heads": 1, "d_model": D, "d_ff": D_FF,
-                             "model_type": "llama"},
-            "selected": [list(pair) for pair in selected], "n_selected": len(selected), "n_components": L * width,
-            "z": z}
+    return {"model": "tiny", "task": "winobias", "site": site, "method": "pgbct", "metric": "probability_ratio",
+            "model_config": model_config(), "effect": 0.1, "effect_all": 0.2, "effect_none": 0.0, "n_pairs": 4,
+            "seconds": 1.0, "selected": [list(pair) for pair in selected], "n_selected": len(selected),
+            "n_components": L * width, "z": z}
 
 
 def expected_edge_count(n_layers: int, n_heads: int) -> int:
@@ -86,7 +94,7 @@ def test_nodes_and_edges_match_eap_from_model():
     assert len(node_names) == 1 + L * (H + 1) + 1 == 10
     assert list(graph["edges"]) == list(edge_names)
     assert len(graph["edges"]) == expected_edge_count(L, H) == 75
-    assert len(to_eap_graph({**make_circuit(), "model_config": {"n_layers": 30, "n_heads": 9, "d_model": 576},
+    assert len(to_eap_graph({**make_circuit(), "model_config": model_config(30, 9, 576),
                              "z": [[0.0] * 9] * 30, "selected": []})["edges"]) == expected_edge_count(30, 9)
     assert "input->a1.h0<q>" in graph["edges"] and "a0.h1->m1" in graph["edges"]
     assert "m1->a0.h0<q>" not in graph["edges"] and "a0.h1->a0.h2<k>" not in graph["edges"]

@@ -6,15 +6,17 @@ from pathlib import Path
 import pytest
 
 import jaxtrace
-from jaxtrace import families, tracing
-from jaxtrace.checkpoint import EpochCheckpoints
+from jaxtrace.runs import model_sweep as families
+from jaxtrace.io.checkpoints import EpochCheckpoints
 from jaxtrace.cli import main
-from jaxtrace.search import SearchConfig
+from jaxtrace.core.search import SearchConfig
+from jaxtrace.tasks import TaskSpec
 from conftest import SHARED
 
 DATA = SHARED / "data"
-TASKS = ["winogender", "binding"]
-TASK_OPTIONS = {"binding": {"operands": (1, 9), "per_digit": 1, "desiderata": ("value",)}}  # 9 pairs
+TASKS = [TaskSpec("winogender", str(DATA)),
+         TaskSpec("binding", operands=(1, 9), per_digit=1, desiderata=("value",))]  # 9 pairs
+TASK_NAMES = [t.task for t in TASKS]
 
 
 @pytest.fixture(scope="module")
@@ -44,9 +46,9 @@ def test_slugs_are_safe_and_unique(tmp_path):
 def test_killed_sweep_resumes_and_reports_every_pair(tiny_gpt2, tiny_llama, tmp_path, monkeypatch):
     models = [str(tiny_gpt2[0]), str(tiny_llama)]
     slugs = families.model_slugs(models)
-    folders = [f"{slugs[m]}/{t}" for m in models for t in TASKS]
+    folders = [f"{slugs[m]}/{t}" for m in models for t in TASK_NAMES]
     calls, loads = [], []
-    real_trace, real_save = tracing.trace, EpochCheckpoints.save
+    real_trace, real_save = families.trace, EpochCheckpoints.save
 
     def counting_trace(model, task, site, config, out, resume, **kwargs):
         calls.append((Path(out).relative_to(tmp_path).as_posix(), resume))
@@ -62,11 +64,10 @@ def test_killed_sweep_resumes_and_reports_every_pair(tiny_gpt2, tiny_llama, tmp_
         return jaxtrace.load_model(spec)
 
     def sweep():
-        return families.run_family_sweep(models, TASKS, "head_out", tmp_path, DATA,
-                                         SearchConfig(epochs=2, lambda1=0.01, lambda2=0.01), TASK_OPTIONS,
-                                         progress=False, load=load)
+        return families.sweep_models(models, TASKS, "head_out", tmp_path,
+                                     SearchConfig(epochs=2, lambda1=0.01, lambda2=0.01), progress=False, load=load)
 
-    monkeypatch.setattr(tracing, "trace", counting_trace)
+    monkeypatch.setattr(families, "trace", counting_trace)
     monkeypatch.setattr(EpochCheckpoints, "save", killing_save)
     with pytest.raises(KeyboardInterrupt):
         sweep()
@@ -86,7 +87,7 @@ def test_killed_sweep_resumes_and_reports_every_pair(tiny_gpt2, tiny_llama, tmp_
 
     report = (tmp_path / "report.md").read_text()
     for model, depth in zip(models, [2, 3]):
-        for task in TASKS:
+        for task in TASK_NAMES:
             assert f"| {model} | {task} | head_out | {depth} |" in report
     for image in ["effect_vs_size.png", "relative_depth_winogender.png", "relative_depth_binding.png",
                   *(f"{f}/z_map.png" for f in folders)]:

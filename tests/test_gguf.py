@@ -12,7 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("accelerate")  # transformers' GGUF loading needs it
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: E402
 
-from jaxtrace.loading.gguf import SUPPORTED_ARCHITECTURES, gguf_tokenizer, read_gguf  # noqa: E402
+from jaxtrace.io.loading.gguf import SUPPORTED_ARCHITECTURES, gguf_tokenizer, read_gguf  # noqa: E402
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5, rope_theta=10000.0)

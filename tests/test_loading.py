@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import jaxtrace
-from jaxtrace.loading import CheckpointMismatchError, PickledCheckpointError
-from jaxtrace.models import ModelConfig, UnsupportedModelError
+from jaxtrace.io.loading import CheckpointMismatchError, PickledCheckpointError
+from jaxtrace.core.models import ModelConfig, UnsupportedModelError
 from conftest import build_hf_model
 
 IDS = np.arange(10).reshape(1, 10)

@@ -4,10 +4,11 @@ import jax
 import numpy as np
 import pytest
 
-from jaxtrace.metrics import ACCURACY, KL_DIVERGENCE, LOGIT_DIFFERENCE, METRICS, Metric, check_transform
-from jaxtrace.models import functional
-from jaxtrace.objective import Objective
-from jaxtrace.search import SearchConfig, run_search
+from jaxtrace.core.metrics import ACCURACY, KL_DIVERGENCE, LOGIT_DIFFERENCE, METRICS, Metric, check_transform
+from jaxtrace.core.models import functional
+from jaxtrace.engine.objective import build_objective
+from jaxtrace.core.search import SearchConfig
+from jaxtrace.engine.loop import run_search
 from jaxtrace.tasks import encode_pairs, load_pairs
 from conftest import SHARED
 
@@ -31,9 +32,10 @@ def _gated_outputs(model, task, z):
 
     gated, base = [], []
     for i in range(len(task)):
-        logp, clean = outputs(task.ids[i, :1], task.mask[i, :1], task.cf_ids[i: i + 1], task.cf_mask[i: i + 1],
-                              task.gate_mask[i: i + 1] > 0)
-        pos = task.target_pos[i, 0, 0]
+        arrays = task.arrays
+        logp, clean = outputs(arrays.ids[i, :1], arrays.mask[i, :1], arrays.cf_ids[i: i + 1],
+                              arrays.cf_mask[i: i + 1], arrays.gate_mask[i: i + 1] > 0)
+        pos = arrays.target_pos[i, 0, 0]
         gated.append(np.asarray(logp[pos]))
         base.append(np.asarray(clean[pos]))
     return np.stack(gated), np.stack(base)
@@ -42,10 +44,10 @@ def _gated_outputs(model, task, z):
 def test_accuracy_and_kl_match_plain_python(tiny_gpt2, task):
     _, model, _ = tiny_gpt2
     z = np.random.RandomState(0).uniform(size=(2, 32)).astype(np.float32)
-    accuracy = Objective(model, task, "mlp_out", batch_size=16, metric="accuracy").effects(z)
-    kl = Objective(model, task, "mlp_out", batch_size=16, metric="kl_divergence").effects(z)
+    accuracy = build_objective(model, task, "mlp_out", batch_size=16, metric="accuracy").effects(z)
+    kl = build_objective(model, task, "mlp_out", batch_size=16, metric="kl_divergence").effects(z)
     hits, kls = [], []
-    for pair, ids, gated, base in zip(task.pairs, task.target_ids, *_gated_outputs(model, task, z)):
+    for pair, ids, gated, base in zip(task.pairs, task.arrays.target_ids, *_gated_outputs(model, task, z)):
         wanted = ids[1 if pair.sign > 0 else 0, 0]
         hits.append(float(np.argmax(gated) == wanted))
         kls.append(float(np.sum(np.exp(base) * (base - gated))))
@@ -57,15 +59,14 @@ def test_accuracy_and_kl_match_plain_python(tiny_gpt2, task):
 def test_user_metric_gives_the_builtin_circuit(tiny_gpt2, task):
     _, model, _ = tiny_gpt2
 
-    def logit_difference(gated, base, batch):
-        delta = lambda out: out["targets"][:, 1] - out["targets"][:, 0]  # noqa: E731
-        return batch["sign"] * (delta(gated) - delta(base))
+    def logit_difference(gated, base, pairs):
+        delta = lambda out: out.targets[:, 1] - out.targets[:, 0]  # noqa: E731
+        return pairs.sign * (delta(gated) - delta(base))
 
     mine = Metric("mine", logit_difference)
-    config = SearchConfig(epochs=2, batch_size=16, lambda1=0.01, lambda2=0.01, transform="neg")
-    builtin = run_search(Objective(model, task, "mlp_out", batch_size=16, metric=LOGIT_DIFFERENCE), config,
-                         progress=False)
-    custom = run_search(Objective(model, task, "mlp_out", batch_size=16, metric=mine), config, progress=False)
+    config = SearchConfig(epochs=2, lambda1=0.01, lambda2=0.01, transform="neg")
+    builtin = run_search(build_objective(model, task, "mlp_out", batch_size=16, metric=LOGIT_DIFFERENCE), config)
+    custom = run_search(build_objective(model, task, "mlp_out", batch_size=16, metric=mine), config)
     np.testing.assert_array_equal(custom.mask, builtin.mask)
     np.testing.assert_allclose(custom.z, builtin.z, atol=1e-6)
 
@@ -76,8 +77,8 @@ def test_accuracy_trains_on_its_surrogate_and_transforms_are_checked(tiny_gpt2, 
     with pytest.raises(ValueError, match="needs a ratio metric"):
         check_transform("inverse", ACCURACY)
     assert check_transform("inverse", METRICS["probability_ratio"]) == "inverse"
-    objective = Objective(model, task, "mlp_out", batch_size=16, metric="accuracy")
-    result = run_search(objective, SearchConfig(epochs=1, batch_size=16, transform="neg"), progress=False)
+    objective = build_objective(model, task, "mlp_out", batch_size=16, metric="accuracy")
+    result = run_search(objective, SearchConfig(epochs=1, transform="neg"))
     assert set(np.unique(objective.effects(result.mask.astype(np.float32)))) <= {0.0, 1.0}
     with pytest.raises(ValueError, match="unknown metric"):
-        Objective(model, task, "mlp_out", metric="bleu")
+        build_objective(model, task, "mlp_out", metric="bleu")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import jaxtrace
-from jaxtrace.models import MODEL_SITES as SITES, full_gates, gate_shape
+from jaxtrace.core.sites import MODEL_SITES as SITES, full_gates, gate_shape
 from torch_reference import gated
 
 BATCH, LENGTH = 3, 12

@@ -13,9 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtrace import parallel, tracing
-from jaxtrace.models import functional, gate_shape
-from jaxtrace.objective import _bytes_per_pair
+from jaxtrace.engine import mesh as parallel
+from jaxtrace.runs.trace import trace
+from jaxtrace.tasks import build_task
+from jaxtrace.core.models import functional
+from jaxtrace.core.sites import gate_shape, source_bytes_per_pair
+from jaxtrace.io import results
 from conftest import SHARED, build_hf_model
 
 TESTS = Path(__file__).parent
@@ -41,7 +44,7 @@ def models_with_gpt2_tokenizer(tmp_path_factory, tiny_gpt2):
 
 @pytest.fixture(scope="module")
 def winobias(tiny_gpt2):
-    return tracing.build_task("winobias", SHARED / "data", tiny_gpt2[2])
+    return build_task("winobias", SHARED / "data", tiny_gpt2[2])
 
 
 @pytest.fixture(scope="module")
@@ -120,10 +123,10 @@ def test_two_processes_trace_like_one(tiny_gpt2, tmp_path):
 
 def test_only_process_zero_writes_result_files(tiny_gpt2, winobias, tmp_path, monkeypatch):
     _, model, _ = tiny_gpt2
-    from jaxtrace.search import SearchConfig
+    from jaxtrace.core.search import SearchConfig
 
-    monkeypatch.setattr(tracing, "is_writer", lambda: False)  # as on process 1 (Orbax keeps its own process view)
-    tracing.trace(model, winobias, "head_out", SearchConfig(epochs=1, batch_size=16), out=tmp_path, progress=False)
+    monkeypatch.setattr(results, "is_writer", lambda: False)  # as on process 1 (Orbax keeps its own process view)
+    trace(model, winobias, "head_out", SearchConfig(epochs=1), batch_size=16, out=tmp_path, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoints", "z"]  # collective Orbax writes only
 
 
@@ -162,7 +165,7 @@ def test_memory_growth_with_prompt_length(tiny_gpt2):
     measured = {site: [_step_memory(model, site, t) for t in lengths] for site in ("attn_pattern", "head_out")}
     for site, rows in measured.items():
         for t, (source_bytes, _) in zip(lengths, rows):  # the cache estimate is exactly the source size
-            assert source_bytes == 4 * _bytes_per_pair(model, site, t), site
+            assert source_bytes == 4 * source_bytes_per_pair(model.config, site, t), site
     growth = lambda values: np.log2(values[-1] / values[0]) / np.log2(lengths[-1] / lengths[0])  # noqa: E731
     assert growth([s for s, _ in measured["attn_pattern"]]) == pytest.approx(2.0, abs=0.01)
     assert growth([s for s, _ in measured["head_out"]]) == pytest.approx(1.0, abs=0.01)
@@ -173,12 +176,12 @@ def test_memory_growth_with_prompt_length(tiny_gpt2):
 
 
 def test_attn_pattern_cache_over_the_limit_points_to_head_out(tiny_gpt2, winobias):
-    from jaxtrace.objective import Objective
+    from jaxtrace.engine.objective import build_objective
 
     _, model, _ = tiny_gpt2
     with pytest.raises(MemoryError, match="head_out gates the same heads with memory linear in length"):
-        Objective(model, winobias, "attn_pattern", cache=True, cache_limit_bytes=1000)
-    assert Objective(model, winobias, "head_out", cache=None, cache_limit_bytes=10**9).cache
+        build_objective(model, winobias, "attn_pattern", cache=True, cache_limit_bytes=1000)
+    assert build_objective(model, winobias, "head_out", cache=None, cache_limit_bytes=10**9).cache
 
 
 def test_cli_rejects_a_mesh_that_does_not_fit(tiny_gpt2, tmp_path, capsys):

@@ -1,6 +1,7 @@
 """PGB-CT end to end on a tiny GPT-2: objective, gradient, search vs brute force, checkpoints, bad input."""
 
 import dataclasses
+import functools
 import itertools
 import json
 import shutil
@@ -10,13 +11,19 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxtrace.checkpoint import CheckpointError
-from jaxtrace.metrics import TRANSFORMS
-from jaxtrace.models.base import functional
-from jaxtrace.objective import MetricNaNError, Objective
-from jaxtrace.search import SearchConfig, penalty, run_search, run_sweep, select
+from jaxtrace.io.checkpoints import CheckpointError
+from jaxtrace.core.metrics import TRANSFORMS
+from jaxtrace.core.models import functional
+from jaxtrace.engine.objective import MetricNaNError, build_objective
+from jaxtrace.core.objective import batch_effects
+from jaxtrace.core.search import SearchConfig, penalty, select
+from jaxtrace.engine import loop
+from jaxtrace.engine.loop import run_search
+from jaxtrace.runs.common import Provenance
+from jaxtrace.tasks import TaskSpec
 from jaxtrace.tasks import encode_pairs, load_pairs
-from jaxtrace.tracing import build_task, trace
+from jaxtrace.runs.trace import trace
+from jaxtrace.tasks import build_task
 from conftest import SHARED
 
 DATA = SHARED / "data"
@@ -38,9 +45,9 @@ def small_task(tiny_gpt2):
 @pytest.mark.parametrize("site", ["attn_pattern", "head_out", "mlp_out", "mlp_hidden"])
 def test_cached_objective_equals_uncached(tiny_gpt2, winobias, site):
     _, model, _ = tiny_gpt2
-    cached = Objective(model, winobias, site, batch_size=48)
-    uncached = Objective(model, winobias, site, batch_size=48, cache=False)
-    z = np.random.RandomState(0).uniform(size=(cached.n_layers, cached.n_per_layer)).astype(np.float32)
+    cached = build_objective(model, winobias, site, batch_size=48)
+    uncached = build_objective(model, winobias, site, batch_size=48, cache=False)
+    z = np.random.RandomState(0).uniform(size=cached.shape).astype(np.float32)
     np.testing.assert_allclose(cached.effects(z), uncached.effects(z), atol=1e-6)
     assert np.abs(cached.effects(z)).max() > 1e-3  # the gates do something
 
@@ -50,54 +57,54 @@ def test_packed_objective_equals_per_pair_forwards(tiny_gpt2, small_task, site):
     """Packed batches (shared prompts, several pairs a row) against each pair's unpacked rows through the model."""
     _, model, _ = tiny_gpt2
     task = small_task
-    objective = Objective(model, task, site, batch_size=16)
-    assert objective.packer.sizes(np.arange(16))[0] < 8  # 16 pairs share fewer than 8 rows
-    z = np.random.RandomState(0).uniform(size=(objective.n_layers, objective.n_per_layer)).astype(np.float32)
+    objective = build_objective(model, task, site, batch_size=16)
+    assert objective.batcher.packer.sizes(np.arange(16))[0] < 8  # 16 pairs share fewer than 8 rows
+    z = np.random.RandomState(0).uniform(size=objective.shape).astype(np.float32)
     apply, params = functional(model)
     capture = jax.jit(lambda p, ids, mask: apply(p, ids, mask, method="capture", sites=(site,))[1])
     forward = jax.jit(lambda p, ids, mask, gates, source, where: jax.nn.log_softmax(
         apply(p, ids, mask, gates=gates, source=source, gate_positions=where), -1))
     expected = []
     for i in range(len(task)):
-        source = capture(params, np.repeat(task.cf_ids[i: i + 1], 2, 0), np.repeat(task.cf_mask[i: i + 1], 2, 0))
+        source = capture(params, np.repeat(task.arrays.cf_ids[i: i + 1], 2, 0), np.repeat(task.arrays.cf_mask[i: i + 1], 2, 0))
         log_odds = []
         for gate in (z, np.zeros_like(z)):
-            logp = np.asarray(forward(params, task.ids[i], task.mask[i], {site: gate}, source,
-                                      np.repeat(task.gate_mask[i][None] > 0, 2, 0)))
-            scores = [logp[k, task.target_pos[i, k], task.target_ids[i, k]][task.target_valid[i, k] > 0].mean()
+            logp = np.asarray(forward(params, task.arrays.ids[i], task.arrays.mask[i], {site: gate}, source,
+                                      np.repeat(task.arrays.gate_mask[i][None] > 0, 2, 0)))
+            scores = [logp[k, task.arrays.target_pos[i, k], task.arrays.target_ids[i, k]][task.arrays.target_valid[i, k] > 0].mean()
                       for k in range(2)]
             log_odds.append(scores[1] - scores[0])
-        expected.append(np.expm1(task.sign[i] * (log_odds[0] - log_odds[1])))
+        expected.append(np.expm1(task.arrays.sign[i] * (log_odds[0] - log_odds[1])))
     np.testing.assert_allclose(objective.effects(z), expected, atol=2e-5)
 
 
 def test_zero_gates_give_zero_effect_and_targets_are_scored(tiny_gpt2, winobias):
     _, model, _ = tiny_gpt2
-    objective = Objective(model, winobias, "attn_pattern")
+    objective = build_objective(model, winobias, "attn_pattern")
     np.testing.assert_array_equal(objective.effects(np.zeros((2, 4), np.float32)), 0.0)
     # Base log-odds against a direct computation of the geometric-mean probabilities for pair 0.
     pair, row = winobias.pairs[0], 0
-    ids = winobias.ids[row]
-    logp = jax.nn.log_softmax(model(ids, winobias.mask[row]), axis=-1)
+    ids = winobias.arrays.ids[row]
+    logp = jax.nn.log_softmax(model(ids, winobias.arrays.mask[row]), axis=-1)
     scores = []
     for k in range(2):
-        valid = winobias.target_valid[row, k].astype(bool)
-        pos, tok = winobias.target_pos[row, k][valid], winobias.target_ids[row, k][valid]
+        valid = winobias.arrays.target_valid[row, k].astype(bool)
+        pos, tok = winobias.arrays.target_pos[row, k][valid], winobias.arrays.target_ids[row, k][valid]
         scores.append(float(logp[k, pos, tok].mean()))
     assert pair.targets[0].startswith(" ")
-    np.testing.assert_allclose(np.diff(objective._arrays["base_targets"][row])[0], scores[1] - scores[0], atol=1e-5)
+    np.testing.assert_allclose(np.diff(objective.cache.base.targets[row])[0], scores[1] - scores[0], atol=1e-5)
 
 
 def test_full_objective_gradient_matches_finite_differences(tiny_gpt2, small_task):
     _, model, _ = tiny_gpt2
     config = SearchConfig(lambda1=0.3, lambda2=0.2, transform="inverse")
-    objective = Objective(model, small_task, "attn_pattern", batch_size=40)
-    batch = objective.batch(np.arange(40))
+    objective = build_objective(model, small_task, "attn_pattern", batch_size=40)
+    batch, cache = objective.inputs(np.arange(40))
     norm = objective.n_components
     transform = TRANSFORMS[config.transform]
 
     def loss(z):
-        data = transform(objective.batch_effect(objective.params, z, batch)).mean()
+        data = transform(batch_effects(objective.spec, objective.params, z, batch, cache)).mean()
         return data + (config.lambda1 * jnp.abs(z).sum() + config.lambda2 * (z * (1 - z)).sum()) / norm
 
     z = jnp.asarray(np.random.RandomState(1).uniform(0.2, 0.8, (2, 4)), jnp.float32)
@@ -132,13 +139,13 @@ def test_search_close_to_exhaustive_optimum(tiny_gpt2, small_task):
     is empty; flipping the pairs' sign makes the optimum a proper subset.
     """
     _, model, _ = tiny_gpt2
-    config = SearchConfig(epochs=10, batch_size=20, lambda1=0.01, lambda2=0.01, seed=0)
-    flipped = dataclasses.replace(small_task, sign=-small_task.sign)
-    objective = Objective(model, flipped, "attn_pattern", batch_size=20)
-    result = run_search(objective, config, progress=False)
+    config = SearchConfig(epochs=10, lambda1=0.01, lambda2=0.01, seed=0)
+    flipped = small_task.replace_arrays(sign=-small_task.arrays.sign)
+    objective = build_objective(model, flipped, "attn_pattern", batch_size=20)
+    result = run_search(objective, config)
     size = int(result.mask.sum())
     assert 0 < size < 8
-    transform = TRANSFORMS[config.transform]
+    transform = TRANSFORMS[result.config.transform]
 
     def score(mask):
         return float(np.mean(np.asarray(transform(jnp.asarray(objective.effects(mask.astype(np.float32)))))))
@@ -163,74 +170,79 @@ def test_select_threshold_and_cap():
 
 def test_resume_after_kill_and_extension_give_uninterrupted_z(tiny_gpt2, small_task, tmp_path, monkeypatch):
     _, model, _ = tiny_gpt2
-    config = SearchConfig(epochs=4, batch_size=16, lambda1=0.2, lambda2=0.2)
-    full = trace(model, small_task, "attn_pattern", config, out=tmp_path / "full", progress=False)
+    config = SearchConfig(epochs=4, lambda1=0.2, lambda2=0.2)
+    run = functools.partial(trace, model, small_task, "attn_pattern", batch_size=16, progress=False)
+    full = run(config, out=tmp_path / "full")
 
-    # Killed in the middle of epoch 3 (3 batches of 16 pairs per epoch: its second batch raises), then resumed.
+    # Killed in the middle of epoch 3 (3 batches of 16 pairs per epoch: its second step raises), then resumed.
     calls = {"n": 0}
-    original = Objective.stacked_batch
+    original = loop.training_program
 
-    def dying(self, *args):
-        calls["n"] += 1
-        if calls["n"] == 2 * 3 + 2:
-            raise KeyboardInterrupt
-        return original(self, *args)
+    def dying(*args):
+        program, init = original(*args)
 
-    monkeypatch.setattr(Objective, "stacked_batch", dying)
+        def step(*inputs):
+            calls["n"] += 1
+            if calls["n"] == 2 * 3 + 2:
+                raise KeyboardInterrupt
+            return program(*inputs)
+        return step, init
+
+    monkeypatch.setattr(loop, "training_program", dying)
     with pytest.raises(KeyboardInterrupt):
-        trace(model, small_task, "attn_pattern", config, out=tmp_path / "killed", progress=False)
-    monkeypatch.setattr(Objective, "stacked_batch", original)
+        run(config, out=tmp_path / "killed")
+    monkeypatch.setattr(loop, "training_program", original)
     assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["1", "2"]
     with pytest.raises(FileExistsError, match="--resume"):
-        trace(model, small_task, "attn_pattern", config, out=tmp_path / "killed", progress=False)
-    resumed = trace(model, small_task, "attn_pattern", config, out=tmp_path / "killed", resume=True, progress=False)
-    np.testing.assert_array_equal(np.asarray(resumed["z"]), np.asarray(full["z"]))
-    assert [h["effect"] for h in resumed["history"]] == [h["effect"] for h in full["history"]]
+        run(config, out=tmp_path / "killed")
+    resumed = run(config, out=tmp_path / "killed", resume=True)
+    np.testing.assert_array_equal(np.asarray(resumed.z), np.asarray(full.z))
+    assert [h["effect"] for h in resumed.history] == [h["effect"] for h in full.history]
 
     # A finished 2-epoch run extended to 4 epochs.
     short = dataclasses.replace(config, epochs=2)
-    trace(model, small_task, "attn_pattern", short, out=tmp_path / "short", progress=False)
-    extended = trace(model, small_task, "attn_pattern", config, out=tmp_path / "short", resume=True, progress=False)
-    np.testing.assert_array_equal(np.asarray(extended["z"]), np.asarray(full["z"]))
+    run(short, out=tmp_path / "short")
+    extended = run(config, out=tmp_path / "short", resume=True)
+    np.testing.assert_array_equal(np.asarray(extended.z), np.asarray(full.z))
 
     with pytest.raises(ValueError, match="lambda1"):
-        trace(model, small_task, "attn_pattern", dataclasses.replace(config, lambda1=0.3), out=tmp_path / "short",
-              resume=True, progress=False)
+        run(dataclasses.replace(config, lambda1=0.3), out=tmp_path / "short", resume=True)
 
 
 def test_corrupt_or_missing_checkpoint(tiny_gpt2, small_task, tmp_path):
     _, model, _ = tiny_gpt2
-    config = SearchConfig(epochs=2, batch_size=20)
+    config = SearchConfig(epochs=2)
+    run = functools.partial(trace, model, small_task, "attn_pattern", batch_size=20, progress=False)
     with pytest.raises(CheckpointError, match="no checkpoint"):
-        trace(model, small_task, "attn_pattern", config, out=tmp_path / "none", resume=True, progress=False)
+        run(config, out=tmp_path / "none", resume=True)
     out = tmp_path / "run"
-    trace(model, small_task, "attn_pattern", config, out=out, progress=False)
+    run(config, out=out)
     latest = out / "checkpoints" / "2"
     for path in latest.rglob("*"):
         if path.is_file() and "state" in path.parts:
             path.write_bytes(b"garbage")
     extended = dataclasses.replace(config, epochs=3)
     with pytest.raises(CheckpointError, match=r"checkpoints/2 cannot be read.*earlier checkpoints \[1\] are intact"):
-        trace(model, small_task, "attn_pattern", extended, out=out, resume=True, progress=False)
+        run(extended, out=out, resume=True)
     assert (out / "checkpoints" / "1").is_dir() and latest.is_dir()
     shutil.move(latest, tmp_path / "damaged")  # what the message advises
-    resumed = trace(model, small_task, "attn_pattern", extended, out=out, resume=True, progress=False)
-    assert len(resumed["history"]) == 3
+    resumed = run(extended, out=out, resume=True)
+    assert len(resumed.history) == 3
 
 
 def test_result_files(tiny_gpt2, small_task, tmp_path):
     _, model, _ = tiny_gpt2
-    circuit = trace(model, small_task, "head_out", SearchConfig(epochs=2, batch_size=20), out=tmp_path,
-                    progress=False, metadata={"model": "tiny", "task": "winobias"})
+    circuit = trace(model, small_task, "head_out", SearchConfig(epochs=2), batch_size=20, out=tmp_path,
+                    progress=False, provenance=Provenance(task=TaskSpec("winobias", str(DATA))))
     saved = json.loads((tmp_path / "circuit.json").read_text())
-    assert saved["n_selected"] == len(saved["selected"]) == circuit["n_selected"]
-    assert saved["n_components"] == 8 and saved["site"] == "head_out" and saved["model"] == "tiny"
+    assert saved["n_selected"] == len(saved["selected"]) == circuit.n_selected
+    assert saved["n_components"] == 8 and saved["site"] == "head_out" and saved["task"] == "winobias"
     assert saved["effect_none"] == 0.0 and len(saved["history"]) == 2
     for name in ("examples.csv", "log.csv", "z_map.png", "effect_per_epoch.png"):
         assert (tmp_path / name).stat().st_size > 0
     examples = (tmp_path / "examples.csv").read_text().splitlines()
     assert len(examples) == 41 and examples[0].startswith("label,base,counterfactual,effect")
-    from jaxtrace.checkpoint import load_tree
+    from jaxtrace.io.checkpoints import load_tree
     np.testing.assert_array_equal(load_tree(tmp_path / "z")["z"], np.asarray(saved["z"], np.float32))
 
 
@@ -248,17 +260,17 @@ def test_bad_inputs(tiny_gpt2, small_task, tmp_path):
     with pytest.raises(ValueError, match="no pair survives alignment"):
         build_task("custom", misaligned, tokenizer)
     with pytest.raises(ValueError, match="unknown site"):
-        Objective(model, small_task, "residual")
+        build_objective(model, small_task, "residual")
     for bad in (dict(lambda1=-0.1), dict(lambda2=-1.0), dict(lr=-0.5), dict(lr=0.0)):
         with pytest.raises(ValueError, match="lambda1|lambda2|lr"):
             SearchConfig(**bad)
-    objective = Objective(model, small_task, "mlp_out", batch_size=20)
-    objective._arrays["source/mlp_out"][3] = np.nan
+    objective = build_objective(model, small_task, "mlp_out", batch_size=20)
+    objective.cache.sources["mlp_out"][3] = np.nan
     label = small_task.pairs[3].label
     with pytest.raises(MetricNaNError, match=f"1 examples: {label}"):
         objective.effects(np.ones((2, 32), np.float32))
     with pytest.raises(MetricNaNError, match=label):
-        run_search(objective, SearchConfig(epochs=1, batch_size=20), progress=False)
+        run_search(objective, SearchConfig(epochs=1))
 
 
 @pytest.fixture(scope="module")
@@ -284,16 +296,16 @@ def test_shared_prefix_read_from_cache_equals_recomputing_it(family_models, smal
     """WinoBias prompts differ only in the pronoun: the shared prefix's keys and values come from the cache, the
     step computes about half the tokens, and effects and z-gradients equal those of recomputing every token."""
     model = family_models[family]
-    shared = Objective(model, small_task, site, batch_size=16)
-    full = Objective(model, small_task, site, batch_size=16, share_prefix=False)
-    assert shared.prefix_length > 0 and full.prefix_length == 0
-    assert shared.packer.pair_len.sum() < 0.7 * full.packer.pair_len.sum()
-    z = np.random.RandomState(1).uniform(size=(shared.n_layers, shared.n_per_layer)).astype(np.float32)
+    shared = build_objective(model, small_task, site, batch_size=16)
+    full = build_objective(model, small_task, site, batch_size=16, share_prefix=False)
+    assert shared.spec.prefix_length > 0 and full.spec.prefix_length == 0
+    assert shared.batcher.packer.pair_len.sum() < 0.7 * full.batcher.packer.pair_len.sum()
+    z = np.random.RandomState(1).uniform(size=shared.shape).astype(np.float32)
     np.testing.assert_allclose(shared.effects(z), full.effects(z), atol=1e-5)
 
     def gradient(objective):
-        batch = objective.put(objective.batch(np.arange(16)))
-        loss = lambda z: objective.batch_effect(objective.params, z, batch).mean()  # noqa: E731
+        batch, cache = objective.batcher.put(objective.inputs(np.arange(16)))
+        loss = lambda z: batch_effects(objective.spec, objective.params, z, batch, cache).mean()  # noqa: E731
         return np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(z)))
 
     expected = gradient(full)

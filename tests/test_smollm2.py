@@ -19,7 +19,7 @@ def both():
     import torch
     from transformers import AutoModelForCausalLM
 
-    path = jaxtrace.loading.resolve_model_path("smollm2-135m")
+    path = jaxtrace.io.loading.resolve_model_path("smollm2-135m")
     reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
     model, tokenizer = jaxtrace.load_model("smollm2-135m")
     return reference, model, tokenizer

@@ -2,7 +2,7 @@
 
 Both torch forms (ReferenceStyle: the paper's per-batch procedure; Optimised: cached, vectorised) on a tiny GPT-2
 and a tiny GQA Llama, at attn_pattern (WinoBias dev) and mlp_out (Professions): per-pair effects of a random soft z
-against `Objective.effects`, and z after Adam steps against `jaxtrace.search.make_update` + optax.adam.
+against `Objective.effects`, and z after Adam steps against `jaxtrace.core.search.pgbct` (optax.adam inside).
 """
 
 import sys
@@ -11,13 +11,12 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 import torch
 
 import jaxtrace
-from jaxtrace.objective import Objective
-from jaxtrace.search import SCHEDULES, SearchConfig, make_update
+from jaxtrace.engine.objective import build_objective
+from jaxtrace.core.search import SearchConfig, pgbct
 from jaxtrace.tasks import encode_pairs, load_pairs
 from conftest import SHARED
 
@@ -77,18 +76,18 @@ def setup(request, family):
     """(site, HF model, task, jaxtrace Objective)."""
     hf, model, tokenizer = family
     task = site_task(request.param, tokenizer)
-    assert len(task) >= 20 and set(task.sign) == ({1.0} if request.param == "attn_pattern" else {-1.0, 1.0})
-    return request.param, hf, task, Objective(model, task, request.param, batch_size=BATCH)
+    assert len(task) >= 20 and set(task.arrays.sign) == ({1.0} if request.param == "attn_pattern" else {-1.0, 1.0})
+    return request.param, hf, task, build_objective(model, task, request.param, batch_size=BATCH)
 
 
 @pytest.mark.parametrize("form", FORMS)
 def test_effects_equal_jaxtrace(setup, form):
     site, hf, task, objective = setup
-    z = np.random.RandomState(0).uniform(size=(objective.n_layers, objective.n_per_layer)).astype(np.float32)
+    z = np.random.RandomState(0).uniform(size=objective.shape).astype(np.float32)
     expected = objective.effects(z)
     assert np.abs(expected).max() > 0.1  # the gates do something
     torch_form = FORMS[form](hf, task, site, batch_size=BATCH)
-    assert torch_form.z.shape == (objective.n_layers, objective.n_per_layer)
+    assert torch_form.z.shape == objective.shape
     effects = torch_form.effects(z)
     print(f"{form} {site} {hf.config.model_type}: max |effect - jaxtrace| = {np.abs(effects - expected).max():.2e}")
     np.testing.assert_allclose(effects, expected, rtol=0, atol=EFFECT_ATOL)
@@ -101,17 +100,15 @@ STEP_BATCHES = (np.arange(BATCH), np.arange(BATCH, 2 * BATCH)[::-1])  # epochs 0
 
 @pytest.fixture(scope="module")
 def jaxtrace_steps(setup):
-    """[(loss, z)] after each of two jaxtrace steps from z = 0.5 (make_update + optax.adam)."""
+    """[(loss, z)] after each of two jaxtrace steps from z = 0.5 (`pgbct`'s update: Adam, then the projection)."""
     _, _, _, objective = setup
-    config = SearchConfig(batch_size=BATCH, lr=LR, lambda1=LAMBDA1, lambda2=LAMBDA2)
-    optimizer = optax.adam(LR)
-    update = jax.jit(make_update(objective, config, optimizer))
-    z = jnp.full((objective.n_layers, objective.n_per_layer), 0.5, jnp.float32)
-    opt_state, out = optimizer.init(z), []
+    config = SearchConfig(lr=LR, lambda1=LAMBDA1, lambda2=LAMBDA2).resolve(objective.site, objective.metric)
+    search = pgbct(objective.spec, config)
+    update = jax.jit(search.update)
+    state, out = search.init(jnp.full(objective.shape, 0.5, jnp.float32)), []
     for epoch, idx in enumerate(STEP_BATCHES):
-        lambdas = (SCHEDULES["linear"](lam, epoch) for lam in (LAMBDA1, LAMBDA2))
-        z, opt_state, stats = update(z, opt_state, objective.params, objective.batch(idx), *lambdas)
-        out.append((float(stats["loss"]), np.asarray(z)))
+        state, stats = update(state, objective.params, *objective.inputs(idx), *config.lambdas(epoch))
+        out.append((float(stats["loss"]), np.asarray(state.z)))
     return out
 
 

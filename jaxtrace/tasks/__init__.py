@@ -1,6 +1,7 @@
-"""Tasks: the prompt pairs PGB-CT scores, and how they are loaded."""
+"""Tasks: the prompt pairs PGB-CT scores, how they are loaded and tokenised, and the `TaskSpec` that builds them."""
 
-from jaxtrace.tasks.data import (
+from jaxtrace.tasks.encode import EncodedTask, Noise, TaskArrays, encode_pairs, pad_id_of
+from jaxtrace.tasks.loaders import (
     GENERATED_TASKS,
     TASK_LOADERS,
     PromptPair,
@@ -12,15 +13,18 @@ from jaxtrace.tasks.data import (
     load_winobias,
     load_winogender,
 )
-from jaxtrace.tasks.encode import EncodedTask, encode_pairs, pad_id_of
+from jaxtrace.tasks.spec import TaskSpec, build_task, task_digest
 
 __all__ = [
     "EncodedTask",
-    "encode_pairs",
-    "pad_id_of",
-    "PromptPair",
     "GENERATED_TASKS",
+    "Noise",
+    "PromptPair",
     "TASK_LOADERS",
+    "TaskArrays",
+    "TaskSpec",
+    "build_task",
+    "encode_pairs",
     "load_binding",
     "load_counterfact",
     "load_custom",
@@ -28,4 +32,6 @@ __all__ = [
     "load_professions",
     "load_winobias",
     "load_winogender",
+    "pad_id_of",
+    "task_digest",
 ]

@@ -3,53 +3,66 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import numpy as np
 
-from jaxtrace.tasks.data import PromptPair
+from jaxtrace.core.records import TaskArrays
+from jaxtrace.tasks.loaders import PromptPair
+
+
+@dataclasses.dataclass(frozen=True)
+class Noise:
+    """Seeded Gaussian noise on the counterfactual's input embeddings (the counterfactual is the base prompt): std
+    `std`, else `scale` x the std of the model's token embeddings; on every prompt token or the subject's (`on`);
+    drawn per pair from `seed` and the pair's index, the same in every epoch."""
+
+    on: str = "prompt"
+    std: float | None = None
+    scale: float = 3.0
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.on not in ("prompt", "subject"):
+            raise ValueError(f"noise positions must be prompt or subject, got {self.on!r}")
+        for name in ("std", "scale"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"noise {name} must be a finite number >= 0, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
 class EncodedTask:
-    """N aligned pairs with K targets each, right-padded with the tokenizer's pad id.
+    """A task's pairs as token arrays (`arrays`), with what is needed to read them.
 
-    Row (i, k) of `ids` is base prompt i followed by target k without its last token; the logits at `target_pos`
-    predict `target_ids`. Base and counterfactual prompts have the same length (pairs whose lengths
-    differ are in `skipped`, since every site mixes position by position). Gates apply at `gate_mask` (prompt
-    positions: all, the last, or the subject's). With `corruption="noise"` the counterfactual is the base prompt with
-    Gaussian noise on the input embeddings at `noise_mask` (all prompt tokens, or the subject's).
+    Base and counterfactual prompts have the same length (pairs whose lengths differ are in `skipped`, since every
+    site mixes position by position). Gates apply at `arrays.gate_mask` (prompt positions: all, the last, or the
+    subject's). With `noise` the counterfactual is the base prompt with noisy input embeddings at
+    `arrays.noise_mask`.
     """
 
     pairs: tuple[PromptPair, ...]
     skipped: tuple[tuple[str, str], ...]  # (label, reason)
-    corruption: str           # "prompt" (the counterfactual prompt) or "noise"
-    noise: tuple[float | None, float, int]  # (absolute std or None, std as a multiple of the embeddings', seed)
-    pad_id: int               # the tokenizer's pad id (else EOS) that pads every array of token ids
-    index: np.ndarray         # [N] int32, the pair's position in the task (seeds its noise)
-    cf_ids: np.ndarray        # [N, P] int32
-    cf_mask: np.ndarray       # [N, P] int32
-    ids: np.ndarray           # [N, K, T] int32
-    mask: np.ndarray          # [N, K, T] int32
-    target_ids: np.ndarray    # [N, K, M] int32
-    target_pos: np.ndarray    # [N, K, M] int32
-    target_valid: np.ndarray  # [N, K, M] float32
-    sign: np.ndarray          # [N] float32
-    keep: np.ndarray          # [N] float32, 1 for invariance pairs (the intervention should keep targets[0])
-    gate_mask: np.ndarray     # [N, T] float32, 1 where gates apply
-    noise_mask: np.ndarray    # [N, P] float32, 1 where noise corrupts the counterfactual's embeddings
+    noise: Noise | None                   # None: the counterfactual is another prompt
+    pad_id: int                           # the tokenizer's pad id (else EOS) that pads every array of token ids
+    arrays: TaskArrays
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     @property
+    def corruption(self) -> str:
+        """"prompt" (the counterfactual is another prompt) or "noise"."""
+        return "prompt" if self.noise is None else "noise"
+
+    @property
     def labels(self) -> list[str]:
         return [pair.label for pair in self.pairs]
 
-    def arrays(self) -> dict[str, np.ndarray]:
-        """The per-pair arrays, each with a leading pair axis."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("pairs", "skipped", "corruption", "noise", "pad_id")}
+    def replace_arrays(self, **changes) -> EncodedTask:
+        """The task with some arrays replaced (e.g. `sign=-task.arrays.sign`)."""
+        return dataclasses.replace(self, arrays=dataclasses.replace(self.arrays, **changes))
 
 
 def pad_id_of(tokenizer) -> int:
@@ -68,7 +81,6 @@ def _pad(rows: Sequence[Sequence[float]], length: int, value: float = 0, dtype=n
 
 
 POSITIONS = ("prompt", "last", "subject")
-CORRUPTIONS = ("prompt", "noise")
 
 
 def subject_span(tokenizer, ids: Sequence[int], text: str, subject: str) -> tuple[int, int]:
@@ -98,20 +110,16 @@ def _positions(mode: str, tokenizer, pair: PromptPair, base: list[int]) -> np.nd
     return mask
 
 
-def encode_pairs(pairs: Sequence[PromptPair], tokenizer, positions: str = "prompt", corruption: str = "prompt",
-                 noise_positions: str = "prompt", noise_std: float | None = None, noise_scale: float = 3.0,
-                 noise_seed: int = 0) -> EncodedTask:
+def encode_pairs(pairs: Sequence[PromptPair], tokenizer, positions: str = "prompt",
+                 noise: Noise | None = None) -> EncodedTask:
     """Tokenise prompts (with the tokenizer's special tokens) and targets (without), skipping pairs that cannot be
     aligned: different base and counterfactual lengths, a target with no tokens, a subject not found.
 
-    positions: where gates apply ("prompt": every prompt token; "last"; "subject"). corruption: "prompt" (the
-    counterfactual prompt) or "noise" (the base prompt with noisy embeddings at `noise_positions`, of std
-    `noise_std`, else `noise_scale` x the std of the model's token embeddings, seeded per pair by `noise_seed`).
+    positions: where gates apply ("prompt": every prompt token; "last"; "subject"). noise: None (the counterfactual
+    is the pair's counterfactual prompt) or the noise that corrupts the base prompt's embeddings instead.
     """
-    if positions not in POSITIONS or noise_positions not in ("prompt", "subject"):
-        raise ValueError(f"positions must be one of {POSITIONS} (noise positions: prompt or subject)")
-    if corruption not in CORRUPTIONS:
-        raise ValueError(f"corruption must be one of {CORRUPTIONS}, got {corruption!r}")
+    if positions not in POSITIONS:
+        raise ValueError(f"positions must be one of {', '.join(POSITIONS)}, got {positions!r}")
     if not pairs:
         raise ValueError("the task has no prompt pairs")
     n_targets = {len(pair.targets) for pair in pairs}
@@ -121,8 +129,11 @@ def encode_pairs(pairs: Sequence[PromptPair], tokenizer, positions: str = "promp
     kept, skipped, bases, cfs, targets, gate_rows, noise_rows = [], [], [], [], [], [], []
     for pair in pairs:
         base = tokenizer(pair.base)["input_ids"]
-        cf = base if corruption == "noise" else tokenizer(pair.counterfactual)["input_ids"]
+        cf = base if noise is not None else tokenizer(pair.counterfactual)["input_ids"]
         toks = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in pair.targets]
+        if not base:
+            skipped.append((pair.label, "the base prompt encodes to no tokens"))
+            continue
         if len(base) != len(cf):
             skipped.append((pair.label, f"base has {len(base)} tokens, counterfactual {len(cf)}"))
             continue
@@ -131,8 +142,8 @@ def encode_pairs(pairs: Sequence[PromptPair], tokenizer, positions: str = "promp
             continue
         try:
             gate_row = _positions(positions, tokenizer, pair, base)
-            noise_row = (_positions(noise_positions, tokenizer, pair, base) if corruption == "noise"
-                         else np.zeros(len(base), np.float32))
+            noise_row = (np.zeros(len(base), np.float32) if noise is None
+                         else _positions(noise.on, tokenizer, pair, base))
         except ValueError as error:
             skipped.append((pair.label, str(error)))
             continue
@@ -145,29 +156,24 @@ def encode_pairs(pairs: Sequence[PromptPair], tokenizer, positions: str = "promp
     if not kept:
         raise ValueError(f"no pair survives alignment ({len(skipped)} skipped, e.g. {skipped[0]})")
     rows = [base + t[:-1] for base, toks in zip(bases, targets) for t in toks]
-    k = len(targets[0])
+    n_targets = len(targets[0])
     length = max(map(len, rows))
-    m = max(len(t) for toks in targets for t in toks)
-    target_ids = np.full((len(kept), k, m), pad, np.int32)
-    target_pos = np.zeros((len(kept), k, m), np.int32)
-    target_valid = np.zeros((len(kept), k, m), np.float32)
+    target_length = max(len(t) for toks in targets for t in toks)
+    target_ids = np.full((len(kept), n_targets, target_length), pad, np.int32)
+    target_pos = np.zeros((len(kept), n_targets, target_length), np.int32)
+    target_valid = np.zeros((len(kept), n_targets, target_length), np.float32)
     for i, (base, toks) in enumerate(zip(bases, targets)):
         for j, t in enumerate(toks):
             target_ids[i, j, : len(t)] = t
             target_pos[i, j, : len(t)] = len(base) - 1 + np.arange(len(t))
             target_valid[i, j, : len(t)] = 1.0
     prompt_length = max(map(len, cfs))
-    return EncodedTask(
-        pairs=tuple(kept),
-        skipped=tuple(skipped),
-        corruption=corruption,
-        noise=(noise_std, noise_scale, noise_seed),
-        pad_id=pad,
+    arrays = TaskArrays(
         index=np.arange(len(kept), dtype=np.int32),
         cf_ids=_pad(cfs, prompt_length, pad),
         cf_mask=_pad([[1] * len(c) for c in cfs], prompt_length, 0),
-        ids=_pad(rows, length, pad).reshape(len(kept), k, length),
-        mask=_pad([[1] * len(r) for r in rows], length, 0).reshape(len(kept), k, length),
+        ids=_pad(rows, length, pad).reshape(len(kept), n_targets, length),
+        mask=_pad([[1] * len(r) for r in rows], length, 0).reshape(len(kept), n_targets, length),
         target_ids=target_ids,
         target_pos=target_pos,
         target_valid=target_valid,
@@ -176,3 +182,4 @@ def encode_pairs(pairs: Sequence[PromptPair], tokenizer, positions: str = "promp
         gate_mask=_pad(gate_rows, length, dtype=np.float32),
         noise_mask=_pad(noise_rows, prompt_length, dtype=np.float32),
     )
+    return EncodedTask(pairs=tuple(kept), skipped=tuple(skipped), noise=noise, pad_id=pad, arrays=arrays)

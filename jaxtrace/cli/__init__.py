@@ -1,0 +1,318 @@
+"""The `jaxtrace` command line: a thin layer over `jaxtrace.runs`, its options derived from the config records."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+import jax
+
+import jaxtrace
+from jaxtrace.cli.options import add_options, from_args, given
+from jaxtrace.core.search import SearchConfig
+from jaxtrace.core.sites import MODEL_SITES
+from jaxtrace.engine.mesh import MeshSpec, is_writer
+from jaxtrace.engine.objective import ObjectiveConfig, build_objective
+from jaxtrace.io.circuit import Circuit
+from jaxtrace.io.export import EXPORT_FORMATS
+from jaxtrace.io.loading import ModelSpec
+from jaxtrace.runs.baselines import BaselineConfig, baseline, evaluate_selection
+from jaxtrace.runs.common import Provenance
+from jaxtrace.runs.curve import CurveConfig, compare_run, table_markdown
+from jaxtrace.runs.info import model_summary, next_tokens, time_gated_step
+from jaxtrace.runs.model_sweep import find_circuits, summary_table, sweep_models
+from jaxtrace.runs.trace import trace
+from jaxtrace.tasks import TASK_LOADERS, TaskSpec
+
+log = logging.getLogger("jaxtrace")
+GROUP_TITLES = {ModelSpec: "model", TaskSpec: "task", ObjectiveConfig: "objective", SearchConfig: "search (PGB-CT)",
+                MeshSpec: "devices and hosts", BaselineConfig: "baseline", CurveConfig: "curve"}
+
+
+def _mesh(args):
+    mesh = from_args(MeshSpec, args).build()
+    if mesh is not None:
+        log.info(f"mesh       data={mesh.shape['data']} x model={mesh.shape['model']} over {jax.device_count()} "
+                 f"{jax.devices()[0].platform} devices, {jax.process_count()} process(es)")
+    return mesh
+
+
+def _load(args, model: str | None = None, task: TaskSpec | None = None):
+    """(model spec, model, task spec, encoded task) from the flags (or the given model name and task spec)."""
+    model_spec = from_args(ModelSpec, args, **({"model": model} if model else {}))
+    task_spec = task or from_args(TaskSpec, args)
+    loaded, tokenizer = model_spec.load()
+    encoded = task_spec.build(tokenizer)
+    if encoded.skipped:
+        log.info(f"skipped    {len(encoded.skipped)} pairs that cannot be aligned, e.g. {encoded.skipped[0][0]}: "
+                 f"{encoded.skipped[0][1]}")
+    return model_spec, loaded, task_spec, encoded
+
+
+def _metric(objective: ObjectiveConfig, task: TaskSpec) -> str:
+    return objective.metric or task.default_metric
+
+
+def cmd_info(args) -> None:
+    model_spec = from_args(ModelSpec, args)
+    model, tokenizer = model_spec.load()
+    log.info(model_summary(model, model_spec.model))
+    if tokenizer is not None:
+        log.info(next_tokens(model, tokenizer, args.prompt))
+    if args.time:
+        compile_s, step_s = time_gated_step(model, args.site, args.batch, args.length)
+        log.info(f"gated fwd+bwd ({args.site}, batch {args.batch} x {args.length} tokens): "
+                 f"compile {compile_s:.1f} s, step {step_s:.2f} s (median of 3)")
+
+
+def cmd_trace(args) -> None:
+    search, objective = from_args(SearchConfig, args), from_args(ObjectiveConfig, args)
+    mesh = _mesh(args)
+    model_spec, model, task_spec, task = _load(args)
+    log.info(model_summary(model, model_spec.model))
+    log.info(f"task       {task_spec.task}: {len(task)} pairs; site {objective.site}; results in {args.out}")
+    circuit = trace(model, task, objective.site, search, batch_size=objective.batch_size,
+                    metric=_metric(objective, task_spec), mesh=mesh, out=args.out, resume=args.resume,
+                    overwrite=args.overwrite, target_size=args.target_size, progress=not args.no_progress,
+                    provenance=Provenance(model_spec.model, task_spec))
+    log.info(circuit_summary(circuit, Path(args.out)))
+
+
+def cmd_demo(args) -> None:
+    """A trace with the demo's defaults; a second call resumes (or just re-reports) the first."""
+    args.resume = args.resume or (Path(args.out) / "checkpoints").is_dir()
+    cmd_trace(args)
+
+
+def cmd_baseline(args) -> None:
+    objective = from_args(ObjectiveConfig, args)
+    mesh = _mesh(args)
+    model_spec, model, task_spec, task = _load(args)
+    circuit = baseline(model, task, objective.site, from_args(BaselineConfig, args), batch_size=objective.batch_size,
+                       metric=_metric(objective, task_spec), memory_budget=objective.memory_budget, mesh=mesh,
+                       out=args.out, overwrite=args.overwrite, provenance=Provenance(model_spec.model, task_spec))
+    log.info(circuit_summary(circuit, Path(args.out)))
+
+
+def cmd_compare(args) -> None:
+    search, config = from_args(SearchConfig, args), from_args(ObjectiveConfig, args)
+    curve = from_args(CurveConfig, args)
+    mesh = _mesh(args)
+    model_spec, model, task_spec, task = _load(args)
+    objective = build_objective(model, task, config.site, config.batch_size, metric=_metric(config, task_spec),
+                                mesh=mesh)
+    result = compare_run(objective, search, curve, memory_budget=config.memory_budget, out=args.out,
+                         overwrite=args.overwrite, progress=not args.no_progress,
+                         provenance=Provenance(model_spec.model, task_spec))
+    log.info(table_markdown(result))
+    log.info(f"written    {Path(args.out) / 'curve.md'}, curve.json, curve.png")
+
+
+def parse_selection(text: str) -> list[list[int]]:
+    """"3.7,10.2" -> [[3, 7], [10, 2]]."""
+    try:
+        selection = [[int(part) for part in item.split(".")] for item in text.split(",") if item.strip()]
+    except ValueError:
+        selection = []
+    if not selection or any(len(item) != 2 for item in selection):
+        raise ValueError(f"--select takes layer.index pairs separated by commas (e.g. 3.7,10.2), got {text!r}")
+    return selection
+
+
+def cmd_evaluate(args) -> None:
+    """The effect of a circuit file's selection or of --select, on the circuit's own task and model unless told."""
+    if (args.circuit is None) == (args.select is None):
+        raise ValueError("give exactly one of --circuit and --select")
+    circuit = None if args.circuit is None else Circuit.read(args.circuit)
+    if circuit is None and given(TaskSpec, args, "task") is None:
+        raise ValueError("--select needs --task (and --data)")
+    if given(TaskSpec, args, "task") is not None:
+        task_spec = from_args(TaskSpec, args)
+    elif circuit.task is None:
+        raise ValueError(f"{args.circuit} records no task: give --task (and --data)")
+    else:
+        task_spec = TaskSpec.from_record(circuit.task, circuit.data, circuit.task_options)
+    site = given(ObjectiveConfig, args, "site") or (circuit.site if circuit else None)
+    if site is None:
+        raise ValueError("--select needs --site")
+    config = from_args(ObjectiveConfig, args, site=site, batch_size=(
+        given(ObjectiveConfig, args, "batch_size") or (circuit.batch_size if circuit else None) or 32))
+    metric = config.metric or (circuit.metric if circuit else None) or task_spec.default_metric
+    model = given(ModelSpec, args, "model") or (circuit.model if circuit else None) or ModelSpec().model
+    mesh = _mesh(args)
+    _, loaded, _, task = _load(args, model=model, task=task_spec)
+    objective = build_objective(loaded, task, site, config.batch_size, metric=metric, mesh=mesh)
+    result = evaluate_selection(objective, circuit.selected if circuit else parse_selection(args.select))
+    log.info(f"{result['n_selected']} of {result['n_components']} {site} components on {result['n_pairs']} pairs: "
+             f"effect {result['effect']:+.4f} (all {result['effect_all']:+.4f}, none {result['effect_none']:+.4f})")
+    if args.json:
+        log.info(json.dumps(result))
+
+
+def cmd_export(args) -> None:
+    EXPORT_FORMATS[args.format](Circuit.read(args.circuit), Path(args.out))
+    log.info(f"wrote {args.out} ({args.format})")
+
+
+def cmd_sweep(args) -> None:
+    """Every (model, task) pair, finished pairs skipped and killed ones resumed; then the table and report."""
+    search, objective = from_args(SearchConfig, args), from_args(ObjectiveConfig, args)
+    unknown = [name for name in args.tasks if name not in TASK_LOADERS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {', '.join(unknown)}; known tasks: {', '.join(TASK_LOADERS)}")
+    tasks = [sweep_task(args, name) for name in args.tasks]
+    model_spec = from_args(ModelSpec, args, model=args.models[0])
+    mesh = _mesh(args)
+
+    def load(spec: str):
+        return dataclasses.replace(model_spec, model=spec).load()
+
+    sweep_models(args.models, tasks, objective.site, args.out, search, batch_size=objective.batch_size,
+                 metric=objective.metric, progress=not args.no_progress, load=load, mesh=mesh,
+                 overwrite=args.overwrite)
+    log.info(summary_table(find_circuits(args.out)))
+    log.info(f"report     {Path(args.out) / 'report.md'}")
+
+
+def sweep_task(args, name: str) -> TaskSpec:
+    """One task of a sweep, with the task options that apply to it (an option may apply to another task)."""
+    return from_args(TaskSpec, args, task=name, **{
+        f.name: f.default for f in dataclasses.fields(TaskSpec)
+        if f.metadata["tasks"] is not None and name not in f.metadata["tasks"]})
+
+
+def circuit_summary(circuit: Circuit, out: Path) -> str:
+    selected = ", ".join(f"{layer}.{index}" for layer, index in circuit.selected[:40])
+    more = " ..." if circuit.n_selected > 40 else ""
+    written = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name not in (
+        "circuit.json", "checkpoints", "run.json"))
+    return "\n".join([
+        f"circuit    {circuit.n_selected} of {circuit.n_components} {circuit.site} components: {selected}{more}",
+        f"effect     circuit {circuit.effect:+.4f} | all components {circuit.effect_all:+.4f} | "
+        f"none {circuit.effect_none:+.4f}   (mean indirect effect over {circuit.n_pairs} pairs)",
+        f"status     {circuit.status}",
+        f"time       {circuit.seconds:.0f} s" + (f" for {len(circuit.history)} epochs" if circuit.history else ""),
+        f"written    {out / 'circuit.json'}, " + ", ".join(written),
+    ])
+
+
+def _comma_list(text: str) -> list[str]:
+    return [item.strip() for item in text.split(",") if item.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxtrace", description=__doc__)
+    parser.add_argument("--version", action="version", version=jaxtrace.__version__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    def command(name: str, run, help: str, groups=(ModelSpec, TaskSpec, ObjectiveConfig, MeshSpec),
+                out: str | None = None, defaults: dict | None = None, exclude: dict | None = None
+                ) -> argparse.ArgumentParser:
+        """A subcommand with the flags of the config records `groups` (`defaults` and `exclude` per record)."""
+        sub = commands.add_parser(name, help=help, description=help)
+        for cls in groups:
+            add_options(sub, cls, GROUP_TITLES[cls], (defaults or {}).get(cls), (exclude or {}).get(cls, ()))
+        if out is not None:
+            group = sub.add_argument_group("results")
+            group.add_argument("--out", required=out == "required", default=None if out == "required" else out,
+                               help="result folder" + ("" if out == "required" else f" (default: {out})"))
+            group.add_argument("--overwrite", action="store_true", help="replace the run the folder holds")
+            group.add_argument("--no-progress", action="store_true", help="no progress bar")
+        sub.set_defaults(run=run)
+        return sub
+
+    info = command("info", cmd_info, "model summary, a forward pass, optionally the gated step time",
+                   groups=(ModelSpec,))
+    info.add_argument("--prompt", default="The nurse said that")
+    info.add_argument("--time", action="store_true", help="time a jitted gated forward+backward")
+    info.add_argument("--site", default="attn_pattern", choices=list(MODEL_SITES))
+    info.add_argument("--batch", type=int, default=32)
+    info.add_argument("--length", type=int, default=16)
+
+    searching = (ModelSpec, TaskSpec, ObjectiveConfig, SearchConfig, MeshSpec)
+    no_init = {SearchConfig: ("init",)}
+    for name, run, help_text, defaults, out in (
+            ("trace", cmd_trace, "find a circuit with PGB-CT", None, "required"),
+            ("demo", cmd_demo, "the main job: SmolLM2-135M, WinoBias dev, attention heads",
+             {TaskSpec: {"task": "winobias"}}, "results/demo")):
+        sub = command(name, run, help_text, searching, out, defaults, no_init)
+        sub.add_argument("--resume", action="store_true", help="continue (or re-report) the run in --out")
+        sub.add_argument("--target-size", type=int,
+                         help="search λ (vmapped sweeps) for a circuit of about this many components")
+
+    base = command("baseline", cmd_baseline, "a baseline circuit on the same objective", out="required")
+    add_options(base, BaselineConfig, "baseline")
+
+    comp = command("compare", cmd_compare, "effect against size for PGB-CT, greedy, top-k and random", searching,
+                   "required", exclude=no_init)
+    add_options(comp, CurveConfig, "curve")
+
+    evaluate = command("evaluate", cmd_evaluate, "the effect of a given subset of components", defaults={
+        ModelSpec: {"model": None}, TaskSpec: {"task": None},  # default: the circuit file's
+        ObjectiveConfig: {"site": None, "batch_size": None}})
+    evaluate.add_argument("--circuit", help="circuit.json (its model, task, site and metric unless given)")
+    evaluate.add_argument("--select", help="components as layer.index, comma separated (e.g. 3.7,10.2)")
+    evaluate.add_argument("--json", action="store_true", help="also print the result as JSON")
+
+    sweep = command("sweep", cmd_sweep, "every model x task pair (resumable) and a cross-model report", searching,
+                    "required", exclude={**no_init, ModelSpec: ("model",), TaskSpec: ("task",)})
+    sweep.add_argument("--models", type=_comma_list, required=True,
+                       help="comma-separated HF folders, .gguf files or registered names")
+    sweep.add_argument("--tasks", type=_comma_list, required=True, help="comma-separated tasks")
+
+    export = commands.add_parser("export", help="write a circuit in another tool's format")
+    export.add_argument("--circuit", required=True)
+    export.add_argument("--format", default="eap", choices=list(EXPORT_FORMATS))
+    export.add_argument("--out", required=True)
+    export.set_defaults(run=cmd_export)
+    return parser
+
+
+@contextlib.contextmanager
+def _console():
+    """Messages to stdout from process 0 only (other processes of a multi-host run stay quiet)."""
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.addFilter(lambda record: is_writer())
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    with _console():
+        try:
+            args.run(args)
+        except KeyboardInterrupt:
+            print("jaxtrace: interrupted" + ("; resume with --resume" if hasattr(args, "resume") else ""),
+                  file=sys.stderr)
+            return 130
+        except Exception as error:  # every failure is one line; JAXTRACE_DEBUG=1 shows the traceback
+            if os.environ.get("JAXTRACE_DEBUG"):
+                raise
+            print(f"jaxtrace: error: {error_line(error)}", file=sys.stderr)
+            return 2
+    return 0
+
+
+def error_line(error: BaseException) -> str:
+    """One line saying what went wrong: the message of an error we raise, or a summary of a library's."""
+    expected = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, MemoryError, RuntimeError)
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.filename}: {error.strerror or error}"
+    first = (str(error).strip().splitlines() or [""])[0]
+    if isinstance(error, expected) and first:
+        return first
+    return f"{type(error).__name__}: {first[:300]}" if first else type(error).__name__
+
+

@@ -1,0 +1,196 @@
+"""Model configuration: one frozen dataclass for every family, parsed from Hugging Face `config.json` dicts."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Mapping
+
+# HF `model_type` -> jaxtrace family (one implementation per family).
+FAMILIES: dict[str, str] = {
+    "gpt2": "gpt2",
+    "llama": "llama",
+    "mistral": "llama",
+    "qwen2": "llama",
+    "qwen3": "llama",
+}
+DTYPES = ("float32", "bfloat16")
+_SIZES = ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_positions")
+
+
+class UnsupportedModelError(ValueError):
+    """The checkpoint's architecture or one of its options is not implemented."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shapes and options of a decoder-only transformer.
+
+    `rope_scaling` is a tuple of (key, value) items so the config stays hashable (a static jit argument).
+    """
+
+    model_type: str
+    vocab_size: int
+    d_model: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int
+    max_positions: int
+    norm_eps: float
+    tie_embeddings: bool
+    activation: str = "silu"
+    qkv_bias: bool = False
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False
+    rope_theta: float = 10000.0
+    rope_scaling: tuple[tuple[str, Any], ...] | None = None
+    sliding_window: int | None = None
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        bad = [name for name in _SIZES if type(getattr(self, name)) is not int or getattr(self, name) < 1]
+        if bad:
+            raise ValueError("model sizes must be positive integers: " +
+                             ", ".join(f"{name}={getattr(self, name)!r}" for name in bad))
+        for name in ("norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if self.sliding_window is not None and (type(self.sliding_window) is not int or self.sliding_window < 1):
+            raise ValueError(f"sliding_window must be a positive integer, got {self.sliding_window!r}")
+        if self.model_type not in FAMILIES:
+            raise UnsupportedModelError(
+                f"unsupported architecture {self.model_type!r}; supported: {', '.join(sorted(FAMILIES))}"
+            )
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+
+    @property
+    def family(self) -> str:
+        return FAMILIES[self.model_type]
+
+    @property
+    def n_params(self) -> int:
+        """Number of parameters (embeddings counted once when tied)."""
+        attn = self.d_model * self.head_dim * (2 * self.n_heads + 2 * self.n_kv_heads)
+        mlp = (3 if self.family == "llama" else 2) * self.d_model * self.d_ff
+        embed = self.vocab_size * self.d_model * (1 if self.tie_embeddings else 2)
+        if self.family == "gpt2":
+            embed += self.max_positions * self.d_model
+        return self.n_layers * (attn + mlp) + embed
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_dict(cls, record) -> ModelConfig:
+        """The config `dataclasses.asdict` recorded (e.g. in circuit.json), checked."""
+        if not isinstance(record, dict):
+            raise ValueError("model_config must be an object")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(record) - set(fields))
+        missing = [n for n, f in fields.items() if f.default is dataclasses.MISSING and n not in record]
+        if missing:
+            raise ValueError(f"model_config is missing {missing}")
+        if unknown:
+            raise ValueError(f"model_config has unknown keys {unknown}")
+        record = dict(record)
+        if record.get("rope_scaling") is not None:
+            record["rope_scaling"] = tuple(tuple(item) for item in record["rope_scaling"])
+        return cls(**record)
+
+    @classmethod
+    def from_hf(cls, hf: Mapping[str, Any], dtype: str = "float32") -> ModelConfig:
+        """Parse a transformers 4 or 5 `config.json` dict."""
+        model_type = hf.get("model_type")
+        if model_type not in FAMILIES:
+            archs = hf.get("architectures") or []
+            raise UnsupportedModelError(
+                f"unsupported architecture {model_type!r} {archs}; supported: {', '.join(sorted(FAMILIES))}"
+            )
+        if model_type == "gpt2":
+            return _gpt2_from_hf(hf, dtype)
+        return _llama_from_hf(hf, model_type, dtype)
+
+
+def _gpt2_from_hf(hf: Mapping[str, Any], dtype: str) -> ModelConfig:
+    for option in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
+        if hf.get(option):
+            raise UnsupportedModelError(f"GPT-2 option {option}=true is not supported")
+    if hf.get("scale_attn_weights") is False:
+        raise UnsupportedModelError("GPT-2 option scale_attn_weights=false is not supported")
+    d_model, n_heads = hf["n_embd"], hf["n_head"]
+    return ModelConfig(
+        model_type="gpt2",
+        vocab_size=hf["vocab_size"],
+        d_model=d_model,
+        n_layers=hf["n_layer"],
+        n_heads=n_heads,
+        n_kv_heads=n_heads,
+        head_dim=d_model // n_heads,
+        d_ff=hf.get("n_inner") or 4 * d_model,
+        max_positions=hf["n_positions"],
+        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
+        tie_embeddings=hf.get("tie_word_embeddings", True),
+        activation=hf.get("activation_function", "gelu_new"),
+        qkv_bias=True,
+        o_bias=True,
+        mlp_bias=True,
+        dtype=dtype,
+    )
+
+
+def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...] | None]:
+    """(theta, scaling items) from either `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling` (4)."""
+    params = dict(hf.get("rope_parameters") or {})
+    theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
+    scaling = params or dict(hf.get("rope_scaling") or {})
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        return float(theta), None
+    if rope_type not in ("llama3", "linear"):
+        raise UnsupportedModelError(f"rope scaling {rope_type!r} is not supported (supported: default, linear, llama3)")
+    scaling["rope_type"] = rope_type
+    scaling.pop("type", None)
+    return float(theta), tuple(sorted(scaling.items()))
+
+
+def _llama_from_hf(hf: Mapping[str, Any], model_type: str, dtype: str) -> ModelConfig:
+    d_model, n_heads = hf["hidden_size"], hf["num_attention_heads"]
+    theta, scaling = _rope_from_hf(hf)
+    attention_bias = hf.get("attention_bias", False)
+    if model_type == "mistral":
+        sliding_window = hf.get("sliding_window")
+    elif model_type == "qwen2" and hf.get("use_sliding_window"):
+        raise UnsupportedModelError("Qwen2 use_sliding_window=true is not supported")
+    else:
+        sliding_window = None
+    layer_types = set(hf.get("layer_types") or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        raise UnsupportedModelError(f"layer_types {sorted(layer_types)} are not supported (only full_attention)")
+    return ModelConfig(
+        model_type=model_type,
+        vocab_size=hf["vocab_size"],
+        d_model=d_model,
+        n_layers=hf["num_hidden_layers"],
+        n_heads=n_heads,
+        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
+        head_dim=hf.get("head_dim") or d_model // n_heads,
+        d_ff=hf["intermediate_size"],
+        max_positions=hf.get("max_position_embeddings", 2048),
+        norm_eps=hf.get("rms_norm_eps", 1e-6),
+        tie_embeddings=hf.get("tie_word_embeddings", False),
+        activation=hf.get("hidden_act", "silu"),
+        qkv_bias=model_type == "qwen2" or attention_bias,
+        o_bias=model_type != "qwen2" and attention_bias,
+        mlp_bias=hf.get("mlp_bias", False),
+        qk_norm=model_type == "qwen3",
+        rope_theta=theta,
+        rope_scaling=scaling,
+        sliding_window=sliding_window,
+        dtype=dtype,
+    )

@@ -1,0 +1,162 @@
+"""Building blocks shared by the model families: norms, RoPE, masks, gated attention and the site interchange."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxtrace.core.models.config import ModelConfig
+
+F32 = jnp.float32
+NEG_INF = float(jnp.finfo(F32).min)
+
+ACTIVATIONS = {
+    "silu": jax.nn.silu,
+    "swish": jax.nn.silu,
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+}
+
+
+def activation(name: str):
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unsupported activation {name!r}; supported: {', '.join(ACTIVATIONS)}")
+    return ACTIVATIONS[name]
+
+
+def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], dtype, init: str = "normal") -> nnx.Param:
+    """A parameter carrying logical axis names (`out_sharding`) for later mesh sharding."""
+    if init == "normal":
+        value = 0.02 * jax.random.normal(rngs.params(), shape, F32)
+    else:
+        value = (jnp.ones if init == "ones" else jnp.zeros)(shape, F32)
+    return nnx.Param(value.astype(dtype), out_sharding=tuple(axes), eager_sharding=False)
+
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
+    """LayerNorm over the last axis, computed in float32."""
+    x32 = x.astype(F32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    return ((x32 - mean) * jax.lax.rsqrt(var + eps) * scale + bias).astype(x.dtype)
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm over the last axis as in HF Llama: normalise in float32, cast back, then scale."""
+    x32 = x.astype(F32)
+    normed = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
+    return scale * normed.astype(x.dtype)
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> jax.Array:
+    """[head_dim / 2] inverse frequencies, with `linear` or `llama3` scaling."""
+    dim = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=F32) / dim))
+    scaling = dict(config.rope_scaling or {})
+    kind = scaling.get("rope_type", "default")
+    if kind == "linear":
+        return inv_freq / scaling["factor"]
+    if kind == "llama3":
+        factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+        old_context = scaling["original_max_position_embeddings"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > old_context / low, inv_freq / factor, inv_freq)
+        smooth = (old_context / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        is_medium = (wavelen >= old_context / high) & (wavelen <= old_context / low)
+        return jnp.where(is_medium, smoothed, scaled)
+    return inv_freq
+
+
+def rope_tables(config: ModelConfig, position_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin tables [B, T, 1, head_dim] for positions [B, T]."""
+    angles = position_ids[..., None].astype(F32) * rope_inverse_frequencies(config)
+    angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """HF's rotate-half RoPE on x [B, T, H, Dh]."""
+    x1, x2 = jnp.split(x.astype(F32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    return (x.astype(F32) * cos + rotated * sin).astype(x.dtype)
+
+
+def attention_bias(attention_mask: jax.Array | None, position_ids: jax.Array, sliding_window: int | None,
+                   key_positions: jax.Array | None = None) -> jax.Array:
+    """Additive mask [B, 1, T, S] from a padding mask [B, T] (causal, padded keys excluded) or an explicit
+    visibility mask [B, T, S] (packed sequences, whose S keys may start with memory slots); a sliding window applies
+    to query position ids [B, T] and key positions [B, S] (default: the query positions)."""
+    batch, length = position_ids.shape
+    if attention_mask is not None and jnp.ndim(attention_mask) == 3:
+        allowed = jnp.asarray(attention_mask, bool)
+    else:
+        allowed = jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (batch, length, length))
+        if attention_mask is not None:
+            allowed &= jnp.asarray(attention_mask, bool)[:, None, :]
+    if sliding_window is not None:
+        key_positions = position_ids if key_positions is None else key_positions
+        allowed &= position_ids[:, :, None] - key_positions[:, None, :] < sliding_window
+    return jnp.where(allowed, 0.0, NEG_INF).astype(F32)[:, None]
+
+
+# How a gate [N] and a position weight [B, T] broadcast against each site's live activation.
+_SITE_WEIGHT = {
+    "attn_pattern": lambda z, w: z[None, :, None, None] * w[:, None, :, None],  # [B, H, Tq, Tk]
+    "head_out": lambda z, w: z[None, None, :, None] * w[:, :, None, None],      # [B, T, H, Dh]
+    "mlp_out": lambda z, w: z[None, None, :] * w[:, :, None],                   # [B, T, D]
+    "mlp_hidden": lambda z, w: z[None, None, :] * w[:, :, None],                # [B, T, F]
+}
+
+
+class Intervention:
+    """One layer's gates, sources and captures, applied by the block at each named site, and the layer's memory
+    (keys and values [B, M, KV, Dh] of cached tokens that every query may attend to before its own row)."""
+
+    def __init__(self, gates: Mapping[str, jax.Array], source: Mapping[str, jax.Array], where: jax.Array,
+                 capture: Sequence[str], memory: Mapping[str, jax.Array] | None = None):
+        self.gates, self.source, self.where, self.capture = gates, source, where, capture
+        self.memory = memory
+        self.captured: dict[str, jax.Array] = {}
+
+    def __call__(self, site: str, live: jax.Array) -> jax.Array:
+        """Mix `live + z * (source - live)` where gated; record the (mixed) value where captured."""
+        if site in self.gates:
+            weight = _SITE_WEIGHT[site](self.gates[site], self.where).astype(live.dtype)
+            live = live + weight * (self.source[site].astype(live.dtype) - live)
+        if site in self.capture:
+            self.captured[site] = live
+        return live
+
+
+def gated_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, iv: Intervention) -> jax.Array:
+    """Grouped-query attention with the `attn_pattern` and `head_out` sites.
+
+    q: [B, T, H, Dh]; k, v: [B, T, KV, Dh] (after RoPE; captured at the `attn_keys`, `attn_values` sites); bias:
+    [B, 1, T, M + T], keys being the intervention's M memory tokens, then the T live ones. Query head h reads KV head
+    h // (H / KV). Returns the per-head outputs [B, T, H, Dh].
+    """
+    batch, length, n_heads, head_dim = q.shape
+    k, v = iv("attn_keys", k), iv("attn_values", v)
+    if iv.memory is not None:
+        k = jnp.concatenate([iv.memory["keys"].astype(k.dtype), k], axis=1)
+        v = jnp.concatenate([iv.memory["values"].astype(v.dtype), v], axis=1)
+    n_keys, n_kv = k.shape[1], k.shape[2]
+    group = n_heads // n_kv
+    qg = q.reshape(batch, length, n_kv, group, head_dim)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=F32) * head_dim**-0.5
+    probs = jax.nn.softmax(scores.reshape(batch, n_heads, length, n_keys) + bias, axis=-1)
+    probs = iv("attn_pattern", probs)
+    probs = probs.reshape(batch, n_kv, group, length, n_keys).astype(v.dtype)
+    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, length, n_heads, head_dim)
+    return iv("head_out", out)
+
+
+def dtype_of(config: ModelConfig) -> Any:
+    return jnp.dtype(config.dtype)

@@ -1,0 +1,133 @@
+"""The PGB-CT objective as pure functions of (spec, params, gates, batch, cache).
+
+For pair i with targets (t0, t1), score(t) is the geometric-mean probability of t's tokens after the prompt and
+odds = score(t1) / score(t0); with a single target t0, odds = 1 / score(t0). The log ratio
+`log r_i = sign_i * (log odds_gated - log odds_base)` gives the indirect effect IE_i = r_i - 1 (reference §4-6; for
+one target, IE = p_clean / p_gated - 1). Gates mix the counterfactual's activations into the base prompt at the
+task's gate positions; target positions stay live. The counterfactual is another prompt, or the base prompt with
+seeded Gaussian noise on its input embeddings, fixed per pair.
+
+Batches are packed (`jaxtrace.core.packing`): each gated prompt is computed once for all its targets, pairs share
+rows, and the prefix a pair's base and counterfactual prompts share is read from cached keys and values instead of
+being recomputed, so a step costs the batch's z-dependent tokens rather than batch x targets x the longest row.
+
+Everything that does not depend on z (the counterfactual's sources, the prefix keys and values, the ungated outputs)
+is a `Cache`, computed once per task by `precompute` (see `jaxtrace.engine.objective`); `batch_effects` with
+`cache=None` recomputes it inside the call (the reference's way; used to check the cache). Functions here take one
+data group (arrays without the leading G axis) unless they say otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+
+from jaxtrace.core import packing
+from jaxtrace.core.metrics import Metric
+from jaxtrace.core.models.config import ModelConfig
+from jaxtrace.core.records import Batch, Cache, KeysValues, Outputs, PairArrays, PackedRows
+from jaxtrace.core.sites import expand_gates, model_sites
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveSpec:
+    """What a compiled objective is specialised on (static under `jit`): the model's pure apply function and config
+    (`jaxtrace.core.models.functional`), the gate site, the metric, the counterfactual noise (std already measured,
+    and seed; None: the counterfactual is a prompt) and X, the longest shared prefix (0: none is cached)."""
+
+    apply: Callable
+    config: ModelConfig
+    site: str
+    metric: Metric
+    noise_std: float | None = None
+    noise_seed: int = 0
+    prefix_length: int = 0
+
+    @property
+    def sites(self) -> tuple[str, ...]:
+        """The model sites the gates mix."""
+        return model_sites(self.site)
+
+
+def noise(spec: ObjectiveSpec, pairs: PairArrays) -> jax.Array:
+    """[B, P, D] the embedding noise of each pair's counterfactual (zero outside its noise positions)."""
+    shape = (pairs.cf_ids.shape[-1], spec.config.d_model)
+    key = jax.random.key(spec.noise_seed)
+    draws = jax.vmap(lambda i: jax.random.normal(jax.random.fold_in(key, i), shape))(pairs.index)
+    return spec.noise_std * draws * pairs.noise_mask[..., None]
+
+
+def counterfactual_sources(spec: ObjectiveSpec, params, pairs: PairArrays) -> dict[str, jax.Array]:
+    """{model site: [L, B, P, ...]} the counterfactual prompts' activations."""
+    input_noise = None if spec.noise_std is None else noise(spec, pairs)
+    _, acts = spec.apply(params, pairs.cf_ids, pairs.cf_mask, method="capture", sites=spec.sites,
+                         input_noise=input_noise)
+    return acts
+
+
+def prefix_keys_values(spec: ObjectiveSpec, params, pairs: PairArrays) -> KeysValues | None:
+    """The base prompts' keys and values [L, B, X, K, Dh] at their first X = `prefix_length` positions, which no
+    gate changes (None when no pair shares a prefix). Attention is causal, so a forward over those X tokens alone
+    gives them."""
+    if not spec.prefix_length:
+        return None
+    prefix = slice(0, spec.prefix_length)
+    _, acts = spec.apply(params, pairs.prompt_ids[:, prefix], pairs.cf_mask[:, prefix], method="capture",
+                         sites=("attn_keys", "attn_values"))
+    return KeysValues(acts["attn_keys"], acts["attn_values"])
+
+
+def outputs(spec: ObjectiveSpec, params, batch: Batch, prefix: KeysValues | None, gates=None,
+            source=None) -> Outputs:
+    """The target log-probabilities [B, Y] and next-token log-probabilities [B, V] of one group's packed rows,
+    whose shared prefixes have keys and values `prefix`, optionally gated (model-site gates {site: [L, C]}) at the
+    task's gate positions with per-pair sources {site: [L, B, P, ...]}."""
+    rows, pairs = batch.rows, batch.pairs
+    packed_source = None
+    if gates is not None:
+        packed_source = {site: packing.pack_source(site, acts, rows) for site, acts in source.items()}
+    memory = None if prefix is None else packing.pack_memory(prefix, rows)
+    hidden, _ = spec.apply(params, rows.tokens, packing.visibility(rows), gates=gates, source=packed_source,
+                           gate_positions=rows.gate > 0, position_ids=rows.positions, memory=memory,
+                           method="hidden_states")
+    hidden = hidden.reshape(-1, hidden.shape[-1])[rows.logit_index]
+    logits = spec.apply(params, hidden, method="unembed")  # [Q, V]
+    norm = jax.nn.logsumexp(logits, axis=-1)  # [Q]
+    token_logp = logits[rows.target_slot, pairs.target_ids] - norm[rows.target_slot]  # [B, Y, U]
+    valid = pairs.target_valid
+    last = rows.last_slot
+    return Outputs((token_logp * valid).sum(-1) / valid.sum(-1), logits[last] - norm[last, None])
+
+
+def precompute(spec: ObjectiveSpec, params, batch: Batch) -> Cache:
+    """One group's z-independent terms, pair-major: sources {site: [B, L, P, ...]}, prefix keys and values
+    [B, L, X, K, Dh] and the ungated outputs (with next-token log-probabilities only if the metric reads them)."""
+    prefix = prefix_keys_values(spec, params, batch.pairs)
+    base = outputs(spec, params, batch, prefix)
+    pair_major = lambda a: jnp.moveaxis(a, 0, 1)  # noqa: E731
+    return Cache({site: pair_major(a) for site, a in counterfactual_sources(spec, params, batch.pairs).items()},
+                 None if prefix is None else jax.tree.map(pair_major, prefix),
+                 Outputs(base.targets, base.last if spec.metric.uses_last else None))
+
+
+def group_effects(spec: ObjectiveSpec, params, z: jax.Array, batch: Batch, cache: Cache | None,
+                  metric: Metric | None = None) -> jax.Array:
+    """[B] per-pair effect of gates z [L, C] under `metric` (default: the spec's) on one group; `cache` is the
+    group's pair-major cache, or None to compute it here (without gradient)."""
+    if cache is None:
+        cache = jax.lax.stop_gradient(precompute(spec, params, batch))
+    layer_major = lambda a: jnp.moveaxis(a, 0, 1)  # noqa: E731
+    sources = {site: layer_major(a) for site, a in cache.sources.items()}
+    prefix = None if cache.prefix is None else jax.tree.map(layer_major, cache.prefix)
+    gated = outputs(spec, params, batch, prefix, expand_gates(spec.config, spec.site, z), sources)
+    return (metric or spec.metric).effect(gated, cache.base, batch.pairs)
+
+
+def batch_effects(spec: ObjectiveSpec, params, z: jax.Array, batch: Batch, cache: Cache | None,
+                  metric: Metric | None = None) -> jax.Array:
+    """[G * B] per-pair effects of gates z [L, C] on a batch with a leading group axis G (cache likewise)."""
+    effects = jax.vmap(lambda b, c: group_effects(spec, params, z, b, c, metric))(batch, cache)
+    return effects.reshape(-1)

@@ -1,0 +1,155 @@
+"""PGB-CT as an optax-style pair of pure functions: `init(z)` and `update(state, params, batch, cache, λ1, λ2)`, an
+Adam step on gates z in [0, 1] with scheduled L1 and binary penalties, projected back to the box; and thresholding.
+The loop that drives it over epochs is `jaxtrace.engine.loop`."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxtrace.core.metrics import TRANSFORMS, Metric, check_transform, default_transform
+from jaxtrace.core.objective import ObjectiveSpec, batch_effects
+from jaxtrace.core.options import option
+from jaxtrace.core.records import Batch, Cache
+from jaxtrace.core.sites import default_lr, gate_shape
+
+SCHEDULES: dict[str, Callable[[float, int], float]] = {
+    "linear": lambda lam, epoch: lam * (epoch + 1),
+    "exp": lambda lam, epoch: lam * 2.0**epoch,
+    "poly": lambda lam, epoch: lam * epoch**2,
+    "constant": lambda lam, epoch: lam,
+}
+PENALTIES = ("mean", "sum")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """Hyperparameters of one PGB-CT run (defaults follow the reference, except `penalty`).
+
+    `penalty="mean"` divides the L1 and binary penalties by the number of components; `"sum"` is the reference's
+    form, which on SmolLM2-135M drives every gate to zero within the first epoch. `lr` and `transform` left at None
+    mean the site's and the metric's defaults (`resolve`).
+    """
+
+    epochs: int = option(15, "epochs (passes over the task's pairs)")
+    lr: float | None = option(None, "Adam learning rate (default: the site's, 0.1 for heads, 0.5 for MLP units)")
+    lambda1: float = option(0.05, "L1 penalty weight")
+    lambda2: float = option(0.05, "binary z(1 - z) penalty weight")
+    schedule: str = option("linear", "penalty schedule over epochs e: linear λ(e+1), exp λ·2^e, poly λ·e², constant",
+                           choices=SCHEDULES)
+    penalty: str = option("mean", "penalties divided by the number of components (mean) or summed (sum, the "
+                          "reference's)", choices=PENALTIES)
+    transform: str | None = option(None, "effect -> loss: inverse 1/(1 + IE) (the reference's), neg -IE, neg_log "
+                                   "-log(1 + IE) (default: inverse for ratio metrics, else neg)", choices=TRANSFORMS)
+    threshold: float = option(0.5, "selection: z >= threshold")
+    max_components: int | None = option(None, "selection: at most this many components, those of largest z")
+    seed: int = option(42, "seed of the pairs' order")
+    init: float = option(0.5, "initial z")
+
+    def __post_init__(self):
+        for name in ("lr", "lambda1", "lambda2", "threshold", "init"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ValueError(f"{name} must be a finite number, got {value}")
+        for name in ("lambda1", "lambda2"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.lr is not None and self.lr <= 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.epochs < 1:
+            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.max_components is not None and self.max_components < 1:
+            raise ValueError(f"max_components must be >= 1, got {self.max_components}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
+        if self.penalty not in PENALTIES:
+            raise ValueError(f"penalty must be one of {PENALTIES}, got {self.penalty!r}")
+        if self.transform is not None:
+            check_transform(self.transform)
+        if not 0.0 <= self.init <= 1.0 or not 0.0 < self.threshold <= 1.0:
+            raise ValueError("init must be in [0, 1] and threshold in (0, 1]")
+
+    def resolve(self, site: str, metric: Metric) -> SearchConfig:
+        """The config with the site's learning rate and the metric's transform filled in (and checked)."""
+        transform = self.transform or default_transform(metric)
+        check_transform(transform, metric)
+        return self.replace(lr=self.lr or default_lr(site), transform=transform)
+
+    def replace(self, **changes) -> SearchConfig:
+        return dataclasses.replace(self, **changes)
+
+    def lambdas(self, epoch: int) -> tuple[float, float]:
+        """(λ1, λ2) of a 0-based epoch under the schedule."""
+        schedule = SCHEDULES[self.schedule]
+        return schedule(self.lambda1, epoch), schedule(self.lambda2, epoch)
+
+
+def select(z: np.ndarray, threshold: float = 0.5, max_components: int | None = None) -> np.ndarray:
+    """Binary mask [L, N]: z >= threshold, keeping only the `max_components` largest z when capped."""
+    z = np.asarray(z)
+    mask = z >= threshold
+    if max_components is not None and mask.sum() > max_components:
+        order = np.argsort(np.where(mask, -z, np.inf), axis=None, kind="stable")[:max_components]
+        mask = np.zeros(z.size, bool)
+        mask[order] = True
+        mask = mask.reshape(z.shape)
+    return mask
+
+
+def penalty(z: jax.Array, lambda1, lambda2) -> jax.Array:
+    """λ1·Σ|z| + λ2·Σ z(1 − z), with d|z|/dz = 0 at z = 0 as torch.abs (jnp.abs would give 1)."""
+    l1 = jnp.sum(z * jax.lax.stop_gradient(jnp.sign(z)))
+    return lambda1 * l1 + lambda2 * jnp.sum(z * (1.0 - z))
+
+
+class SearchState(NamedTuple):
+    """One run's optimisation state: gates z [L, C] and the Adam state."""
+
+    z: jax.Array
+    opt_state: optax.OptState
+
+
+class Search(NamedTuple):
+    """A search as a pair of pure functions (optax style): `init(z) -> state` and
+    `update(state, params, batch, cache, lambda1, lambda2) -> (state, stats)`."""
+
+    init: Callable
+    update: Callable
+
+
+def pgbct(spec: ObjectiveSpec, config: SearchConfig) -> Search:
+    """PGB-CT on the objective `spec` with a resolved `config` (`SearchConfig.resolve`), trained on the metric's
+    trained form (its surrogate, for accuracy). `update`'s stats: loss, metric term, per-pair effects [G * B] and,
+    after the step, the nonzero count, the binary violation Σz(1−z) and the number of selected components."""
+    optimizer = optax.adam(config.lr)
+    metric = spec.metric.trained
+    transform = TRANSFORMS[config.transform]
+    n_components = math.prod(gate_shape(spec.config, spec.site))
+    norm = n_components if config.penalty == "mean" else 1.0
+    cap = n_components if config.max_components is None else config.max_components
+
+    def loss_fn(z, params, batch: Batch, cache: Cache | None, lambda1, lambda2):
+        effects = batch_effects(spec, params, z, batch, cache, metric)
+        weight = batch.pairs.weight.reshape(-1)
+        data = (transform(effects) * weight).sum() / weight.sum()
+        return data + penalty(z, lambda1, lambda2) / norm, (data, effects)
+
+    def init(z) -> SearchState:
+        return SearchState(z, optimizer.init(z))
+
+    def update(state: SearchState, params, batch: Batch, cache: Cache | None, lambda1, lambda2):
+        (loss, (data, effects)), grad = jax.value_and_grad(loss_fn, has_aux=True)(
+            state.z, params, batch, cache, lambda1, lambda2)
+        updates, opt_state = optimizer.update(grad, state.opt_state, state.z)
+        z = optax.projections.projection_box(optax.apply_updates(state.z, updates), 0.0, 1.0)
+        stats = {"loss": loss, "metric": data, "effects": effects, "nonzero": jnp.sum(z != 0),
+                 "violation": jnp.sum(z * (1 - z)), "selected": jnp.minimum(jnp.sum(z >= config.threshold), cap)}
+        return SearchState(z, opt_state), stats
+
+    return Search(init, update)

@@ -1,0 +1,172 @@
+"""Gate sites: where a gated forward mixes live and source activations, and everything else the library needs to
+know about each one. Every module asks this registry; adding a site is one `Site` entry plus its mixing code in
+`jaxtrace.core.models.layers` (the `Intervention` weight and the call in the block).
+
+At a model site the forward computes `live + z * (source - live)` (= `(1 - z) * live + z * source`, written so that
+z = 0, or a source equal to the live activation, gives the live value bit for bit). Gates carry a leading layer axis.
+
+| site          | gate    | source per layer | what is mixed                                                    |
+|---------------|---------|------------------|------------------------------------------------------------------|
+| attn_pattern  | [L, H]  | [B, H, T, T]     | post-softmax attention probabilities of a query head             |
+| head_out      | [L, H]  | [B, T, H, Dh]    | a head's output before the output projection                     |
+| mlp_out       | [L, D]  | [B, T, D]        | the MLP block's output, per residual dimension                   |
+| mlp_hidden    | [L, F]  | [B, T, F]        | the MLP's intermediate neurons (input of the down projection)   |
+| heads_mlp     | [L, H+1]| (set)            | `head_out` gates z[:, :H], `mlp_out` gates z[:, H] over all of D |
+
+H counts query heads (grouped-query models share values within a KV group). For `attn_pattern` the position
+restriction applies to query rows. `attn_keys`, `attn_values` ([B, T, K, Dh] after RoPE) can be captured, not gated.
+Axis letters are those of `jaxtrace.core`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from jaxtrace.core.models.config import ModelConfig
+
+Gates = Mapping[str, jax.Array]        # site -> [L, C]
+Activations = Mapping[str, jax.Array]  # site -> [L, B, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """A gate site, a component set (`parts`: the model sites it gates under one array) or a capture-only site.
+
+    `width(config)` is C, the components per layer. `heads`: the first H components are query heads; `blocks`: the
+    last component of a layer is its whole MLP block; otherwise components are units of a vector. `lr` is the
+    default Adam learning rate (the reference's 0.1 for heads, 0.5 for MLP units). `query_axis`/`key_axis`: the token
+    axes of one layer's source [B, ...] (`key_axis` only for attention patterns). `source_floats(config, P)`: floats
+    one pair's source takes per layer for a prompt of P tokens.
+    """
+
+    name: str
+    description: str
+    width: Callable[[ModelConfig], int]
+    kind: str = "model"  # "model" | "set" | "capture"
+    heads: bool = False
+    blocks: bool = False
+    lr: float = 0.5
+    parts: tuple[str, ...] = ()
+    query_axis: int = 1
+    key_axis: int | None = None
+    source_floats: Callable[[ModelConfig, int], int] | None = None
+
+    def component_label(self, config: ModelConfig, layer: int, index: int) -> str:
+        """"L3.H7" (a head), "L3.MLP" (a whole MLP block) or "L3.N120" (a unit)."""
+        if self.heads and index < config.n_heads:
+            return f"L{layer}.H{index}"
+        return f"L{layer}.MLP" if self.blocks else f"L{layer}.N{index}"
+
+
+_ENTRIES = (
+    Site("attn_pattern", "post-softmax attention probabilities per query head", lambda c: c.n_heads, heads=True,
+         lr=0.1, query_axis=2, key_axis=3, source_floats=lambda c, p: c.n_heads * p * p),
+    Site("head_out", "per-head attention output before the output projection", lambda c: c.n_heads, heads=True,
+         lr=0.1, source_floats=lambda c, p: p * c.n_heads * c.head_dim),
+    Site("mlp_out", "MLP block output, one gate per residual dimension", lambda c: c.d_model,
+         source_floats=lambda c, p: p * c.d_model),
+    Site("mlp_hidden", "MLP intermediate neurons", lambda c: c.d_ff, source_floats=lambda c, p: p * c.d_ff),
+    Site("heads_mlp", "one gate per attention head (head_out) and one per whole MLP block (mlp_out), per layer",
+         lambda c: c.n_heads + 1, kind="set", heads=True, blocks=True, lr=0.1, parts=("head_out", "mlp_out")),
+    Site("attn_keys", "attention keys after RoPE", lambda c: c.n_kv_heads, kind="capture"),
+    Site("attn_values", "attention values", lambda c: c.n_kv_heads, kind="capture"),
+)
+REGISTRY: dict[str, Site] = {entry.name: entry for entry in _ENTRIES}
+SITES: dict[str, str] = {s.name: s.description for s in _ENTRIES if s.kind != "capture"}  # what a search gates
+MODEL_SITES: tuple[str, ...] = tuple(s.name for s in _ENTRIES if s.kind == "model")       # what the forward gates
+CAPTURE_SITES: tuple[str, ...] = tuple(s.name for s in _ENTRIES if s.kind != "set")      # what it can capture
+
+
+def get_site(name: str) -> Site:
+    """The registry entry of a gated site or component set; a one-line error naming the known ones otherwise."""
+    if name not in SITES:
+        raise ValueError(f"unknown site {name!r}; known sites: {', '.join(SITES)}")
+    return REGISTRY[name]
+
+
+def model_sites(name: str) -> tuple[str, ...]:
+    """The model sites a site or component set gates."""
+    site = get_site(name)
+    return site.parts or (site.name,)
+
+
+def gate_shape(config: ModelConfig, name: str) -> tuple[int, int]:
+    """[L, C]: layers by components per layer."""
+    return config.n_layers, get_site(name).width(config)
+
+
+def expand_gates(config: ModelConfig, name: str, z: jax.Array) -> dict[str, jax.Array]:
+    """Model-site gates {site: [L, C_site]} of gates z [L, C] at a site or component set."""
+    if name == "heads_mlp":
+        heads = config.n_heads
+        return {"head_out": z[:, :heads], "mlp_out": jnp.broadcast_to(z[:, heads:], (config.n_layers, config.d_model))}
+    return {name: z}
+
+
+def component_labels(config: ModelConfig, name: str) -> list[str]:
+    """[L * C] readable component names in flat order, e.g. "L3.H7", "L3.MLP", "L3.N120"."""
+    site = get_site(name)
+    n_layers, width = gate_shape(config, name)
+    return [site.component_label(config, layer, index) for layer in range(n_layers) for index in range(width)]
+
+
+def source_bytes_per_pair(config: ModelConfig, name: str, prompt_length: int, prefix_length: int = 0) -> int:
+    """Float32 bytes one pair's cached sources take (every model site `name` gates, over all layers), plus the
+    keys and values of its `prefix_length` shared-prefix tokens."""
+    floats = sum(REGISTRY[part].source_floats(config, prompt_length) for part in model_sites(name))
+    keys_values = 2 * prefix_length * config.n_kv_heads * config.head_dim
+    return 4 * config.n_layers * (floats + keys_values)
+
+
+def default_lr(name: str) -> float:
+    return get_site(name).lr
+
+
+def full_gates(config: ModelConfig, sites, value: float = 0.0, dtype=jnp.float32) -> dict[str, jax.Array]:
+    """Gates of constant `value` for each site."""
+    return {site: jnp.full(gate_shape(config, site), value, dtype) for site in sites}
+
+
+def source_length(name: str, source: jax.Array) -> int:
+    """The number of (query) token positions a captured source [L, B, ...] covers."""
+    return source.shape[1 + REGISTRY[name].query_axis]
+
+
+def pad_source(name: str, source: jax.Array, length: int, n_memory: int = 0) -> jax.Array:
+    """Zero-pad a captured source [L, B, ...] along its token axes up to `length` query tokens (and, for attention
+    patterns, `n_memory` + `length` keys)."""
+    site = REGISTRY[name]
+    src_len = source_length(name, source)
+    if src_len > length:
+        raise ValueError(f"source for {name!r} has {src_len} tokens, more than the {length} of the live input")
+    pad = [(0, 0)] * source.ndim
+    pad[1 + site.query_axis] = (0, length - src_len)
+    if site.key_axis is not None:
+        keys = source.shape[1 + site.key_axis]
+        if keys > n_memory + length:
+            raise ValueError(f"source for {name!r} has {keys} keys, more than the {n_memory + length} the live "
+                             "input attends to")
+        pad[1 + site.key_axis] = (0, n_memory + length - keys)
+    return jnp.pad(source, pad) if any(p != (0, 0) for p in pad) else source
+
+
+def check_gates(config: ModelConfig, gates: Gates | None, source: Activations | None) -> None:
+    """Raise a clear error when gates and source do not match the model or each other."""
+    if not gates:
+        return
+    for site, gate in gates.items():
+        if site not in MODEL_SITES:
+            raise ValueError(f"the forward takes gates at model sites ({', '.join(MODEL_SITES)}), got {site!r}; "
+                             "expand a component set's gates with expand_gates")
+        expected = gate_shape(config, site)
+        if tuple(gate.shape) != expected:
+            raise ValueError(f"gate for {site!r} has shape {tuple(gate.shape)}, "
+                             f"expected {expected} [layers, components]")
+        if source is None or site not in source:
+            raise ValueError(f"gates at {site!r} need a source activation for that site (see Model.capture)")
+        if source[site].shape[0] != config.n_layers:
+            raise ValueError(f"source for {site!r} has {source[site].shape[0]} layers, the model {config.n_layers}")

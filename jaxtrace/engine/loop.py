@@ -1,0 +1,184 @@
+"""The driver of PGB-CT runs: epochs of batches through the jitted update, the per-epoch evaluation of each run's
+binary mask, and callbacks where the run layer checkpoints, logs and shows progress (this module writes and prints
+nothing).
+
+Several runs that differ only in λ1, λ2 and seed are optimised together: z [R, L, C], one vmapped step, one
+compilation; each run keeps its own Adam state, schedule and seeded pair order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxtrace.core import objective as core
+from jaxtrace.core.search import SearchConfig, SearchState, pgbct, select
+from jaxtrace.engine import mesh as meshes
+from jaxtrace.engine.objective import Objective, check_finite, mask_effects
+
+SWEEPABLE = ("lambda1", "lambda2", "seed")  # what runs optimised together may differ in
+
+
+@dataclasses.dataclass
+class SearchResult:
+    config: SearchConfig     # resolved (learning rate and transform filled in)
+    z: np.ndarray            # [L, C] final soft gates
+    mask: np.ndarray         # [L, C] selected components
+    history: list[dict]      # one row per epoch
+    steps: list[dict]        # one row per optimiser step
+    seconds: float           # wall time of the whole (swept) search
+
+
+@functools.lru_cache(maxsize=None)
+def training_program(spec: core.ObjectiveSpec, config: SearchConfig, mesh: Mesh | None):
+    """The jitted step of R runs optimised together (vmapped `pgbct(...).update`),
+    (state [R, ...], params, batch [R, G, ...], cache [R, G, ...], λ1 [R], λ2 [R]) -> (state, stats [R, ...]).
+    One program per spec, static config and mesh; `config`'s λ and seed do not enter it."""
+    search = pgbct(spec, config)
+    return meshes.jit(jax.vmap(search.update, in_axes=(0, None, 0, 0, 0, 0)), mesh), search.init
+
+
+def _static(config: SearchConfig) -> SearchConfig:
+    """The part of a resolved config that the compiled step depends on."""
+    return config.replace(lambda1=0.0, lambda2=0.0, seed=0, epochs=1)
+
+
+def resolve(objective: Objective, configs: list[SearchConfig]) -> list[SearchConfig]:
+    """The configs with the site's and metric's defaults filled in, checked to be runnable together."""
+    configs = [c.resolve(objective.site, objective.metric) for c in configs]
+    fixed = [{k: v for k, v in dataclasses.asdict(c).items() if k not in SWEEPABLE} for c in configs]
+    if any(f != fixed[0] for f in fixed):
+        raise ValueError(f"runs optimised together may differ only in {', '.join(SWEEPABLE)}")
+    return configs
+
+
+def training_step(objective: Objective, config: SearchConfig, fresh: bool = False):
+    """(step, init) of runs of `config` on `objective`, as `run_searches` compiles them (see `training_program`);
+    `fresh`: a new program object rather than the cached one (lowering it traces anew; for timing compilation)."""
+    make = training_program.__wrapped__ if fresh else training_program
+    return make(objective.spec, _static(resolve(objective, [config])[0]), objective.batcher.mesh)
+
+
+def stacked_inputs(objective: Objective, batches: list[np.ndarray], shape=None):
+    """The device batch and cache of R runs' batches of pair indices, stacked on a leading run axis."""
+    inputs = [objective.inputs(idx, shape) for idx in batches]
+    return objective.batcher.put(jax.tree.map(lambda *xs: np.stack(xs), *inputs), 1)
+
+
+def initial_state(objective: Objective, configs: list[SearchConfig]) -> dict:
+    """The host state of R runs before their first epoch: {"z": [R, L, C], "opt_state", "keys": [R, 2]}; also the
+    structure a checkpoint restores into."""
+    configs = resolve(objective, configs)
+    _, init = training_step(objective, configs[0])
+    z = np.full((len(configs), *objective.shape), configs[0].init, np.float32)
+    keys = np.stack([jax.random.key_data(jax.random.key(c.seed)) for c in configs])
+    return {"z": z, "opt_state": jax.tree.map(np.asarray, jax.vmap(init)(z).opt_state), "keys": keys}
+
+
+def run_searches(objective: Objective, configs: list[SearchConfig], start: tuple[dict, dict] | None = None,
+                 on_step: Callable[[int, dict], None] | None = None,
+                 on_epoch: Callable[[int, dict, dict], None] | None = None) -> list[SearchResult]:
+    """Optimise R runs together for `configs[0].epochs` epochs and return each run's result.
+
+    `start`: (host state, meta) of a checkpoint to continue from (see `initial_state` and `on_epoch`).
+    `on_step(epoch, stats)` is called after every step with the host stats (mean over runs of loss and selection);
+    `on_epoch(epochs done, host state, meta)` after every epoch with what resumes the runs.
+    """
+    configs = resolve(objective, configs)
+    config, n_runs, batcher = configs[0], len(configs), objective.batcher
+    program, _ = training_step(objective, config)
+    state = initial_state(objective, configs)
+    histories, steps, start_epoch, seconds = [[] for _ in configs], [], 0, 0.0
+    if start is not None:
+        state, meta = start
+        histories, steps, start_epoch, seconds = meta["histories"], meta["steps"], meta["epochs_done"], meta["seconds"]
+        if start_epoch > config.epochs:
+            raise ValueError(f"the checkpoint has {start_epoch} epochs done; --epochs {config.epochs} is fewer")
+    search_state = batcher.replicate(SearchState(state["z"], state["opt_state"]))  # whole on every device
+    keys = jax.random.wrap_key_data(state["keys"])
+    epochs = range(start_epoch, config.epochs)
+    orders = {epoch: [batcher.epoch(k, epoch) for k in keys] for epoch in epochs}
+    # One packed shape for every step of the run: one compilation.
+    every_batch = [idx for runs in orders.values() for order in runs for idx in order]
+    shape = batcher.shape(every_batch) if every_batch else None
+    n_batches = len(batcher.in_order)
+    evaluated: dict[int, tuple[bytes, float]] = {}  # run -> (binary mask, its effect), re-evaluated on change
+    for epoch in epochs:
+        began = time.perf_counter()
+        lambdas = [np.array([c.lambdas(epoch)[i] for c in configs], np.float32) for i in (0, 1)]
+        lambda1, lambda2 = batcher.replicate(tuple(lambdas))
+        gates_before, pending = [], []
+        for i in range(n_batches):  # one step in flight while the host packs the next batch
+            batch, cache = stacked_inputs(objective, [order[i] for order in orders[epoch]], shape)
+            gates_before.append(search_state.z)
+            search_state, stats = program(search_state, objective.params, batch, cache, lambda1, lambda2)
+            pending.append(stats)
+            if i and on_step is not None:
+                on_step(epoch, jax.device_get(pending[i - 1]))
+        if on_step is not None:
+            on_step(epoch, jax.device_get(pending[-1]))
+        stats = jax.device_get(pending)
+        for i, row in enumerate(stats):
+            for run, order in enumerate(orders[epoch]):
+                check_finite(objective, row["effects"][run, : len(order[i])], order[i], gates_before[i][run])
+            for run in range(n_runs):
+                steps.append({"run": run, "epoch": epoch, "step": i,
+                              **{k: v[run].item() for k, v in row.items() if k != "effects"}})
+        z = np.asarray(search_state.z)
+        masks = np.stack([select(zr, c.threshold, c.max_components) for zr, c in zip(z, configs)])
+        changed = [run for run in range(n_runs) if evaluated.get(run, (None,))[0] != masks[run].tobytes()]
+        if changed:
+            for run, effect in zip(changed, mask_effects(objective, masks[changed].astype(np.float32)).mean(1)):
+                evaluated[run] = (masks[run].tobytes(), float(effect))
+        seconds += time.perf_counter() - began
+        for run, history in enumerate(histories):
+            history.append({"epoch": epoch + 1, "loss": float(np.mean([r["loss"][run] for r in stats])),
+                            "metric": float(np.mean([r["metric"][run] for r in stats])),
+                            "lambda1": float(lambdas[0][run]), "lambda2": float(lambdas[1][run]),
+                            "selected": int(masks[run].sum()), "effect": evaluated[run][1], "seconds": seconds})
+        if on_epoch is not None:
+            on_epoch(epoch + 1, {"z": search_state.z, "opt_state": search_state.opt_state, "keys": state["keys"]},
+                     {"configs": [dataclasses.asdict(c) for c in configs], "epochs_done": epoch + 1,
+                      "histories": histories, "steps": steps, "seconds": seconds})
+    z = np.asarray(search_state.z)
+    return [SearchResult(c, z[run], select(z[run], c.threshold, c.max_components), histories[run],
+                         [{k: v for k, v in row.items() if k != "run"} for row in steps if row["run"] == run],
+                         seconds) for run, c in enumerate(configs)]
+
+
+def run_search(objective: Objective, config: SearchConfig, **kwargs) -> SearchResult:
+    """One run (see `run_searches`)."""
+    return run_searches(objective, [config], **kwargs)[0]
+
+
+def find_target_size(objective: Objective, config: SearchConfig, target: int, n_lambdas: int = 6,
+                     rounds: int = 2, on_step=None) -> tuple[SearchResult, list[SearchResult]]:
+    """The run whose circuit size is closest to `target`, from λ sweeps run as one vmapped program each.
+
+    Round 1 scales (λ1, λ2) by factors geomspace(1e-2, 1e2, n_lambdas); each later round sweeps n_lambdas factors
+    between the two that bracket the target (circuits shrink as λ grows). The cost is `rounds` sweeps, i.e. about
+    rounds x n_lambdas single runs of compute (vmapped: one compilation per round). Returns (best, every run).
+    """
+    if not 1 <= target <= objective.n_components:
+        raise ValueError(f"--target-size must be between 1 and {objective.n_components}, got {target}")
+    factors = np.geomspace(1e-2, 1e2, n_lambdas)
+    runs: list[tuple[float, SearchResult]] = []
+    for _ in range(rounds):
+        configs = [config.replace(lambda1=config.lambda1 * f, lambda2=config.lambda2 * f) for f in factors]
+        runs += zip(factors, run_searches(objective, configs, on_step=on_step))
+        sizes = {f: int(r.mask.sum()) for f, r in runs}
+        if any(size == target for size in sizes.values()):
+            break
+        above = [f for f, size in sizes.items() if size > target]
+        below = [f for f, size in sizes.items() if size < target]
+        low = max(above) if above else min(sizes) / 100
+        high = min(below) if below else max(sizes) * 100
+        factors = np.geomspace(low, high, n_lambdas + 2)[1:-1]
+    best = min(runs, key=lambda run: (abs(int(run[1].mask.sum()) - target), -run[0]))[1]
+    return best, [result for _, result in runs]

@@ -1,0 +1,235 @@
+"""A task's objective ready to run: the static spec, the parameters on the devices, the batcher and the cache; and
+the evaluation of many masks at once.
+
+    objective = build_objective(model, task, "attn_pattern")   # precomputes the cache (see `precompute_cache`)
+    objective.evaluate_masks(masks)                             # [M] mean effect of M masks [M, L, C]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxtrace.core import objective as core
+from jaxtrace.core.metrics import METRICS, PROBABILITY_RATIO, Metric, get_metric
+from jaxtrace.core.models import GatedLM, functional
+from jaxtrace.core.options import option
+from jaxtrace.core.records import Batch, Cache
+from jaxtrace.core.sites import SITES, gate_shape, get_site, source_bytes_per_pair
+from jaxtrace.engine import mesh as meshes
+from jaxtrace.engine.batcher import Batcher, PackShape
+from jaxtrace.tasks import EncodedTask
+
+
+class MetricNaNError(FloatingPointError):
+    """The metric is not finite for some examples."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectiveConfig:
+    """What is measured, and how much of it at once."""
+
+    site: str = option("attn_pattern", "gate site or component set", choices=tuple(SITES))
+    metric: str | None = option(None, "the effect measured (default: the task's; accuracy trains on the logit "
+                                "difference)", choices=tuple(METRICS))
+    batch_size: int = option(32, "pairs per batch")
+    memory_gb: float = option(2.0, "memory budget of one batched mask evaluation (sets how many masks run at once)")
+
+    def __post_init__(self):
+        get_site(self.site)
+        if self.metric is not None:
+            get_metric(self.metric)
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not (math.isfinite(self.memory_gb) and self.memory_gb > 0):
+            raise ValueError(f"memory_gb must be a positive number, got {self.memory_gb}")
+
+    @property
+    def memory_budget(self) -> int:
+        return int(self.memory_gb * 2**30)
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """A task's gated objective at one site: `spec` (what the compiled programs are specialised on), `params` (the
+    model's, placed on the mesh), `batcher` (host batches) and `cache` (the z-independent terms of every pair,
+    pair-major on the host; None: recomputed in every call)."""
+
+    spec: core.ObjectiveSpec
+    params: object
+    batcher: Batcher
+    cache: Cache | None
+
+    @property
+    def task(self) -> EncodedTask:
+        return self.batcher.task
+
+    @property
+    def site(self) -> str:
+        return self.spec.site
+
+    @property
+    def metric(self) -> Metric:
+        return self.spec.metric
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """[L, C] of the gates."""
+        return gate_shape(self.spec.config, self.spec.site)
+
+    @property
+    def n_components(self) -> int:
+        return math.prod(self.shape)
+
+    def inputs(self, idx: np.ndarray, shape: PackShape | None = None) -> tuple[Batch, Cache | None]:
+        """The host batch of pairs `idx` and its slice of the cache, both with a leading group axis."""
+        cache = None if self.cache is None else self.cache.take(self.batcher.group_index(idx))
+        return self.batcher.batch(idx, shape), cache
+
+    def mask_effects(self, masks, memory_budget: int = 2 << 30) -> np.ndarray:
+        return mask_effects(self, masks, memory_budget)
+
+    def evaluate_masks(self, masks, memory_budget: int = 2 << 30) -> np.ndarray:
+        """[M] mean effect over the task of each of M masks [M, L, C]."""
+        return mask_effects(self, masks, memory_budget).mean(1)
+
+    def effects(self, z) -> np.ndarray:
+        """[N] per-pair effects of gates z [L, C] (soft or binary), checked to be finite."""
+        return mask_effects(self, np.asarray(z)[None])[0]
+
+
+def build_objective(model: GatedLM, task: EncodedTask, site: str, batch_size: int = 32, cache: bool | None = None,
+                    cache_limit_bytes: int = 4 << 30, metric: str | Metric = PROBABILITY_RATIO,
+                    row_width: int | None = None, mesh: Mesh | None = None, share_prefix: bool = True) -> Objective:
+    """The objective of `task` at `site` on batches of `batch_size` pairs.
+
+    `cache=True` precomputes the counterfactual sources, prefix keys and values and ungated outputs once
+    (`precompute_cache`); `cache=False` recomputes them in every call (the reference's way; for checks); `None`
+    caches when they fit in `cache_limit_bytes`. On a `mesh` (`jaxtrace.engine.mesh`) a batch is split into one
+    group of pairs per `data` device and the parameters are sharded over `model`.
+    """
+    get_site(site)
+    metric = get_metric(metric)
+    check_task_fits(task, model.config)
+    if task.arrays.keep.any() and metric.trained.ratio:
+        raise ValueError(f"the task has invariance pairs, which {metric.name} cannot score: use logit_difference "
+                         "or accuracy")
+    noise_std = None
+    if task.noise is not None:  # the embedding std is measured on the model
+        noise_std = (task.noise.std if task.noise.std is not None else
+                     task.noise.scale * float(jnp.std(model.embed_tokens[...].astype(jnp.float32))))
+    batcher = Batcher(task, batch_size, mesh, row_width, share_prefix)
+    apply, params = functional(model)
+    if mesh is not None:
+        params = meshes.shard_params(params, mesh)
+    spec = core.ObjectiveSpec(apply, model.config, site, metric, noise_std,
+                              0 if task.noise is None else task.noise.seed, batcher.prefix_length)
+    cache_bytes = source_bytes_per_pair(model.config, site, task.arrays.cf_ids.shape[1], spec.prefix_length) * len(task)
+    if cache is None:
+        cache = cache_bytes <= cache_limit_bytes
+    elif cache and cache_bytes > cache_limit_bytes:
+        advice = "; head_out gates the same heads with memory linear in length" if site == "attn_pattern" else ""
+        raise MemoryError(f"caching {site} sources needs {cache_bytes / 2**30:.1f} GiB, over the "
+                          f"{cache_limit_bytes / 2**30:.1f} GiB limit; use cache=False{advice}")
+    objective = Objective(spec, params, batcher, None)
+    return dataclasses.replace(objective, cache=precompute_cache(objective)) if cache else objective
+
+
+def check_task_fits(task: EncodedTask, config) -> None:
+    """Refuse token ids outside the model's vocabulary (a tokenizer of another model) and rows longer than its
+    positions: both would give results that look valid."""
+    arrays = task.arrays
+    top = int(max(arrays.ids.max(), arrays.cf_ids.max(), arrays.target_ids.max()))
+    if top >= config.vocab_size or min(arrays.ids.min(), arrays.cf_ids.min()) < 0:
+        raise ValueError(f"the task has token id {top}, outside the model's vocabulary of {config.vocab_size}: the "
+                         "tokenizer does not belong to this model (--tokenizer)")
+    longest = int(arrays.mask.sum(-1).max())
+    if longest > config.max_positions:
+        raise ValueError(f"a prompt with its target takes {longest} tokens, more than the model's "
+                         f"{config.max_positions} positions")
+
+
+@functools.lru_cache(maxsize=None)
+def _precompute_program(spec: core.ObjectiveSpec, mesh: Mesh | None):
+    return meshes.jit(jax.vmap(functools.partial(core.precompute, spec), in_axes=(None, 0)), mesh)
+
+
+def precompute_cache(objective: Objective) -> Cache:
+    """The z-independent terms of every pair of the task, pair-major on the host ([N, ...] leaves)."""
+    batcher = objective.batcher
+    program = _precompute_program(objective.spec, batcher.mesh)
+    chunks = []
+    for idx in batcher.in_order:
+        group_cache = program(objective.params, batcher.put(batcher.batch(idx, batcher.in_order_shape)))
+        # [G, B, ...] -> [G * B, ...], the real pairs only
+        chunks.append(jax.tree.map(lambda a: np.asarray(a).reshape(-1, *a.shape[2:])[: len(idx)], group_cache))
+    return jax.tree.map(lambda *parts: np.concatenate(parts), *chunks)
+
+
+@functools.lru_cache(maxsize=None)
+def _mask_program(spec: core.ObjectiveSpec, mesh: Mesh | None):
+    """[M, G * B] effects of M masks [M, L, C] on one batch: one jitted, vmapped program per spec and mesh."""
+    effects = lambda params, z, batch, cache: core.batch_effects(spec, params, z, batch, cache)  # noqa: E731
+    return meshes.jit(jax.vmap(effects, in_axes=(None, 0, None, None)), mesh)
+
+
+def masks_per_chunk(objective: Objective, n_masks: int, memory_budget: int) -> int:
+    """How many masks one vmapped call evaluates: the budget over one mask's activation bytes for a batch.
+
+    Per mask, a packed batch keeps about 4 residual-width and 2 MLP-width vectors and one attention row (over
+    prefix slots and row keys) per token and layer-step, plus the logits and log-softmax at its logit positions
+    (float32).
+    """
+    c, batcher = objective.spec.config, objective.batcher
+    rows, n_logits = (batcher.groups * n for n in batcher.in_order_shape)
+    width, keys = batcher.packer.width, batcher.packer.width + batcher.packer.memory_width
+    per_mask = 4 * (rows * width * (4 * c.d_model + 2 * c.d_ff + 2 * c.n_heads * keys)
+                    + 2 * n_logits * c.vocab_size)
+    return int(max(1, min(n_masks, memory_budget // per_mask)))
+
+
+def mask_effects(objective: Objective, masks, memory_budget: int = 2 << 30) -> np.ndarray:
+    """[M, N] effect on every pair of each of M masks [M, L, C] (binary or soft), checked finite.
+
+    Each data batch is sent once; the masks go through one jitted, vmapped program in chunks of `masks_per_chunk`
+    (the last chunk padded, so every call has the same shape).
+    """
+    batcher = objective.batcher
+    masks = np.asarray(masks, np.float32)
+    n_masks = masks.shape[0]
+    chunk = masks_per_chunk(objective, n_masks, memory_budget)
+    padded = batcher.replicate(np.concatenate([masks, np.repeat(masks[:1], -n_masks % chunk, axis=0)]))
+    program = _mask_program(objective.spec, batcher.mesh)
+    out = np.empty((n_masks, len(objective.task)), np.float32)
+    for idx in batcher.in_order:
+        batch, cache = batcher.put(objective.inputs(idx, batcher.in_order_shape))
+        for start in range(0, n_masks, chunk):
+            values = program(objective.params, padded[start: start + chunk], batch, cache)
+            stop = min(start + chunk, n_masks)
+            out[start:stop, idx] = np.asarray(values)[: stop - start, : len(idx)]
+    for mask, row in zip(masks, out):
+        check_finite(objective, row, np.arange(len(objective.task)), mask)
+    return out
+
+
+def check_finite(objective: Objective, values: np.ndarray, idx: np.ndarray, z) -> None:
+    """Raise MetricNaNError naming the pairs whose effect under gates z is not finite.
+
+    A non-finite activation spreads to the pairs packed in the same row (a zero attention weight times NaN is NaN),
+    so flagged pairs are evaluated again each alone and those still non-finite are named.
+    """
+    flagged = [int(i) for i, v in zip(idx, values) if not math.isfinite(float(v))]
+    if not flagged:
+        return
+    batcher, program = objective.batcher, _mask_program(objective.spec, objective.batcher.mesh)
+    z = batcher.replicate(np.asarray(z, np.float32)[None])
+    alone = [i for i in flagged if not math.isfinite(float(
+        program(objective.params, z, *batcher.put(objective.inputs(np.array([i]))))[0, 0]))]
+    bad = [objective.task.pairs[i].label or str(i) for i in alone or flagged]
+    raise MetricNaNError(f"the metric is not finite for {len(bad)} examples: {', '.join(bad[:10])}")

@@ -1,0 +1,49 @@
+"""The user cache folder (`$JAXTRACE_CACHE`, else `$XDG_CACHE_HOME/jaxtrace`, else `~/.cache/jaxtrace`) and file
+digests kept there, so a large checkpoint is hashed once."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from jaxtrace.io.files import write_json
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("JAXTRACE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache",
+                                                    "jaxtrace")
+    return Path(root)
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def files_digest(paths: list[Path]) -> str:
+    """SHA-256 over the SHA-256s of `paths` (in order), each computed once per (path, size, mtime) and remembered
+    in the cache folder."""
+    index_path = cache_dir() / "digests.json"
+    try:
+        index = json.loads(index_path.read_text())
+    except (OSError, ValueError):
+        index = {}
+    digest, changed = hashlib.sha256(), False
+    for path in paths:
+        stat = Path(path).stat()
+        key = f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        if key not in index:
+            index[key], changed = sha256_file(Path(path)), True
+        digest.update(index[key].encode())
+    if changed:
+        try:
+            index_path.parent.mkdir(parents=True, exist_ok=True)
+            write_json(index_path, index, indent=None)
+        except OSError:
+            pass  # a read-only cache only costs hashing again
+    return digest.hexdigest()

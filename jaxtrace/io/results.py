@@ -1,0 +1,193 @@
+"""Result folders: one run per folder, held by one process at a time, knowing what run it holds, and finished only
+when every result file is in place.
+
+- A lock file (`.jaxtrace.lock`, holding the writer's host and pid) keeps a second process out while a run writes
+  the folder; a lock left by a dead process on this host is taken over.
+- `run.json` records the run's identity (model weights and config, task data and options, objective, search
+  hyperparameters; see `jaxtrace.runs.identity`). A folder that holds a run is refused unless the run is resumed
+  with the same identity (a mismatch names the field) or the user asks to `--overwrite` it.
+- Result files are written into `.staging/` and moved into place with the folder's `finished` file (e.g.
+  `circuit.json`) last, after removing the old one (Orbax's collective writes go straight into place, atomic by
+  themselves): a killed or failed write never leaves a folder that looks finished, and a finished folder always
+  holds the files of one run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Callable
+
+import jax
+
+from jaxtrace.engine.mesh import is_writer
+from jaxtrace.io.files import read_json, write_json
+
+LOCK = ".jaxtrace.lock"
+IDENTITY = "run.json"
+STAGING = ".staging"
+
+
+class FolderBusyError(FileExistsError):
+    """Another process holds the result folder."""
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    if isinstance(tree, dict):
+        return {k: v for key, value in tree.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def identity_differences(saved: dict, current: dict) -> list[str]:
+    """"field: saved -> current" for every field where two identities differ."""
+    old, new = _flatten(json.loads(json.dumps(saved))), _flatten(json.loads(json.dumps(current)))
+    return [f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
+            if old.get(key) != new.get(key)]
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class ResultFolder:
+    """The output folder of one run (use as a context manager: it holds the lock while open).
+
+    `identity`: the run's identity (JSON-able dict); `finished`: the file whose presence means the run finished;
+    `resume`: continue the run the folder holds (same identity); `overwrite`: discard whatever it holds;
+    `resumable`: whether the kind of run can resume at all (for the refusal's advice).
+    """
+
+    def __init__(self, path: str | Path, identity: dict, finished: str = "circuit.json", resume: bool = False,
+                 overwrite: bool = False, resumable: bool = True):
+        self.path, self.identity, self.finished = Path(path), identity, finished
+        self.resume, self.overwrite, self.resumable = resume, overwrite, resumable
+        self._locked = False
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    def holds_run(self) -> bool:
+        """Whether the folder holds (part of) a run: its identity, checkpoints or a finished result."""
+        checkpoints = self.checkpoints.is_dir() and any(p.name.isdigit() for p in self.checkpoints.iterdir())
+        return (self.path / IDENTITY).is_file() or (self.path / self.finished).exists() or checkpoints
+
+    def __enter__(self) -> ResultFolder:
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ValueError(f"--out {self.path}: cannot create the folder ({error.strerror or error})") from None
+        if not os.access(self.path, os.W_OK):
+            raise ValueError(f"--out {self.path}: the folder is not writable")
+        if is_writer():
+            self._lock()
+        try:
+            self._check()
+            _sync("jaxtrace-result-folder")
+            if is_writer():
+                if self.overwrite:
+                    self._clear()
+                write_json(self.path / IDENTITY, {"identity": self.identity})
+        except BaseException:
+            self._unlock()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._unlock()
+
+    def _check(self) -> None:
+        if self.overwrite or not self.holds_run():
+            return
+        if not self.resume:
+            what = "a finished run" if (self.path / self.finished).exists() else "an unfinished run"
+            advice = "pass --resume to continue (or re-report) it, " if self.resumable else ""
+            raise FileExistsError(f"{self.path} already holds {what}: {advice}pass --overwrite to replace it, or "
+                                  "choose another --out")
+        saved_file = self.path / IDENTITY
+        if not saved_file.is_file():
+            raise ValueError(f"{self.path} holds a run without {IDENTITY} (from an older jaxtrace?): cannot tell "
+                             "whether it is this run; use --overwrite or another --out")
+        saved = read_json(saved_file, "run identity")
+        differences = identity_differences(saved.get("identity", {}) if isinstance(saved, dict) else {},
+                                           self.identity)
+        if differences:
+            raise ValueError(f"cannot resume {self.path}: it holds a different run ({'; '.join(differences[:4])}"
+                             + ("; ..." if len(differences) > 4 else "") + "); use --overwrite or another --out")
+
+    def _lock(self) -> None:
+        lock = self.path / LOCK
+        mine = f"{socket.gethostname()} {os.getpid()}"
+        for _ in range(2):
+            try:
+                fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = lock.read_text(errors="replace").split()
+                if len(holder) == 2 and holder[0] == socket.gethostname() and holder[1].isdigit() \
+                        and not _pid_alive(int(holder[1])):
+                    lock.unlink(missing_ok=True)  # left by a process that died
+                    continue
+                who = f"process {holder[1]} on {holder[0]}" if len(holder) == 2 else "another process"
+                raise FolderBusyError(f"{self.path} is in use by {who} (lock {lock}); wait for it, or remove the "
+                                      "lock if no run uses the folder") from None
+            with os.fdopen(fd, "w") as f:
+                f.write(mine)
+            self._locked = True
+            return
+
+    def _unlock(self) -> None:
+        if self._locked:
+            (self.path / LOCK).unlink(missing_ok=True)
+            self._locked = False
+
+    def _clear(self) -> None:
+        """Remove everything a run wrote (for --overwrite)."""
+        for entry in self.path.iterdir():
+            if entry.name == LOCK:
+                continue
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+    def publish(self, writers: dict[str, Callable[[Path], None]],
+                collective: dict[str, Callable[[Path], None]] | None = None) -> None:
+        """Write result files: `writers[name](path)` (process 0) into the staging folder, then move them into place
+        with the `finished` file last; `collective[name](path)` (every process, e.g. an Orbax save, atomic by itself)
+        writes in place, after the old `finished` file is gone."""
+        staging = self.path / STAGING
+        if is_writer():
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir()
+            with contextlib.suppress(FileNotFoundError):
+                (self.path / self.finished).unlink()
+        _sync("jaxtrace-publish")
+        for name, write in (collective or {}).items():
+            write(self.path / name)
+        if not is_writer():
+            return
+        for name, write in writers.items():
+            write(staging / name)
+        for name in [*sorted(set(writers) - {self.finished}), self.finished]:
+            source, target = staging / name, self.path / name
+            if not source.exists():
+                continue
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            os.replace(source, target)
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _sync(name: str) -> None:
+    """Wait for every process (multi-host runs)."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(name)

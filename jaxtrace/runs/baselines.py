@@ -1,0 +1,187 @@
+"""Baseline searches on exactly PGB-CT's objective, each built on batched mask evaluation, and the `baseline` and
+`evaluate` runs.
+
+All maximise the mean indirect effect of a binary mask over the task's pairs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import time
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxtrace.core.metrics import Metric
+from jaxtrace.core.models import GatedLM
+from jaxtrace.core.options import option
+from jaxtrace.engine.objective import Objective, build_objective
+from jaxtrace.io.circuit import Circuit
+from jaxtrace.runs.common import Provenance, publish_circuit, result_folder, summarize
+from jaxtrace.tasks import EncodedTask
+
+METHODS = ("single", "topk", "greedy", "random", "exhaustive")
+
+
+def _one_hot(shape: tuple[int, int], flat: np.ndarray) -> np.ndarray:
+    masks = np.zeros((len(flat), shape[0] * shape[1]), np.float32)
+    masks[np.arange(len(flat)), flat] = 1.0
+    return masks.reshape(len(flat), *shape)
+
+
+def single_effects(objective: Objective, memory_budget: int = 2 << 30) -> np.ndarray:
+    """[L, N] mean effect of each component alone (every one-hot mask, batched)."""
+    shape = objective.shape
+    masks = _one_hot(shape, np.arange(objective.n_components))
+    return objective.mask_effects(masks, memory_budget).mean(1).reshape(shape)
+
+
+def topk(objective: Objective, k: int, single: np.ndarray | None = None, memory_budget: int = 2 << 30) -> np.ndarray:
+    """Mask [L, N] of the k components with the largest single effects."""
+    single = single_effects(objective, memory_budget) if single is None else single
+    order = np.argsort(-single, axis=None, kind="stable")[:k]
+    return _one_hot(single.shape, order).sum(0) > 0
+
+
+def greedy_path(objective: Objective, k: int, memory_budget: int = 2 << 30,
+                candidates: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, float]]:
+    """Forward selection: yields (mask [L, N], mean effect) for sizes 1..k, each adding the candidate that
+    maximises the mean effect.
+
+    Every round evaluates all remaining candidates (default: every component; or the flat indices given, e.g. the
+    best by single effect, to bound the cost) as one batch of masks.
+    """
+    shape = objective.shape
+    pool = np.zeros(objective.n_components, bool)
+    pool[np.arange(objective.n_components) if candidates is None else candidates] = True
+    if not 1 <= k <= pool.sum():
+        raise ValueError(f"greedy size {k} needs between 1 and {int(pool.sum())} candidates")
+    current = np.zeros(objective.n_components, np.float32)
+    for _ in range(k):
+        remaining = np.flatnonzero(pool & (current == 0))
+        masks = np.repeat(current[None], len(remaining), axis=0)
+        masks[np.arange(len(remaining)), remaining] = 1.0
+        effects = objective.mask_effects(masks.reshape(-1, *shape), memory_budget).mean(1)
+        best = int(np.argmax(effects))
+        current = masks[best]
+        yield current.reshape(shape) > 0, float(effects[best])
+
+
+def greedy(objective: Objective, k: int, memory_budget: int = 2 << 30,
+           candidates: np.ndarray | None = None) -> list[np.ndarray]:
+    """Greedy masks of sizes 1..k (see `greedy_path`)."""
+    return [mask for mask, _ in greedy_path(objective, k, memory_budget, candidates)]
+
+
+def random_best(objective: Objective, k: int, n_samples: int, seed: int = 0, memory_budget: int = 2 << 30,
+                with_effect: bool = False) -> np.ndarray | tuple[np.ndarray, float]:
+    """The best of `n_samples` uniformly random subsets of size k (seeded), with its mean effect if asked."""
+    rng = np.random.default_rng(seed)
+    shape = objective.shape
+    masks = np.zeros((n_samples, objective.n_components), np.float32)
+    for row in masks:
+        row[rng.choice(objective.n_components, size=k, replace=False)] = 1.0
+    effects = objective.mask_effects(masks.reshape(-1, *shape), memory_budget).mean(1)
+    best = int(np.argmax(effects))
+    mask = masks[best].reshape(shape) > 0
+    return (mask, float(effects[best])) if with_effect else mask
+
+
+def count_subsets(n: int, k: int) -> int:
+    """Number of non-empty subsets of size at most k."""
+    return sum(math.comb(n, size) for size in range(1, k + 1))
+
+
+def exhaustive(objective: Objective, k: int, max_masks: int = 100_000,
+               memory_budget: int = 2 << 30) -> list[np.ndarray]:
+    """The best mask of each size 1..k over all subsets; refused when there are more than `max_masks`."""
+    n = objective.n_components
+    total = count_subsets(n, k)
+    if total > max_masks:
+        raise ValueError(f"exhaustive search up to size {k} over {n} components means {total:,} masks, over the "
+                         f"limit of {max_masks:,}: lower --k or use greedy")
+    shape = objective.shape
+    best = []
+    for size in range(1, k + 1):
+        subsets = np.array(list(itertools.combinations(range(n), size)))
+        masks = np.zeros((len(subsets), n), np.float32)
+        np.put_along_axis(masks, subsets, 1.0, axis=1)
+        effects = objective.mask_effects(masks.reshape(-1, *shape), memory_budget).mean(1)
+        best.append(masks[int(np.argmax(effects))].reshape(shape) > 0)
+    return best
+
+
+@dataclasses.dataclass(frozen=True)
+class BaselineConfig:
+    """A baseline search for a circuit of size k."""
+
+    method: str = option("topk", "the search", choices=METHODS)
+    k: int = option(8, "circuit size (single: the heat map, the top k selected)")
+    samples: int = option(100, "random: subsets drawn")
+    random_seed: int = option(0, "random: the subsets' seed")
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"unknown baseline {self.method!r}; known: {', '.join(METHODS)}")
+        if self.k < 1 or self.samples < 1:
+            raise ValueError(f"--k and --samples must be >= 1, got {self.k} and {self.samples}")
+
+
+def run_baseline(objective: Objective, method: str, k: int, n_samples: int = 100, seed: int = 0,
+                 memory_budget: int = 2 << 30) -> tuple[np.ndarray, dict]:
+    """(mask [L, C] of size k, extras) for one method; `single` selects like `topk` and returns the effect map."""
+    if method not in METHODS:
+        raise ValueError(f"unknown baseline {method!r}; known: {', '.join(METHODS)}")
+    if not 1 <= k <= objective.n_components:
+        raise ValueError(f"--k must be between 1 and {objective.n_components}, got {k}")
+    start = time.perf_counter()
+    extras: dict = {}
+    if method in ("single", "topk"):
+        single = single_effects(objective, memory_budget)
+        extras["single_effects"] = single
+        mask = topk(objective, k, single)
+    elif method == "greedy":
+        mask = greedy(objective, k, memory_budget)[-1]
+    elif method == "random":
+        mask = random_best(objective, k, n_samples, seed, memory_budget)
+    else:
+        mask = exhaustive(objective, k, memory_budget=memory_budget)[-1]
+    extras["seconds"] = time.perf_counter() - start
+    return mask, extras
+
+
+def baseline(model: GatedLM, task: EncodedTask, site: str, config: BaselineConfig, *, batch_size: int = 32,
+             metric: str | Metric = "probability_ratio", memory_budget: int = 2 << 30, mesh: Mesh | None = None,
+             out: str | Path | None = None, overwrite: bool = False, provenance: Provenance = Provenance()) -> Circuit:
+    """A baseline circuit of size k, scored like a PGB-CT circuit; with `out`, written like one (no checkpoints)."""
+    objective = build_objective(model, task, site, batch_size, metric=metric, mesh=mesh)
+    settings = dataclasses.asdict(config)
+    with result_folder(out, "baseline", objective, provenance, settings, overwrite=overwrite) as folder:
+        mask, extras = run_baseline(objective, config.method, config.k, config.samples, config.random_seed, memory_budget)
+        circuit, effects = summarize(objective, mask, mask.astype(np.float32), provenance, config.method, settings,
+                                     [], extras["seconds"])
+        single = extras.get("single_effects")
+        if single is not None:
+            circuit = dataclasses.replace(circuit, single_effects=single.tolist())
+        if folder is not None:
+            publish_circuit(folder, circuit, effects, objective, [], single)
+    return circuit
+
+
+def evaluate_selection(objective: Objective, selected: list[list[int]]) -> dict:
+    """Mean effect of a subset of components ([[layer, index], ...]), of all and of none, on the objective."""
+    n_layers, width = objective.shape
+    mask = np.zeros(objective.shape, np.float32)
+    for layer, index in selected:
+        if not (0 <= layer < n_layers and 0 <= index < width):
+            raise ValueError(f"component {layer}.{index} is outside the {n_layers} x {width} {objective.site} grid")
+        mask[layer, index] = 1.0
+    # One mask at a time, as `summarize` scores a circuit: the same program, the same numbers.
+    effects = [float(objective.effects(m).mean()) for m in (mask, np.ones_like(mask), np.zeros_like(mask))]
+    return {"site": objective.site, "metric": objective.metric.name, "n_selected": int(mask.sum()),
+            "n_components": objective.n_components, "n_pairs": len(objective.task), "effect": effects[0],
+            "effect_all": effects[1], "effect_none": effects[2]}

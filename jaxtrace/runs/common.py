@@ -1,0 +1,141 @@
+"""What every run shares: where its model and task came from, its identity, the circuit it reports and the files
+it writes (through `jaxtrace.io.results.ResultFolder`)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+from pathlib import Path
+from typing import Iterator
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from jaxtrace.core.sites import component_labels
+from jaxtrace.engine.mesh import is_writer
+from jaxtrace.engine.objective import Objective
+from jaxtrace.io import plots
+from jaxtrace.io.checkpoints import save_tree
+from jaxtrace.io.circuit import Circuit
+from jaxtrace.io.files import write_csv
+from jaxtrace.io.loading import weights_digest
+from jaxtrace.io.results import ResultFolder
+from jaxtrace.tasks import TaskSpec, task_digest
+
+
+@dataclasses.dataclass(frozen=True)
+class Provenance:
+    """Where a run's model and task came from, as the user named them: the model (a name, folder or file) and the
+    task's spec. Either may be None for objects built in Python; the weights are then identified by their values."""
+
+    model: str | None = None
+    task: TaskSpec | None = None
+
+    def describe(self) -> dict:
+        """The circuit.json fields "model", "task", "data", "task_options"."""
+        task = self.task
+        return {"model": self.model, "task": None if task is None else task.task,
+                "data": None if task is None else task.data, "task_options": {} if task is None else task.options()}
+
+
+def params_digest(params) -> str:
+    """SHA-256 of a model's parameter values (for models that do not come from a file)."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(params):
+        value = np.asarray(jax.device_get(leaf))
+        digest.update(f"{value.shape}{value.dtype}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()
+
+
+def identity(kind: str, objective: Objective, provenance: Provenance, settings: dict) -> dict:
+    """What makes two runs the same run: the kind of run, the model's config and weights, the task's data (as
+    tokenised) and options, the objective and the method's settings. Names and paths are not part of it (a moved
+    file is the same data); the mesh is not (results do not depend on it)."""
+    weights = (weights_digest(provenance.model) if provenance.model is not None
+               else params_digest(objective.params))
+    return {"kind": kind,
+            "model": {"config": dataclasses.asdict(objective.spec.config), "weights": weights},
+            "task": {"pairs": task_digest(objective.task),
+                     "options": None if provenance.task is None else provenance.task.options()},
+            "objective": {"site": objective.site, "metric": objective.metric.name,
+                          "batch_size": objective.batcher.batch_size},
+            "settings": settings}
+
+
+def circuit_status(n_selected: int, n_components: int, method: str = "pgbct") -> str:
+    advice = method == "pgbct"
+    if n_selected == 0:
+        return "empty: no component was selected" + ("; lower --lambda1/--lambda2 (or use --penalty mean)" * advice)
+    if n_selected == n_components:
+        return "full: every component was selected" + ("; raise --lambda1" * advice)
+    return "ok"
+
+
+def summarize(objective: Objective, mask: np.ndarray, z: np.ndarray, provenance: Provenance, method: str,
+              settings: dict, history: list[dict], seconds: float) -> tuple[Circuit, np.ndarray]:
+    """(the circuit of a binary mask [L, C] found from soft gates z, per-pair effects [N] of the mask)."""
+    # One mask at a time: the program the per-epoch evaluation already compiled, and no gates give exactly 0.
+    effects = [objective.effects(m.astype(np.float32)) for m in (mask, np.ones_like(mask), np.zeros_like(mask))]
+    config = objective.spec.config
+    labels = component_labels(config, objective.site)
+    selected = [[int(layer), int(index)] for layer, index in zip(*np.nonzero(mask))]
+    circuit = Circuit(
+        site=objective.site, method=method, metric=objective.metric.name, model_config=dataclasses.asdict(config),
+        selected=selected, z=np.asarray(z, np.float32).tolist(), effect=float(effects[0].mean()),
+        effect_all=float(effects[1].mean()), effect_none=float(effects[2].mean()), n_pairs=len(objective.task),
+        seconds=seconds, status=circuit_status(len(selected), objective.n_components, method),
+        batch_size=objective.batcher.batch_size, search=settings, history=history,
+        skipped=[list(s) for s in objective.task.skipped],
+        selected_names=[labels[layer * mask.shape[1] + index] for layer, index in selected],
+        **provenance.describe())
+    return circuit, effects[0]
+
+
+def publish_circuit(folder: ResultFolder, circuit: Circuit, effects: np.ndarray, objective: Objective,
+                    steps: list[dict], single_effects: np.ndarray | None = None) -> None:
+    """circuit.json (last), examples.csv, log.csv (searches), the final z (Orbax, `z/`) and the plots."""
+    z = np.asarray(circuit.z, np.float32)
+    writers = {
+        "examples.csv": lambda path: write_csv(path, [
+            {"label": p.label, "base": p.base, "counterfactual": p.counterfactual, "effect": float(e)}
+            for p, e in zip(objective.task.pairs, effects)]),
+        "z_map.png": lambda path: plots.plot_gate_map(
+            z, circuit.mask(), objective.site, path,
+            f"{circuit.model or ''} {circuit.task or ''}: {circuit.n_selected} of {circuit.n_components}"),
+        "circuit.json": circuit.write,
+    }
+    if steps:
+        writers["log.csv"] = lambda path: write_csv(path, steps)
+        writers["effect_per_epoch.png"] = lambda path: plots.plot_effect_history(circuit.history, circuit.effect_all,
+                                                                                 path)
+    if single_effects is not None:
+        writers["single_effects.png"] = lambda path: plots.plot_single_effects(single_effects, objective.site, path)
+    folder.publish(writers, collective={"z": lambda path: save_tree(path, {"z": z})})
+
+
+@contextlib.contextmanager
+def progress_bar(total: int, desc: str, enabled: bool = True) -> Iterator:
+    """`on_step(epoch, stats)` for `jaxtrace.engine.loop`, moving a progress bar (process 0 only)."""
+    bar = tqdm(total=total, disable=not (enabled and is_writer()), desc=desc, unit="step")
+
+    def on_step(epoch: int, stats: dict) -> None:
+        bar.update()
+        bar.set_postfix(epoch=epoch + 1, loss=f"{np.mean(stats['loss']):.4f}",
+                        selected=int(np.mean(stats["selected"])))
+
+    try:
+        yield on_step
+    finally:
+        bar.close()
+
+
+def result_folder(out: str | Path | None, kind: str, objective: Objective, provenance: Provenance, settings: dict,
+                  resume: bool = False, overwrite: bool = False, finished: str = "circuit.json"):
+    """The locked result folder of a run (a null context without `out`); only `trace` runs resume."""
+    if out is None:
+        return contextlib.nullcontext(None)
+    return ResultFolder(out, identity(kind, objective, provenance, settings), finished, resume, overwrite,
+                        resumable=kind == "trace")

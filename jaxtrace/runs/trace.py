@@ -1,0 +1,82 @@
+"""`trace`: a model, a task and a site in; a circuit with its effect, plots and checkpoints out."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+from jax.sharding import Mesh
+
+from jaxtrace.core.metrics import Metric
+from jaxtrace.core.models import GatedLM
+from jaxtrace.core.search import SearchConfig
+from jaxtrace.engine.loop import find_target_size, initial_state, resolve, run_search
+from jaxtrace.engine.objective import Objective, build_objective
+from jaxtrace.io.checkpoints import EpochCheckpoints
+from jaxtrace.io.circuit import Circuit
+from jaxtrace.runs.common import Provenance, progress_bar, publish_circuit, result_folder, summarize
+from jaxtrace.tasks import EncodedTask
+
+
+def trace(model: GatedLM, task: EncodedTask, site: str = "attn_pattern", config: SearchConfig = SearchConfig(), *,
+          batch_size: int = 32, metric: str | Metric | None = None, mesh: Mesh | None = None,
+          out: str | Path | None = None, resume: bool = False, overwrite: bool = False,
+          target_size: int | None = None, progress: bool = True, provenance: Provenance = Provenance()) -> Circuit:
+    """Run PGB-CT on `task` at `site` and return the circuit; with `out`, checkpoint every epoch and write the
+    result folder there (see `trace_objective`). `metric` defaults to the task's (`TaskSpec.default_metric`)."""
+    if metric is None:
+        metric = "probability_ratio" if provenance.task is None else provenance.task.default_metric
+    objective = build_objective(model, task, site, batch_size, metric=metric, mesh=mesh)
+    return trace_objective(objective, config, out=out, resume=resume, overwrite=overwrite, target_size=target_size,
+                           progress=progress, provenance=provenance)
+
+
+def trace_objective(objective: Objective, config: SearchConfig = SearchConfig(), *, out: str | Path | None = None,
+                    resume: bool = False, overwrite: bool = False, target_size: int | None = None,
+                    progress: bool = True, provenance: Provenance = Provenance()) -> Circuit:
+    """PGB-CT on a built objective.
+
+    With `out`, the run holds that folder (`jaxtrace.io.results`), saves a checkpoint after every epoch and, at the
+    end, writes circuit.json (last), examples.csv, log.csv, z/, z_map.png and effect_per_epoch.png. `resume`
+    continues the run the folder holds (a killed run, or a finished one to more epochs; the same run only);
+    `overwrite` replaces it. With `target_size`, λ is searched by vmapped sweeps (`find_target_size`; not
+    checkpointed) and the run whose circuit size is closest is kept. On a mesh every process runs this call;
+    checkpoints are written collectively and the other files by process 0.
+    """
+    resolved = resolve(objective, [config])[0]
+    settings = {k: v for k, v in dataclasses.asdict(resolved).items() if k != "epochs"}
+    if target_size is not None:
+        settings["target_size"] = target_size
+    with result_folder(out, "trace", objective, provenance, settings, resume, overwrite) as folder:
+        began = time.perf_counter()
+        if target_size is None:
+            result = _search(objective, config, folder, resume, progress)
+            record, seconds = dataclasses.asdict(result.config), result.seconds
+        else:
+            with progress_bar(None, "PGB-CT λ search", progress) as on_step:
+                result, runs = find_target_size(objective, config, target_size, on_step=on_step)
+            record = {**dataclasses.asdict(result.config), "target_size": target_size,
+                      "sweep": [{"lambda1": r.config.lambda1, "lambda2": r.config.lambda2, "size": int(r.mask.sum())}
+                                for r in runs]}
+            seconds = time.perf_counter() - began
+        circuit, effects = summarize(objective, result.mask, result.z, provenance, "pgbct", record, result.history,
+                                     seconds)
+        if folder is not None:
+            publish_circuit(folder, circuit, effects, objective, result.steps)
+    return circuit
+
+
+def _search(objective: Objective, config: SearchConfig, folder, resume: bool, progress: bool):
+    """One checkpointed run (resumed from the folder's latest checkpoint if asked)."""
+    checkpoints = None if folder is None else EpochCheckpoints(folder.checkpoints)
+    try:
+        start = checkpoints.restore(initial_state(objective, [config])) if resume and checkpoints else None
+        done = 0 if start is None else start[1]["epochs_done"]
+        total = max(config.epochs - done, 0) * len(objective.batcher.in_order)
+        on_epoch = None if checkpoints is None else checkpoints.save
+        with progress_bar(total, "PGB-CT", progress) as on_step:
+            return run_search(objective, config, start=start, on_step=on_step, on_epoch=on_epoch)
+    finally:
+        if checkpoints is not None:
+            checkpoints.close()
