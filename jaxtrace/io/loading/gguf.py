@@ -16,7 +16,7 @@ import gguf
 import numpy as np
 
 if TYPE_CHECKING:
-    from transformers import PreTrainedTokenizerBase
+    from transformers import PreTrainedTokenizerFast
 
 SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2")
 
@@ -104,16 +104,16 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     return config, state_dict
 
 
-def gguf_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerBase:
-    """The tokenizer stored in the GGUF file (transformers' own GGUF tokenizer conversion; no network).
+def gguf_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
+    """The tokenizer stored in the GGUF file's metadata (`tokenizer.ggml.*`), as transformers' own GGUF tokenizer
+    conversion builds it, without torch or network (`jaxtrace.io.loading.gguf_tokenizer`; byte-level BPE `gpt2` and
+    sentencepiece-style `llama` vocabularies).
 
-    Built as `AutoTokenizer.from_pretrained(folder, gguf_file=name)` builds it (so a `tokenizer_config.json` next
-    to the file would take part, as it does there). Raises FileNotFoundError, or ValueError for a non-GGUF file.
+    Raises FileNotFoundError, or ValueError for a non-GGUF file, an unsupported tokenizer model or missing metadata.
     """
-    from transformers import AutoTokenizer
+    from jaxtrace.io.loading.gguf_tokenizer import tokenizer_from_gguf
 
-    path = Path(_check_gguf_file(path))
-    return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    return tokenizer_from_gguf(_check_gguf_file(path))
 
 
 def _check_gguf_file(path: str | os.PathLike) -> str:
