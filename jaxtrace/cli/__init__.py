@@ -282,10 +282,12 @@ def _console():
     handler.addFilter(lambda record: is_writer())
     log.addHandler(handler)
     log.setLevel(logging.INFO)
+    propagate, log.propagate = log.propagate, False  # not again through a root handler another library set up
     try:
         yield
     finally:
         log.removeHandler(handler)
+        log.propagate = propagate
 
 
 def main(argv: list[str] | None = None) -> int:
