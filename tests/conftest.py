@@ -7,7 +7,12 @@ os.environ.setdefault("JAX_ENABLE_X64", "0")
 
 from pathlib import Path
 
+import jax
 import pytest
+
+# JAX test habits: no silent dtype widening, no implicit broadcasting of arrays of different ranks.
+jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

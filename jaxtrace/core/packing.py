@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxtrace.core.records import KeysValues, PackedRows, TaskArrays
+from jaxtrace.core.sites import REGISTRY
 
 
 def shared_prefix_lengths(task: TaskArrays) -> np.ndarray:
@@ -165,10 +166,11 @@ def pack_source(site: str, source: jax.Array, rows: PackedRows) -> jax.Array:
     Only prompt tokens are gated; elsewhere the packed source holds some pair's value, which a zero gate weight
     leaves unused. Attention patterns are placed block-diagonally (zero between different pairs' tokens).
     """
-    n_prompt = source.shape[-1] if site == "attn_pattern" else source.shape[2]
+    patterns = REGISTRY[site].key_axis is not None  # sources over (query, key) pairs of tokens
+    n_prompt = source.shape[-1] if patterns else source.shape[2]
     pair = jnp.maximum(rows.pair, 0)
     pos = jnp.minimum(rows.positions, n_prompt - 1)
-    if site != "attn_pattern":
+    if not patterns:
         return source[:, pair, pos]
     key_pair, key_pos, key_branch = _keys(rows)
     prompt = (rows.branch == 0) & (rows.pair >= 0)

@@ -91,7 +91,7 @@ class SearchConfig:
 
 
 def select(z: np.ndarray, threshold: float = 0.5, max_components: int | None = None) -> np.ndarray:
-    """Binary mask [L, N]: z >= threshold, keeping only the `max_components` largest z when capped."""
+    """Binary mask [L, C]: z >= threshold, keeping only the `max_components` largest z when capped."""
     z = np.asarray(z)
     mask = z >= threshold
     if max_components is not None and mask.sum() > max_components:
@@ -146,7 +146,8 @@ def pgbct(spec: ObjectiveSpec, config: SearchConfig) -> Search:
     def update(state: SearchState, params, batch: Batch, cache: Cache | None, lambda1, lambda2):
         (loss, (data, effects)), grad = jax.value_and_grad(loss_fn, has_aux=True)(
             state.z, params, batch, cache, lambda1, lambda2)
-        updates, opt_state = optimizer.update(grad, state.opt_state, state.z)
+        with jax.numpy_dtype_promotion("standard"):  # optax's bias correction raises a float to an int32 count
+            updates, opt_state = optimizer.update(grad, state.opt_state, state.z)
         z = optax.projections.projection_box(optax.apply_updates(state.z, updates), 0.0, 1.0)
         stats = {"loss": loss, "metric": data, "effects": effects, "nonzero": jnp.sum(z != 0),
                  "violation": jnp.sum(z * (1 - z)), "selected": jnp.minimum(jnp.sum(z >= config.threshold), cap)}

@@ -32,7 +32,7 @@ def _subplots(figsize, ncols: int = 1, **kwargs):
 
 
 def plot_gate_map(z: np.ndarray, mask: np.ndarray, site: str, path: Path, title: str = "") -> None:
-    """Layer x component heat map of z [L, N]; selected components marked (heads) or counted per layer (units)."""
+    """Layer x component heat map of z [L, C]; selected components marked (heads) or counted per layer (units)."""
     n_layers, width = z.shape
     heads = get_site(site).heads
     fig, axes = _subplots((6 if heads else 11, 0.22 * n_layers + 2), 1 if heads else 2, squeeze=False,

@@ -34,14 +34,14 @@ def _one_hot(shape: tuple[int, int], flat: np.ndarray) -> np.ndarray:
 
 
 def single_effects(objective: Objective, memory_budget: int = 2 << 30) -> np.ndarray:
-    """[L, N] mean effect of each component alone (every one-hot mask, batched)."""
+    """[L, C] mean effect of each component alone (every one-hot mask, batched)."""
     shape = objective.shape
     masks = _one_hot(shape, np.arange(objective.n_components))
     return objective.mask_effects(masks, memory_budget).mean(1).reshape(shape)
 
 
 def topk(objective: Objective, k: int, single: np.ndarray | None = None, memory_budget: int = 2 << 30) -> np.ndarray:
-    """Mask [L, N] of the k components with the largest single effects."""
+    """Mask [L, C] of the k components with the largest single effects."""
     single = single_effects(objective, memory_budget) if single is None else single
     order = np.argsort(-single, axis=None, kind="stable")[:k]
     return _one_hot(single.shape, order).sum(0) > 0
@@ -49,7 +49,7 @@ def topk(objective: Objective, k: int, single: np.ndarray | None = None, memory_
 
 def greedy_path(objective: Objective, k: int, memory_budget: int = 2 << 30,
                 candidates: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, float]]:
-    """Forward selection: yields (mask [L, N], mean effect) for sizes 1..k, each adding the candidate that
+    """Forward selection: yields (mask [L, C], mean effect) for sizes 1..k, each adding the candidate that
     maximises the mean effect.
 
     Every round evaluates all remaining candidates (default: every component; or the flat indices given, e.g. the

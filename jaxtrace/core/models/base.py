@@ -29,12 +29,12 @@ class GatedLM(nnx.Module):
                  input_noise=None, memory=None) -> jax.Array:
         """Logits [B, T, V] (float32).
 
-        input_ids: [B, T] ints; attention_mask: [B, T] (1 = real token, causal attention) or [B, T, M + T] (which
-        keys each query sees, for packed sequences); gates: site -> [L, N] in [0, 1]; source: site -> [L, B, ...]
+        input_ids: [B, T] ints; attention_mask: [B, T] (1 = real token, causal attention) or [B, T, E + T] (which
+        keys each query sees, for packed sequences); gates: site -> [L, C] in [0, 1]; source: site -> [L, B, ...]
         captured activations (token axes may be shorter than T: the missing positions are not mixed);
         gate_positions: [B, T] bool, the token positions where gates apply (default: all); position_ids: [B, T]
         (default: 0..T-1); input_noise: [B, T, D] added to the input embeddings (noise-corrupted counterfactuals);
-        memory: {"keys", "values": [L, B, M, KV, Dh], "positions": [B, M]}, cached tokens (e.g. captured at
+        memory: {"keys", "values": [L, B, E, K, Dh], "positions": [B, E]}, cached tokens (e.g. captured at
         `attn_keys`/`attn_values`) that queries attend to before the T live keys, as `attention_mask` allows.
         """
         logits, _ = self.capture(input_ids, attention_mask, (), gates, source, gate_positions, position_ids,
@@ -59,7 +59,7 @@ class GatedLM(nnx.Module):
                 raise ValueError(f"unknown site {site!r} for capture; sites: {', '.join(CAPTURE_SITES)}")
         check_gates(config, gates, source)
         if memory is not None and jnp.ndim(attention_mask) != 3:
-            raise ValueError("a forward with memory needs an explicit [B, T, M + T] attention mask")
+            raise ValueError("a forward with memory needs an explicit [B, T, E + T] attention mask")
         input_ids = jnp.asarray(input_ids)
         batch, length = input_ids.shape
         gates = dict(gates or {})
@@ -72,7 +72,7 @@ class GatedLM(nnx.Module):
             if source[site].shape[1] != batch:
                 raise ValueError(f"source for {site!r} has batch {source[site].shape[1]}, the input {batch}")
             sources[site] = pad_source(site, source[site], length, n_memory)
-            where = where * (jnp.arange(length) < source_length(site, source[site]))[None, :]
+            where = where * (jnp.arange(length) < source_length(site, source[site])).astype(jnp.float32)[None, :]
 
         if position_ids is None:
             position_ids = jnp.broadcast_to(jnp.arange(length), (batch, length))

@@ -39,11 +39,21 @@ def param(rngs: nnx.Rngs, shape: Sequence[int], axes: Sequence[str | None], dtyp
     return nnx.Param(value.astype(dtype), out_sharding=tuple(axes), eager_sharding=False)
 
 
+def trailing(v: jax.Array, like: jax.Array) -> jax.Array:
+    """`v` (a bias or scale over the trailing axes of `like`) with leading unit axes, to broadcast explicitly."""
+    return v.reshape((1,) * (like.ndim - v.ndim) + v.shape)
+
+
+def add_bias(y: jax.Array, bias: jax.Array) -> jax.Array:
+    return y + trailing(bias, y)
+
+
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, eps: float) -> jax.Array:
     """LayerNorm over the last axis, computed in float32."""
     x32 = x.astype(F32)
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    scale, bias = trailing(scale, x).astype(F32), trailing(bias, x).astype(F32)
     return ((x32 - mean) * jax.lax.rsqrt(var + eps) * scale + bias).astype(x.dtype)
 
 
@@ -51,7 +61,7 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     """RMSNorm over the last axis as in HF Llama: normalise in float32, cast back, then scale."""
     x32 = x.astype(F32)
     normed = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
-    return scale * normed.astype(x.dtype)
+    return trailing(scale, x) * normed.astype(x.dtype)
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> jax.Array:
@@ -76,7 +86,7 @@ def rope_inverse_frequencies(config: ModelConfig) -> jax.Array:
 
 def rope_tables(config: ModelConfig, position_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     """cos, sin tables [B, T, 1, head_dim] for positions [B, T]."""
-    angles = position_ids[..., None].astype(F32) * rope_inverse_frequencies(config)
+    angles = position_ids[..., None].astype(F32) * rope_inverse_frequencies(config)[None, None, :]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
     return jnp.cos(angles), jnp.sin(angles)
 
@@ -117,7 +127,7 @@ _SITE_WEIGHT = {
 
 class Intervention:
     """One layer's gates, sources and captures, applied by the block at each named site, and the layer's memory
-    (keys and values [B, M, KV, Dh] of cached tokens that every query may attend to before its own row)."""
+    (keys and values [B, E, K, Dh] of cached tokens that every query may attend to before its own row)."""
 
     def __init__(self, gates: Mapping[str, jax.Array], source: Mapping[str, jax.Array], where: jax.Array,
                  capture: Sequence[str], memory: Mapping[str, jax.Array] | None = None):
@@ -138,9 +148,9 @@ class Intervention:
 def gated_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, iv: Intervention) -> jax.Array:
     """Grouped-query attention with the `attn_pattern` and `head_out` sites.
 
-    q: [B, T, H, Dh]; k, v: [B, T, KV, Dh] (after RoPE; captured at the `attn_keys`, `attn_values` sites); bias:
-    [B, 1, T, M + T], keys being the intervention's M memory tokens, then the T live ones. Query head h reads KV head
-    h // (H / KV). Returns the per-head outputs [B, T, H, Dh].
+    q: [B, T, H, Dh]; k, v: [B, T, K, Dh] (after RoPE; captured at the `attn_keys`, `attn_values` sites); bias:
+    [B, 1, T, E + T], keys being the intervention's E memory tokens, then the T live ones. Query head h reads KV head
+    h // (H / K). Returns the per-head outputs [B, T, H, Dh].
     """
     batch, length, n_heads, head_dim = q.shape
     k, v = iv("attn_keys", k), iv("attn_values", v)

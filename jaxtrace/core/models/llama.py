@@ -15,7 +15,7 @@ class LlamaBlocks(nnx.Module):
     """All layers' parameters, stacked on a leading `layers` axis."""
 
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
-        L, D, H, KV = config.n_layers, config.d_model, config.n_heads, config.n_kv_heads
+        L, D, H, K = config.n_layers, config.d_model, config.n_heads, config.n_kv_heads
         Dh, F = config.head_dim, config.d_ff
         dtype = layers.dtype_of(config)
 
@@ -24,13 +24,13 @@ class LlamaBlocks(nnx.Module):
 
         self.attn_norm = p((D,), ("embed",), "ones")
         self.q = p((D, H, Dh), ("embed", "heads", "head_dim"))
-        self.k = p((D, KV, Dh), ("embed", "kv_heads", "head_dim"))
-        self.v = p((D, KV, Dh), ("embed", "kv_heads", "head_dim"))
+        self.k = p((D, K, Dh), ("embed", "kv_heads", "head_dim"))
+        self.v = p((D, K, Dh), ("embed", "kv_heads", "head_dim"))
         self.o = p((H, Dh, D), ("heads", "head_dim", "embed"))
         if config.qkv_bias:
             self.q_bias = p((H, Dh), ("heads", "head_dim"), "zeros")
-            self.k_bias = p((KV, Dh), ("kv_heads", "head_dim"), "zeros")
-            self.v_bias = p((KV, Dh), ("kv_heads", "head_dim"), "zeros")
+            self.k_bias = p((K, Dh), ("kv_heads", "head_dim"), "zeros")
+            self.v_bias = p((K, Dh), ("kv_heads", "head_dim"), "zeros")
         if config.o_bias:
             self.o_bias = p((D,), ("embed",), "zeros")
         if config.qk_norm:
@@ -48,7 +48,7 @@ class LlamaBlocks(nnx.Module):
 
 def _linear(x: jax.Array, p: dict, name: str, spec: str) -> jax.Array:
     y = jnp.einsum(spec, x, p[name])
-    return y + p[f"{name}_bias"] if f"{name}_bias" in p else y
+    return layers.add_bias(y, p[f"{name}_bias"]) if f"{name}_bias" in p else y
 
 
 class Llama(GatedLM):

@@ -68,7 +68,7 @@ def _gpt2_params(config: ModelConfig, get: _Reader) -> dict:
 
 
 def _llama_params(config: ModelConfig, get: _Reader) -> dict:
-    D, H, KV, Dh, F, V = (config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, config.d_ff,
+    D, H, K, Dh, F, V = (config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, config.d_ff,
                           config.vocab_size)
 
     def layer(i: int) -> dict[str, np.ndarray]:
@@ -78,7 +78,7 @@ def _llama_params(config: ModelConfig, get: _Reader) -> dict:
             "mlp_norm": get(n + "post_attention_layernorm.weight", (D,)),
             "o": get(n + "self_attn.o_proj.weight", (D, H * Dh)).T.reshape(H, Dh, D),
         }
-        for name, heads in (("q", H), ("k", KV), ("v", KV)):
+        for name, heads in (("q", H), ("k", K), ("v", K)):
             out[name] = get(n + f"self_attn.{name}_proj.weight", (heads * Dh, D)).T.reshape(D, heads, Dh)
             if config.qkv_bias:
                 out[f"{name}_bias"] = get(n + f"self_attn.{name}_proj.bias", (heads * Dh,)).reshape(heads, Dh)
