@@ -2,8 +2,9 @@
 
     python mesh_worker.py MODEL_FOLDER DATA_FOLDER CHECKPOINT_FOLDER OUT_JSON
 
-Writes, per mesh, every step's loss, the final z and mask, how a parameter and a batch are laid out; and the z of a
-run checkpointed for one epoch on data=8 and resumed for the rest on data=2 x model=4.
+Writes, per mesh, every step's loss, the final z and mask, the integrated-gradient scores, how a parameter and a
+batch are laid out; and the z of a run checkpointed for one epoch on data=8 and resumed for the rest on
+data=2 x model=4.
 """
 
 import os
@@ -19,6 +20,7 @@ from flax import nnx  # noqa: E402
 
 import jaxtrace  # noqa: E402
 from jaxtrace.engine import mesh as parallel  # noqa: E402
+from jaxtrace.engine.attribution import integrated_gradients  # noqa: E402
 from jaxtrace.io.checkpoints import EpochCheckpoints  # noqa: E402
 from jaxtrace.engine.objective import build_objective  # noqa: E402
 from jaxtrace.core.search import SearchConfig  # noqa: E402
@@ -49,7 +51,8 @@ def main(folder: str, data: str, checkpoint_dir: str, out: str) -> None:
         batch, _ = objective.batcher.put(objective.inputs(np.arange(BATCH)))
         results["runs"][str(spec)] = {
             "loss": [row["loss"] for row in result.steps], "z": result.z.tolist(), "mask": result.mask.tolist(),
-            "query": layout(query), "batch_tokens": layout(batch.rows.tokens)}
+            "ig": integrated_gradients(objective, 2).tolist(), "query": layout(query),
+            "batch_tokens": layout(batch.rows.tokens)}
     first = build_objective(model, task, "attn_pattern", BATCH, mesh=parallel.parse_mesh("data=8"))
     checkpoints = EpochCheckpoints(checkpoint_dir)
     run_search(first, CONFIG.replace(epochs=1), on_epoch=checkpoints.save)

@@ -1,5 +1,5 @@
-"""Meshes and hosts: the same search on 1 and 8 simulated CPU devices (data and tensor parallel), a checkpoint moved
-between meshes, a real two-process run, and how memory grows with prompt length at each site."""
+"""Meshes and hosts: the same search and attribution on 1 and 8 simulated CPU devices (data and tensor parallel), a
+checkpoint moved between meshes, a real two-process run, and how memory grows with prompt length at each site."""
 
 import json
 import os
@@ -70,6 +70,7 @@ def test_meshes_give_the_single_device_trajectory_and_circuit(mesh_runs, family)
         np.testing.assert_allclose(run["loss"], single["loss"], rtol=1e-5, err_msg=spec)
         np.testing.assert_allclose(run["z"], single["z"], atol=Z_TOLERANCE, err_msg=spec)
         assert run["mask"] == single["mask"], spec
+        np.testing.assert_allclose(run["ig"], single["ig"], atol=1e-5, err_msg=spec)  # gradients summed over data
     # The layouts are what the mesh says: tokens split 8, 4 or 2 ways over data, query heads over model.
     runs = result["runs"]
     assert runs["data=8"]["batch_tokens"]["distinct_shards"] == 8

@@ -310,7 +310,7 @@ def test_custom_missing_file(tmp_path):
 
 
 def test_registry_names():
-    assert set(TASK_LOADERS) == {"winogender", "winobias", "professions", "custom", "counterfact", "binding"}
+    assert set(TASK_LOADERS) == {"winogender", "winobias", "professions", "custom", "counterfact", "binding", "ioi"}
 
 
 def test_unknown_task_lists_known_tasks(tmp_path):

@@ -192,10 +192,13 @@ def circuit_summary(circuit: Circuit, out: Path) -> str:
     more = " ..." if circuit.n_selected > 40 else ""
     written = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name not in (
         "circuit.json", "checkpoints", "run.json"))
+    scores = [] if circuit.score_correlation is None else [
+        f"scores     {circuit.method}: rank correlation with the effects alone {circuit.score_correlation:+.3f}"]
     return "\n".join([
         f"circuit    {circuit.n_selected} of {circuit.n_components} {circuit.site} components: {selected}{more}",
         f"effect     circuit {circuit.effect:+.4f} | all components {circuit.effect_all:+.4f} | "
         f"none {circuit.effect_none:+.4f}   (mean indirect effect over {circuit.n_pairs} pairs)",
+        *scores,
         f"status     {circuit.status}",
         f"time       {circuit.seconds:.0f} s" + (f" for {len(circuit.history)} epochs" if circuit.history else ""),
         f"written    {out / 'circuit.json'}, " + ", ".join(written),

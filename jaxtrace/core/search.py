@@ -26,6 +26,7 @@ SCHEDULES: dict[str, Callable[[float, int], float]] = {
     "constant": lambda lam, epoch: lam,
 }
 PENALTIES = ("mean", "sum")
+WARM_STARTS = ("atp",)  # attribution scores a run's gates may start from
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,6 +52,9 @@ class SearchConfig:
     max_components: int | None = option(None, "selection: at most this many components, those of largest z")
     seed: int = option(42, "seed of the pairs' order")
     init: float = option(0.5, "initial z")
+    warm_start: str | None = option(None, "start the gates from attribution scores: atp moves each gate from init "
+                                    "toward 1 or 0 by its AtP score (default: every gate at init)",
+                                    choices=WARM_STARTS)
 
     def __post_init__(self):
         for name in ("lr", "lambda1", "lambda2", "threshold", "init"):
@@ -72,6 +76,8 @@ class SearchConfig:
             raise ValueError(f"penalty must be one of {PENALTIES}, got {self.penalty!r}")
         if self.transform is not None:
             check_transform(self.transform)
+        if self.warm_start is not None and self.warm_start not in WARM_STARTS:
+            raise ValueError(f"unknown warm start {self.warm_start!r}; known: {', '.join(WARM_STARTS)}")
         if not 0.0 <= self.init <= 1.0 or not 0.0 < self.threshold <= 1.0:
             raise ValueError("init must be in [0, 1] and threshold in (0, 1]")
 
@@ -88,6 +94,17 @@ class SearchConfig:
         """(λ1, λ2) of a 0-based epoch under the schedule."""
         schedule = SCHEDULES[self.schedule]
         return schedule(self.lambda1, epoch), schedule(self.lambda2, epoch)
+
+
+def warm_start_z(scores: np.ndarray, init: float = 0.5) -> np.ndarray:
+    """[L, C] starting gates from attribution scores [L, C] (larger: more effect when patched): each gate moves from
+    `init` toward 1 (positive score) or 0 (negative) by half the room there, times |score| / max |score|; so the
+    gates keep the scores' order, components of positive score start above `init` and every gate stays in
+    [init / 2, (1 + init) / 2]. All-zero scores give `init` everywhere."""
+    scores = np.asarray(scores, np.float64)
+    bound = np.abs(scores).max()
+    u = scores / bound if bound > 0 else np.zeros_like(scores)
+    return (init + 0.5 * np.where(u > 0, 1.0 - init, init) * u).astype(np.float32)
 
 
 def select(z: np.ndarray, threshold: float = 0.5, max_components: int | None = None) -> np.ndarray:

@@ -18,8 +18,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxtrace.core import objective as core
-from jaxtrace.core.search import SearchConfig, SearchState, pgbct, select
+from jaxtrace.core.search import SearchConfig, SearchState, pgbct, select, warm_start_z
 from jaxtrace.engine import mesh as meshes
+from jaxtrace.engine.attribution import attribution_scores
 from jaxtrace.engine.objective import Objective, check_finite, mask_effects
 
 SWEEPABLE = ("lambda1", "lambda2", "seed")  # what runs optimised together may differ in
@@ -46,7 +47,7 @@ def training_program(spec: core.ObjectiveSpec, config: SearchConfig, mesh: Mesh 
 
 def _static(config: SearchConfig) -> SearchConfig:
     """The part of a resolved config that the compiled step depends on."""
-    return config.replace(lambda1=0.0, lambda2=0.0, seed=0, epochs=1)
+    return config.replace(lambda1=0.0, lambda2=0.0, seed=0, epochs=1, warm_start=None)
 
 
 def resolve(objective: Objective, configs: list[SearchConfig]) -> list[SearchConfig]:
@@ -71,31 +72,44 @@ def stacked_inputs(objective: Objective, batches: list[np.ndarray], shape=None):
     return objective.batcher.put(jax.tree.map(lambda *xs: np.stack(xs), *inputs), 1)
 
 
-def initial_state(objective: Objective, configs: list[SearchConfig]) -> dict:
-    """The host state of R runs before their first epoch: {"z": [R, L, C], "opt_state", "keys": [R, 2]}; also the
-    structure a checkpoint restores into."""
+def starting_gates(objective: Objective, config: SearchConfig) -> np.ndarray:
+    """[L, C] the gates a run starts from: every one at `config.init`, or with `config.warm_start` the attribution
+    scores mapped by `warm_start_z`."""
+    if config.warm_start is None:
+        return np.full(objective.shape, config.init, np.float32)
+    return warm_start_z(attribution_scores(objective, config.warm_start), config.init)
+
+
+def initial_state(objective: Objective, configs: list[SearchConfig], z0: np.ndarray | None = None) -> dict:
+    """The host state of R runs before their first epoch: {"z": [R, L, C], "opt_state", "keys": [R, 2]}, the gates
+    starting at z0 ([L, C] for every run, or [R, L, C]; default: every gate at `init`); also the structure a
+    checkpoint restores into."""
     configs = resolve(objective, configs)
     _, init = training_step(objective, configs[0])
-    z = np.full((len(configs), *objective.shape), configs[0].init, np.float32)
+    shape = (len(configs), *objective.shape)
+    z = np.full(shape, configs[0].init, np.float32) if z0 is None else np.broadcast_to(z0, shape).astype(np.float32)
     keys = np.stack([jax.random.key_data(jax.random.key(c.seed)) for c in configs])
     return {"z": z, "opt_state": jax.tree.map(np.asarray, jax.vmap(init)(z).opt_state), "keys": keys}
 
 
 def run_searches(objective: Objective, configs: list[SearchConfig], start: tuple[dict, dict] | None = None,
                  on_step: Callable[[int, dict], None] | None = None,
-                 on_epoch: Callable[[int, dict, dict], None] | None = None) -> list[SearchResult]:
+                 on_epoch: Callable[[int, dict, dict], None] | None = None,
+                 z0: np.ndarray | None = None) -> list[SearchResult]:
     """Optimise R runs together for `configs[0].epochs` epochs and return each run's result.
 
-    `start`: (host state, meta) of a checkpoint to continue from (see `initial_state` and `on_epoch`).
+    `start`: (host state, meta) of a checkpoint to continue from (see `initial_state` and `on_epoch`); else the
+    gates start at z0 ([L, C] or [R, L, C]; default: `starting_gates`, which computes a warm start's scores).
     `on_step(epoch, stats)` is called after every step with the host stats (mean over runs of loss and selection);
     `on_epoch(epochs done, host state, meta)` after every epoch with what resumes the runs.
     """
     configs = resolve(objective, configs)
     config, n_runs, batcher = configs[0], len(configs), objective.batcher
     program, _ = training_step(objective, config)
-    state = initial_state(objective, configs)
     histories, steps, start_epoch, seconds = [[] for _ in configs], [], 0, 0.0
-    if start is not None:
+    if start is None:
+        state = initial_state(objective, configs, starting_gates(objective, config) if z0 is None else z0)
+    else:
         state, meta = start
         histories, steps, start_epoch, seconds = meta["histories"], meta["steps"], meta["epochs_done"], meta["seconds"]
         if start_epoch > config.epochs:
@@ -168,10 +182,11 @@ def find_target_size(objective: Objective, config: SearchConfig, target: int, n_
     if not 1 <= target <= objective.n_components:
         raise ValueError(f"--target-size must be between 1 and {objective.n_components}, got {target}")
     factors = np.geomspace(1e-2, 1e2, n_lambdas)
+    z0 = starting_gates(objective, config)  # once for every round
     runs: list[tuple[float, SearchResult]] = []
     for _ in range(rounds):
         configs = [config.replace(lambda1=config.lambda1 * f, lambda2=config.lambda2 * f) for f in factors]
-        runs += zip(factors, run_searches(objective, configs, on_step=on_step))
+        runs += zip(factors, run_searches(objective, configs, on_step=on_step, z0=z0))
         sizes = {f: int(r.mask.sum()) for f, r in runs}
         if any(size == target for size in sizes.values()):
             break

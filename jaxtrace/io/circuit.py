@@ -21,7 +21,9 @@ from jaxtrace.io.files import write_json
 class Circuit:
     """A binary selection `selected` ([[layer, index], ...]) over the [L, C] components of `site`, with the soft
     gates `z` [L][C] it was thresholded from, the mean effects over `n_pairs` pairs of the circuit, of all
-    components and of none, and its provenance (model, task and its options, method and its settings)."""
+    components and of none, and its provenance (model, task and its options, method and its settings). Baselines
+    may add each component's effect alone (`single_effects` [L][C]) and the attribution scores they ranked by
+    (`scores` [L][C], atp and ig) with their Spearman rank correlation with the single effects."""
 
     site: str
     method: str
@@ -45,6 +47,8 @@ class Circuit:
     skipped: list[list[str]] = dataclasses.field(default_factory=list)
     selected_names: list[str] = dataclasses.field(default_factory=list)
     single_effects: list[list[float]] | None = None
+    scores: list[list[float]] | None = None
+    score_correlation: float | None = None
     jaxtrace_version: str = jaxtrace.__version__
 
     @property
@@ -114,6 +118,11 @@ class Circuit:
             raise ValueError(f"z must be [{n_layers}][{width}] for site {self.site!r}")
         if not all(isinstance(v, (int, float)) and math.isfinite(v) for row in z for v in row):
             raise ValueError("z has non-finite or non-numeric values")
+        for name in ("single_effects", "scores"):
+            grid = getattr(self, name)
+            if grid is not None and (not isinstance(grid, list) or len(grid) != n_layers or any(
+                    not isinstance(r, list) or len(r) != width for r in grid)):
+                raise ValueError(f"{name} must be [{n_layers}][{width}] for site {self.site!r}")
         for entry in self.selected:
             try:
                 layer, index = (operator.index(value) for value in entry)

@@ -87,16 +87,17 @@ def plot_effect_curve(rows: list[dict], methods, effect_all: float, path: Path, 
     _save(fig, path)
 
 
-def plot_single_effects(effects: np.ndarray, site: str, path: Path) -> None:
-    """Heat map of each component's effect alone (layer x component)."""
+def plot_single_effects(effects: np.ndarray, site: str, path: Path, title: str = "single-component effects",
+                        label: str = "mean indirect effect alone") -> None:
+    """Heat map of each component's effect alone (or another per-component score; layer x component)."""
     bound = float(np.abs(effects).max()) or 1.0
     fig, ax = _subplots((6, 0.22 * effects.shape[0] + 2))
     image = ax.imshow(effects, cmap="RdBu_r", vmin=-bound, vmax=bound, aspect="auto", interpolation="nearest",
                       origin="lower")
-    fig.colorbar(image, ax=ax, label="mean indirect effect alone")
+    fig.colorbar(image, ax=ax, label=label)
     ax.set_xlabel("head" if get_site(site).heads else "unit")
     ax.set_ylabel("layer")
-    ax.set_title(f"{site}: single-component effects")
+    ax.set_title(f"{site}: {title}")
     _save(fig, path)
 
 

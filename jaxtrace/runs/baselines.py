@@ -1,7 +1,7 @@
-"""Baseline searches on exactly PGB-CT's objective, each built on batched mask evaluation, and the `baseline` and
-`evaluate` runs.
+"""Baseline searches on exactly PGB-CT's objective, each built on batched mask evaluation or on the objective's
+gradient (`jaxtrace.engine.attribution`), and the `baseline` and `evaluate` runs.
 
-All maximise the mean indirect effect of a binary mask over the task's pairs.
+All look for a binary mask of large mean indirect effect over the task's pairs.
 """
 
 from __future__ import annotations
@@ -19,12 +19,13 @@ from jax.sharding import Mesh
 from jaxtrace.core.metrics import Metric
 from jaxtrace.core.models import GatedLM
 from jaxtrace.core.options import option
+from jaxtrace.engine.attribution import ATTRIBUTIONS, attribution_scores
 from jaxtrace.engine.objective import Objective, build_objective
 from jaxtrace.io.circuit import Circuit
 from jaxtrace.runs.common import Provenance, publish_circuit, result_folder, summarize
 from jaxtrace.tasks import EncodedTask
 
-METHODS = ("single", "topk", "greedy", "random", "exhaustive")
+METHODS = ("single", "topk", "greedy", "random", "exhaustive", *ATTRIBUTIONS)
 
 
 def _one_hot(shape: tuple[int, int], flat: np.ndarray) -> np.ndarray:
@@ -41,10 +42,30 @@ def single_effects(objective: Objective, memory_budget: int = 2 << 30) -> np.nda
 
 
 def topk(objective: Objective, k: int, single: np.ndarray | None = None, memory_budget: int = 2 << 30) -> np.ndarray:
-    """Mask [L, C] of the k components with the largest single effects."""
+    """Mask [L, C] of the k components with the largest single effects (or the given scores [L, C])."""
     single = single_effects(objective, memory_budget) if single is None else single
     order = np.argsort(-single, axis=None, kind="stable")[:k]
     return _one_hot(single.shape, order).sum(0) > 0
+
+
+def _ranks(values: np.ndarray) -> np.ndarray:
+    """[n] 0-based ranks of `values`, ties given the mean of the ranks they span."""
+    order = np.argsort(values, kind="stable")
+    ranks = np.empty(len(values))
+    ranks[order] = np.arange(len(values))
+    _, group, counts = np.unique(values, return_inverse=True, return_counts=True)
+    return (np.bincount(group, weights=ranks) / counts)[group]
+
+
+def rank_correlation(a, b) -> float:
+    """Spearman's rank correlation of two equally sized arrays (flattened; ties take average ranks): the Pearson
+    correlation of their ranks; NaN when either is constant."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    if a.shape != b.shape or a.size < 2:
+        raise ValueError(f"rank correlation needs two arrays of one size >= 2, got {a.size} and {b.size} values")
+    ra, rb = _ranks(a) - (a.size - 1) / 2, _ranks(b) - (b.size - 1) / 2
+    norm = np.sqrt((ra * ra).sum() * (rb * rb).sum())
+    return float((ra * rb).sum() / norm) if norm > 0 else math.nan
 
 
 def greedy_path(objective: Objective, k: int, memory_budget: int = 2 << 30,
@@ -119,21 +140,32 @@ def exhaustive(objective: Objective, k: int, max_masks: int = 100_000,
 class BaselineConfig:
     """A baseline search for a circuit of size k."""
 
-    method: str = option("topk", "the search", choices=METHODS)
+    method: str = option("topk", "the search (atp: attribution patching, the gradient at no patch; ig: integrated "
+                         "gradients from no patch to all; both select their top k scores)", choices=METHODS)
     k: int = option(8, "circuit size (single: the heat map, the top k selected)")
     samples: int = option(100, "random: subsets drawn")
     random_seed: int = option(0, "random: the subsets' seed")
+    ig_steps: int = option(32, "ig: integration steps (midpoint rule)")
+    single_max: int = option(4096, "atp, ig: also measure every component alone, and the scores' rank correlation "
+                             "with those effects, when there are at most this many components (0: never)")
 
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"unknown baseline {self.method!r}; known: {', '.join(METHODS)}")
-        if self.k < 1 or self.samples < 1:
-            raise ValueError(f"--k and --samples must be >= 1, got {self.k} and {self.samples}")
+        if self.k < 1 or self.samples < 1 or self.ig_steps < 1:
+            raise ValueError(f"--k, --samples and --ig-steps must be >= 1, got {self.k}, {self.samples} and "
+                             f"{self.ig_steps}")
+        if self.single_max < 0:
+            raise ValueError(f"--single-max must be >= 0, got {self.single_max}")
 
 
 def run_baseline(objective: Objective, method: str, k: int, n_samples: int = 100, seed: int = 0,
-                 memory_budget: int = 2 << 30) -> tuple[np.ndarray, dict]:
-    """(mask [L, C] of size k, extras) for one method; `single` selects like `topk` and returns the effect map."""
+                 memory_budget: int = 2 << 30, ig_steps: int = 32,
+                 single_max: int = 4096) -> tuple[np.ndarray, dict]:
+    """(mask [L, C] of size k, extras) for one method. `single` and `topk` select the top k single effects and
+    return them ("single_effects"); `atp` and `ig` select the top k scores and return them ("scores"), with, when
+    there are at most `single_max` components, the single effects and the scores' Spearman rank correlation with
+    them ("score_correlation"; None when undefined)."""
     if method not in METHODS:
         raise ValueError(f"unknown baseline {method!r}; known: {', '.join(METHODS)}")
     if not 1 <= k <= objective.n_components:
@@ -148,6 +180,13 @@ def run_baseline(objective: Objective, method: str, k: int, n_samples: int = 100
         mask = greedy(objective, k, memory_budget)[-1]
     elif method == "random":
         mask = random_best(objective, k, n_samples, seed, memory_budget)
+    elif method in ATTRIBUTIONS:
+        scores = extras["scores"] = attribution_scores(objective, method, ig_steps, memory_budget)
+        mask = topk(objective, k, scores)
+        if objective.n_components <= single_max:
+            single = extras["single_effects"] = single_effects(objective, memory_budget)
+            correlation = rank_correlation(scores, single)
+            extras["score_correlation"] = correlation if math.isfinite(correlation) else None
     else:
         mask = exhaustive(objective, k, memory_budget=memory_budget)[-1]
     extras["seconds"] = time.perf_counter() - start
@@ -161,14 +200,16 @@ def baseline(model: GatedLM, task: EncodedTask, site: str, config: BaselineConfi
     objective = build_objective(model, task, site, batch_size, metric=metric, mesh=mesh)
     settings = dataclasses.asdict(config)
     with result_folder(out, "baseline", objective, provenance, settings, overwrite=overwrite) as folder:
-        mask, extras = run_baseline(objective, config.method, config.k, config.samples, config.random_seed, memory_budget)
+        mask, extras = run_baseline(objective, config.method, config.k, config.samples, config.random_seed,
+                                    memory_budget, config.ig_steps, config.single_max)
         circuit, effects = summarize(objective, mask, mask.astype(np.float32), provenance, config.method, settings,
                                      [], extras["seconds"])
-        single = extras.get("single_effects")
-        if single is not None:
-            circuit = dataclasses.replace(circuit, single_effects=single.tolist())
+        single, scores = extras.get("single_effects"), extras.get("scores")
+        circuit = dataclasses.replace(circuit, single_effects=None if single is None else single.tolist(),
+                                      scores=None if scores is None else scores.tolist(),
+                                      score_correlation=extras.get("score_correlation"))
         if folder is not None:
-            publish_circuit(folder, circuit, effects, objective, [], single)
+            publish_circuit(folder, circuit, effects, objective, [], single, scores)
     return circuit
 
 

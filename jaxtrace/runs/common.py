@@ -95,8 +95,10 @@ def summarize(objective: Objective, mask: np.ndarray, z: np.ndarray, provenance:
 
 
 def publish_circuit(folder: ResultFolder, circuit: Circuit, effects: np.ndarray, objective: Objective,
-                    steps: list[dict], single_effects: np.ndarray | None = None) -> None:
-    """circuit.json (last), examples.csv, log.csv (searches), the final z (Orbax, `z/`) and the plots."""
+                    steps: list[dict], single_effects: np.ndarray | None = None,
+                    scores: np.ndarray | None = None) -> None:
+    """circuit.json (last), examples.csv, log.csv (searches), the final z (Orbax, `z/`) and the plots (with the
+    single effects and attribution scores [L, C] when given)."""
     z = np.asarray(circuit.z, np.float32)
     writers = {
         "examples.csv": lambda path: write_csv(path, [
@@ -113,6 +115,9 @@ def publish_circuit(folder: ResultFolder, circuit: Circuit, effects: np.ndarray,
                                                                                  path)
     if single_effects is not None:
         writers["single_effects.png"] = lambda path: plots.plot_single_effects(single_effects, objective.site, path)
+    if scores is not None:
+        writers["scores.png"] = lambda path: plots.plot_single_effects(
+            scores, objective.site, path, f"{circuit.method} attribution scores", "score (effect gradient)")
     folder.publish(writers, collective={"z": lambda path: save_tree(path, {"z": z})})
 
 

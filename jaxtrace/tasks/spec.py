@@ -14,10 +14,10 @@ import math
 
 from jaxtrace.core.options import option
 from jaxtrace.tasks.encode import POSITIONS, EncodedTask, Noise, encode_pairs
-from jaxtrace.tasks.loaders import GENERATED_TASKS, TASK_LOADERS, load_pairs
+from jaxtrace.tasks.loaders import GENERATED_TASKS, IOI_NAMES, IOI_NAMES_PER_PAIR, TASK_LOADERS, load_pairs
 
 NOISE_TASKS = ("counterfact",)  # tasks whose counterfactual is the base prompt with noisy embeddings
-DEFAULT_METRICS = {"binding": "accuracy"}  # the metric a task is measured with unless told otherwise
+DEFAULT_METRICS = {"binding": "accuracy", "ioi": "logit_difference"}  # a task's metric unless told otherwise
 
 
 def int_range(text: str) -> tuple[int, int]:
@@ -50,7 +50,8 @@ class TaskSpec:
     per_digit: int = option(5, "binding: pairs per answer first digit and desideratum", tasks=("binding",))
     desiderata: tuple[str, ...] = option(("value", "task"), "binding: value and/or task switch pairs",
                                          parse=comma_tuple, tasks=("binding",))
-    task_seed: int = option(1234, "binding: prompt generation seed", tasks=("binding",))
+    task_seed: int = option(1234, "binding, ioi: prompt generation seed", tasks=("binding", "ioi"))
+    ioi_prompts: int = option(100, "ioi: prompts generated (ABBA and BABA alternating)", tasks=("ioi",))
     positions: str = option("prompt", "where gates apply: every prompt token, the last, or the subject's tokens",
                             choices=POSITIONS)
     noise_on: str = option("prompt", "counterfact: noise on every prompt token (reference) or the subject's (ROME)",
@@ -74,7 +75,7 @@ class TaskSpec:
             if choices and getattr(self, field.name) not in choices:
                 raise ValueError(f"--{field.name.replace('_', '-')} must be one of {', '.join(choices)}, "
                                  f"got {getattr(self, field.name)!r}")
-        for name in ("limit", "per_digit"):
+        for name in ("limit", "per_digit", "ioi_prompts"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
@@ -114,14 +115,27 @@ class TaskSpec:
             "counterfact": {"limit": self.limit},
             "binding": {"operands": self.operands, "per_digit": self.per_digit, "seed": self.task_seed,
                         "desiderata": self.desiderata},
+            "ioi": {"n": self.ioi_prompts, "seed": self.task_seed},
         }.get(self.task, {})
 
     def build(self, tokenizer) -> EncodedTask:
         """Load the pairs and tokenise them."""
         if tokenizer is None:
             raise ValueError("this model has no tokenizer: pass one (--tokenizer FOLDER)")
-        return encode_pairs(load_pairs(self.task, self.data, **self.loader_options()), tokenizer, self.positions,
-                            self.noise())
+        options = self.loader_options()
+        if self.task == "ioi":
+            options["names"] = single_token_names(tokenizer)
+        return encode_pairs(load_pairs(self.task, self.data, **options), tokenizer, self.positions, self.noise())
+
+
+def single_token_names(tokenizer, names=IOI_NAMES, needed: int = IOI_NAMES_PER_PAIR) -> tuple[str, ...]:
+    """The names that `tokenizer` encodes with a leading space (as the IOI prompts hold them) as one token; refused
+    when fewer than `needed` remain."""
+    kept = tuple(name for name in names if len(tokenizer(" " + name, add_special_tokens=False)["input_ids"]) == 1)
+    if len(kept) < needed:
+        raise ValueError(f"ioi needs {needed} names that are single tokens with a leading space; this tokenizer "
+                         f"keeps {len(kept)} of {len(names)}")
+    return kept
 
 
 def build_task(task: str, data, tokenizer, **options) -> EncodedTask:
