@@ -311,3 +311,18 @@ def test_shared_prefix_read_from_cache_equals_recomputing_it(family_models, smal
     expected = gradient(full)
     assert np.abs(expected).max() > 1e-4
     np.testing.assert_allclose(gradient(shared), expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+
+
+def test_early_stop_gives_the_full_run_circuit(tiny_gpt2, small_task):
+    """Once the mask has not changed for `patience` epochs and every gate is within `tolerance` of 0 or 1, the run
+    ends; its circuit and effect are those of the run through every epoch (patience 0)."""
+    _, model, _ = tiny_gpt2
+    objective = build_objective(model, small_task.replace_arrays(sign=-small_task.arrays.sign), "attn_pattern",
+                                batch_size=20)
+    config = SearchConfig(epochs=12, lambda1=0.05, lambda2=0.05, lr=0.3, tolerance=0.05)
+    full = run_search(objective, config.replace(patience=0))
+    early = run_search(objective, config)
+    assert len(early.history) < len(full.history) == 12
+    assert np.array_equal(early.mask, full.mask) and 0 < early.mask.sum() < 8
+    assert early.history == full.history[: len(early.history)]
+    assert np.minimum(early.z, 1 - early.z).max() <= config.tolerance

@@ -50,6 +50,9 @@ class SearchConfig:
                                    "-log(1 + IE) (default: inverse for ratio metrics, else neg)", choices=TRANSFORMS)
     threshold: float = option(0.5, "selection: z >= threshold")
     max_components: int | None = option(None, "selection: at most this many components, those of largest z")
+    patience: int = option(2, "stop early once the selection has not changed for this many epochs and every gate "
+                           "is within --tolerance of 0 or 1 (0: run every epoch, as the reference)")
+    tolerance: float = option(0.01, "early stop: how close to 0 or 1 every gate must be")
     seed: int = option(42, "seed of the pairs' order")
     init: float = option(0.5, "initial z")
     warm_start: str | None = option(None, "start the gates from attribution scores: atp moves each gate from init "
@@ -57,7 +60,7 @@ class SearchConfig:
                                     choices=WARM_STARTS)
 
     def __post_init__(self):
-        for name in ("lr", "lambda1", "lambda2", "threshold", "init"):
+        for name in ("lr", "lambda1", "lambda2", "threshold", "init", "tolerance"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"{name} must be a finite number, got {value}")
@@ -68,6 +71,8 @@ class SearchConfig:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.epochs < 1:
             raise ValueError(f"epochs must be >= 1, got {self.epochs}")
+        if self.patience < 0 or not 0 <= self.tolerance < 0.5:
+            raise ValueError(f"patience must be >= 0 and tolerance in [0, 0.5), got {self.patience}, {self.tolerance}")
         if self.max_components is not None and self.max_components < 1:
             raise ValueError(f"max_components must be >= 1, got {self.max_components}")
         if self.schedule not in SCHEDULES:

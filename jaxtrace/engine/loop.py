@@ -102,21 +102,28 @@ def run_searches(objective: Objective, configs: list[SearchConfig], start: tuple
     gates start at z0 ([L, C] or [R, L, C]; default: `starting_gates`, which computes a warm start's scores).
     `on_step(epoch, stats)` is called after every step with the host stats (mean over runs of loss and selection);
     `on_epoch(epochs done, host state, meta)` after every epoch with what resumes the runs.
+
+    Early stop: the runs end once every run's binary mask has been the same for `patience` epochs and each of its
+    gates is within `tolerance` of 0 or 1 (`patience=0`: every epoch runs). A resumed run that had stopped stays
+    stopped.
     """
     configs = resolve(objective, configs)
     config, n_runs, batcher = configs[0], len(configs), objective.batcher
     program, _ = training_step(objective, config)
     histories, steps, start_epoch, seconds = [[] for _ in configs], [], 0, 0.0
+    unchanged, settled = [0] * n_runs, False  # epochs each run's mask has not changed; whether the runs stopped
     if start is None:
         state = initial_state(objective, configs, starting_gates(objective, config) if z0 is None else z0)
     else:
         state, meta = start
         histories, steps, start_epoch, seconds = meta["histories"], meta["steps"], meta["epochs_done"], meta["seconds"]
+        unchanged, settled = meta.get("unchanged", unchanged), meta.get("settled", False)
         if start_epoch > config.epochs:
             raise ValueError(f"the checkpoint has {start_epoch} epochs done; --epochs {config.epochs} is fewer")
     search_state = batcher.replicate(SearchState(state["z"], state["opt_state"]))  # whole on every device
     keys = jax.random.wrap_key_data(state["keys"])
-    epochs = range(start_epoch, config.epochs)
+    epochs = range(start_epoch, start_epoch if settled else config.epochs)
+    previous = [select(zr, c.threshold, c.max_components) for zr, c in zip(state["z"], configs)]
     orders = {epoch: [batcher.epoch(k, epoch) for k in keys] for epoch in epochs}
     # One packed shape for every step of the run: one compilation.
     every_batch = [idx for runs in orders.values() for order in runs for idx in order]
@@ -150,6 +157,10 @@ def run_searches(objective: Objective, configs: list[SearchConfig], start: tuple
         if changed:
             for run, effect in zip(changed, mask_effects(objective, masks[changed].astype(np.float32)).mean(1)):
                 evaluated[run] = (masks[run].tobytes(), float(effect))
+        unchanged = [n + 1 if np.array_equal(mask, old) else 0 for n, mask, old in zip(unchanged, masks, previous)]
+        previous = masks
+        settled = config.patience > 0 and all(
+            n >= config.patience and np.minimum(zr, 1 - zr).max() <= config.tolerance for n, zr in zip(unchanged, z))
         seconds += time.perf_counter() - began
         for run, history in enumerate(histories):
             history.append({"epoch": epoch + 1, "loss": float(np.mean([r["loss"][run] for r in stats])),
@@ -159,7 +170,10 @@ def run_searches(objective: Objective, configs: list[SearchConfig], start: tuple
         if on_epoch is not None:
             on_epoch(epoch + 1, {"z": search_state.z, "opt_state": search_state.opt_state, "keys": state["keys"]},
                      {"configs": [dataclasses.asdict(c) for c in configs], "epochs_done": epoch + 1,
-                      "histories": histories, "steps": steps, "seconds": seconds})
+                      "histories": histories, "steps": steps, "seconds": seconds, "unchanged": unchanged,
+                      "settled": settled})
+        if settled:
+            break
     z = np.asarray(search_state.z)
     return [SearchResult(c, z[run], select(z[run], c.threshold, c.max_components), histories[run],
                          [{k: v for k, v in row.items() if k != "run"} for row in steps if row["run"] == run],
