@@ -16,12 +16,13 @@ import jax
 import jaxtrace
 from jaxtrace.cli.options import add_options, from_args, given
 from jaxtrace.core.search import SearchConfig
-from jaxtrace.core.sites import MODEL_SITES
+from jaxtrace.core.sites import MODEL_SITES, gate_shape
 from jaxtrace.engine.mesh import MeshSpec, is_writer
-from jaxtrace.engine.objective import ObjectiveConfig, build_objective
+from jaxtrace.engine.objective import ObjectiveConfig, build_objective, check_task_fits
 from jaxtrace.io.circuit import Circuit
 from jaxtrace.io.export import EXPORT_FORMATS
 from jaxtrace.io.loading import ModelSpec
+from jaxtrace.io.results import check_out
 from jaxtrace.runs.baselines import BaselineConfig, baseline, evaluate_selection
 from jaxtrace.runs.common import Provenance
 from jaxtrace.runs.curve import CurveConfig, compare_run, table_markdown
@@ -49,10 +50,27 @@ def _load(args, model: str | None = None, task: TaskSpec | None = None):
     task_spec = task or from_args(TaskSpec, args)
     loaded, tokenizer = model_spec.load()
     encoded = task_spec.build(tokenizer)
-    if encoded.skipped:
-        log.info(f"skipped    {len(encoded.skipped)} pairs that cannot be aligned, e.g. {encoded.skipped[0][0]}: "
-                 f"{encoded.skipped[0][1]}")
+    report_skipped(encoded)
+    check_task_fits(encoded, loaded.config, model_spec.model)  # before anything is compiled
     return model_spec, loaded, task_spec, encoded
+
+
+def report_skipped(task) -> None:
+    """Every data line the loader dropped and every pair that could not be tokenised into an aligned pair."""
+    if task.dropped:
+        log.info(f"skipped    {len(task.dropped)} line pairs of the data (the reference's rules):")
+        for where, reason in task.dropped:
+            log.info(f"           {where}: {reason}")
+    if task.skipped:
+        log.info(f"skipped    {len(task.skipped)} pairs that cannot be aligned:")
+        for label, reason in task.skipped:
+            log.info(f"           {label}: {reason}")
+
+
+def _check_out(args) -> None:
+    """A --out that cannot be a folder is refused before the model is loaded."""
+    if getattr(args, "out", None) is not None:
+        check_out(args.out)
 
 
 def _metric(objective: ObjectiveConfig, task: TaskSpec) -> str:
@@ -72,6 +90,7 @@ def cmd_info(args) -> None:
 
 
 def cmd_trace(args) -> None:
+    _check_out(args)
     search, objective = from_args(SearchConfig, args), from_args(ObjectiveConfig, args)
     mesh = _mesh(args)
     model_spec, model, task_spec, task = _load(args)
@@ -91,6 +110,7 @@ def cmd_demo(args) -> None:
 
 
 def cmd_baseline(args) -> None:
+    _check_out(args)
     objective = from_args(ObjectiveConfig, args)
     mesh = _mesh(args)
     model_spec, model, task_spec, task = _load(args)
@@ -101,6 +121,7 @@ def cmd_baseline(args) -> None:
 
 
 def cmd_compare(args) -> None:
+    _check_out(args)
     search, config = from_args(SearchConfig, args), from_args(ObjectiveConfig, args)
     curve = from_args(CurveConfig, args)
     mesh = _mesh(args)
@@ -129,6 +150,7 @@ def cmd_evaluate(args) -> None:
     """The effect of a circuit file's selection or of --select, on the circuit's own task and model unless told."""
     if (args.circuit is None) == (args.select is None):
         raise ValueError("give exactly one of --circuit and --select")
+    selection = None if args.select is None else parse_selection(args.select)
     circuit = None if args.circuit is None else Circuit.read(args.circuit)
     if circuit is None and given(TaskSpec, args, "task") is None:
         raise ValueError("--select needs --task (and --data)")
@@ -147,8 +169,15 @@ def cmd_evaluate(args) -> None:
     model = given(ModelSpec, args, "model") or (circuit.model if circuit else None) or ModelSpec().model
     mesh = _mesh(args)
     _, loaded, _, task = _load(args, model=model, task=task_spec)
+    if selection is not None:
+        n_layers, width = gate_shape(loaded.config, site)
+        outside = [f"{layer}.{index}" for layer, index in selection
+                   if not (0 <= layer < n_layers and 0 <= index < width)]
+        if outside:
+            raise ValueError(f"--select {args.select}: {', '.join(outside)} outside the {n_layers} x {width} grid of "
+                             f"{site} components (layer.index, from 0)")
     objective = build_objective(loaded, task, site, config.batch_size, metric=metric, mesh=mesh)
-    result = evaluate_selection(objective, circuit.selected if circuit else parse_selection(args.select))
+    result = evaluate_selection(objective, circuit.selected if circuit else selection)
     log.info(f"{result['n_selected']} of {result['n_components']} {site} components on {result['n_pairs']} pairs: "
              f"effect {result['effect']:+.4f} (all {result['effect_all']:+.4f}, none {result['effect_none']:+.4f})")
     if args.json:
@@ -162,6 +191,7 @@ def cmd_export(args) -> None:
 
 def cmd_sweep(args) -> None:
     """Every (model, task) pair, finished pairs skipped and killed ones resumed; then the table and report."""
+    _check_out(args)
     search, objective = from_args(SearchConfig, args), from_args(ObjectiveConfig, args)
     unknown = [name for name in args.tasks if name not in TASK_LOADERS]
     if unknown:
@@ -209,8 +239,17 @@ def _comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
 
+class UsageError(ValueError):
+    """A command line argparse refuses (printed as one line, not as the usage)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        raise UsageError(f"{message} (see {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxtrace", description=__doc__)
+    parser = _Parser(prog="jaxtrace", description=__doc__)
     parser.add_argument("--version", action="version", version=jaxtrace.__version__)
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -294,7 +333,13 @@ def _console():
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except UsageError as error:
+        print(f"jaxtrace: error: {error}", file=sys.stderr)
+        return 2
+    except SystemExit as done:  # --help, --version
+        return done.code if isinstance(done.code, int) else 0
     with _console():
         try:
             args.run(args)
@@ -313,10 +358,10 @@ def main(argv: list[str] | None = None) -> int:
 def error_line(error: BaseException) -> str:
     """One line saying what went wrong: the message of an error we raise, or a summary of a library's."""
     expected = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, MemoryError, RuntimeError)
-    if isinstance(error, OSError) and error.filename is not None:
-        return f"{error.filename}: {error.strerror or error}"
     first = (str(error).strip().splitlines() or [""])[0]
-    if isinstance(error, expected) and first:
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{error.filename}: {error.strerror or first}"
+    if first and (isinstance(error, expected) or type(error).__module__.startswith("jaxtrace")):
         return first
     return f"{type(error).__name__}: {first[:300]}" if first else type(error).__name__
 

@@ -62,8 +62,10 @@ def add_options(parser: argparse.ArgumentParser, cls: type, title: str, defaults
             continue
         required = default is None and type(None) not in typing.get_args(hints[field.name]) \
             and field.name not in defaults
+        choices = field.metadata.get("choices")
         group.add_argument(_flag(field), dest=_dest(cls, field), default=default, required=required,
-                           type=_parser(field, field.default), choices=field.metadata.get("choices"), help=help_text)
+                           type=_parser(field, field.default), choices=choices, help=help_text,
+                           metavar=None if choices else field.name.upper())
 
 
 def from_args(cls: type, args: argparse.Namespace, **overrides):

@@ -63,28 +63,32 @@ class SearchConfig:
         for name in ("lr", "lambda1", "lambda2", "threshold", "init", "tolerance"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
-                raise ValueError(f"{name} must be a finite number, got {value}")
+                raise ValueError(f"--{name} must be a finite number, got {value}")
         for name in ("lambda1", "lambda2"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.lr is not None and self.lr <= 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
+            raise ValueError(f"--lr must be > 0, got {self.lr}")
         if self.epochs < 1:
-            raise ValueError(f"epochs must be >= 1, got {self.epochs}")
-        if self.patience < 0 or not 0 <= self.tolerance < 0.5:
-            raise ValueError(f"patience must be >= 0 and tolerance in [0, 0.5), got {self.patience}, {self.tolerance}")
+            raise ValueError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.patience < 0:
+            raise ValueError(f"--patience must be >= 0, got {self.patience}")
+        if not 0 <= self.tolerance < 0.5:
+            raise ValueError(f"--tolerance must be in [0, 0.5), got {self.tolerance}")
         if self.max_components is not None and self.max_components < 1:
-            raise ValueError(f"max_components must be >= 1, got {self.max_components}")
+            raise ValueError(f"--max-components must be >= 1, got {self.max_components}")
         if self.schedule not in SCHEDULES:
-            raise ValueError(f"unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
+            raise ValueError(f"--schedule: unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
         if self.penalty not in PENALTIES:
-            raise ValueError(f"penalty must be one of {PENALTIES}, got {self.penalty!r}")
+            raise ValueError(f"--penalty must be one of {PENALTIES}, got {self.penalty!r}")
         if self.transform is not None:
             check_transform(self.transform)
         if self.warm_start is not None and self.warm_start not in WARM_STARTS:
-            raise ValueError(f"unknown warm start {self.warm_start!r}; known: {', '.join(WARM_STARTS)}")
-        if not 0.0 <= self.init <= 1.0 or not 0.0 < self.threshold <= 1.0:
-            raise ValueError("init must be in [0, 1] and threshold in (0, 1]")
+            raise ValueError(f"--warm-start: unknown warm start {self.warm_start!r}; known: {', '.join(WARM_STARTS)}")
+        if not 0.0 < self.threshold <= 1.0:
+            raise ValueError(f"--threshold must be in (0, 1], got {self.threshold}")
+        if not 0.0 <= self.init <= 1.0:
+            raise ValueError(f"init must be in [0, 1], got {self.init}")
 
     def resolve(self, site: str, metric: Metric) -> SearchConfig:
         """The config with the site's learning rate and the metric's transform filled in (and checked)."""

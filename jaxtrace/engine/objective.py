@@ -46,9 +46,9 @@ class ObjectiveConfig:
         if self.metric is not None:
             get_metric(self.metric)
         if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+            raise ValueError(f"--batch-size must be >= 1, got {self.batch_size}")
         if not (math.isfinite(self.memory_gb) and self.memory_gb > 0):
-            raise ValueError(f"memory_gb must be a positive number, got {self.memory_gb}")
+            raise ValueError(f"--memory-gb must be a positive number, got {self.memory_gb}")
 
     @property
     def memory_budget(self) -> int:
@@ -141,18 +141,21 @@ def build_objective(model: GatedLM, task: EncodedTask, site: str, batch_size: in
     return dataclasses.replace(objective, cache=precompute_cache(objective)) if cache else objective
 
 
-def check_task_fits(task: EncodedTask, config) -> None:
+def check_task_fits(task: EncodedTask, config, model: str | None = None) -> None:
     """Refuse token ids outside the model's vocabulary (a tokenizer of another model) and rows longer than its
-    positions: both would give results that look valid."""
+    positions: both would give results that look valid. `model` names the model in the message."""
     arrays = task.arrays
+    the_model = "the model" if model is None else f"the model {model}"
     top = int(max(arrays.ids.max(), arrays.cf_ids.max(), arrays.target_ids.max()))
     if top >= config.vocab_size or min(arrays.ids.min(), arrays.cf_ids.min()) < 0:
-        raise ValueError(f"the task has token id {top}, outside the model's vocabulary of {config.vocab_size}: the "
-                         "tokenizer does not belong to this model (--tokenizer)")
-    longest = int(arrays.mask.sum(-1).max())
-    if longest > config.max_positions:
-        raise ValueError(f"a prompt with its target takes {longest} tokens, more than the model's "
-                         f"{config.max_positions} positions")
+        raise ValueError(f"the task has token id {top}, outside the {config.vocab_size}-token vocabulary of "
+                         f"{the_model}: the tokenizer does not belong to this model (--tokenizer)")
+    lengths = arrays.mask.sum(-1).max(-1)  # [N] longest prompt + target row of each pair
+    longest = int(np.argmax(lengths))
+    if lengths[longest] > config.max_positions:
+        label = task.pairs[longest].label or f"pair {longest}"
+        raise ValueError(f"{label}: a prompt with its target takes {int(lengths[longest])} tokens, more than the "
+                         f"{config.max_positions} positions of {the_model}")
 
 
 @functools.lru_cache(maxsize=None)

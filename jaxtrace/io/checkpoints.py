@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +11,17 @@ import orbax.checkpoint as ocp
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint is missing or cannot be read."""
+    """A checkpoint is missing, cannot be read or cannot be written (a one-line message naming it)."""
+
+
+# What Orbax's synchronous and asynchronous paths raise (asyncio's CancelledError is not an Exception).
+_ERRORS = (Exception, asyncio.CancelledError)
+
+
+def _summary(error: BaseException) -> str:
+    """An Orbax (or asyncio, tensorstore, OS) error in one short line."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first[:200]}" if first else type(error).__name__
 
 
 class EpochCheckpoints:
@@ -18,16 +30,28 @@ class EpochCheckpoints:
 
     def __init__(self, directory: str | Path):
         self.directory = Path(directory).absolute()
-        self.manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True))
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True))
+        except _ERRORS as error:  # Orbax raises many types (OSError, ValueError, ...)
+            raise CheckpointError(f"cannot open the checkpoints in {self.directory} ({_summary(error)})") from error
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
     def save(self, epochs_done: int, state: Any, meta: dict) -> None:
-        self.manager.save(epochs_done, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
-        self.manager.wait_until_finished()
+        """Write a step and wait for it (Orbax writes asynchronously; its errors, e.g. a full disk, surface here)."""
+        try:
+            self.manager.save(epochs_done, args=ocp.args.Composite(
+                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+            self.manager.wait_until_finished()
+        except _ERRORS as error:
+            done = []
+            with contextlib.suppress(*_ERRORS):
+                done = [s for s in self.steps() if s < epochs_done]
+            kept = f"; the checkpoints {done} are intact" if done else ""
+            raise CheckpointError(f"cannot save checkpoint {self.directory / str(epochs_done)} "
+                                  f"({_summary(error)}){kept}") from error
 
     def restore(self, abstract_state: Any, epochs_done: int | None = None) -> tuple[Any, dict]:
         """(state, meta) of a step (default: the latest), or a CheckpointError saying what is left intact."""
@@ -38,23 +62,35 @@ class EpochCheckpoints:
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
                 state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        except Exception as error:  # Orbax raises many types for damaged files
+        except _ERRORS as error:  # Orbax raises many types for damaged files
             earlier = [s for s in steps if s < step]
             hint = (f"the earlier checkpoints {earlier} are intact: move {self.directory / str(step)} away to resume "
-                    f"from epoch {earlier[-1]}" if earlier else "no earlier checkpoint exists")
+                    f"from epoch {earlier[-1]}" if earlier else "no earlier checkpoint exists: --overwrite starts "
+                    "the run again")
             raise CheckpointError(f"checkpoint {self.directory / str(step)} cannot be read "
-                                  f"({type(error).__name__}: {error}); {hint}") from error
+                                  f"({_summary(error)}); {hint}") from error
         return restored.state, restored.meta
 
-    def close(self) -> None:
-        self.manager.close()
+    def close(self, quiet: bool = False) -> None:
+        """Finish pending writes and close; `quiet`: ignore a failure (when another error is on its way)."""
+        try:
+            self.manager.close()
+        except _ERRORS as error:
+            if not quiet:
+                raise CheckpointError(f"cannot finish writing the checkpoints in {self.directory} "
+                                      f"({_summary(error)})") from error
 
 
 def save_tree(path: str | Path, tree: Any) -> None:
-    """Write an array pytree with Orbax (replacing an older copy)."""
+    """Write an array pytree with Orbax (replacing an older copy); a failure is a one-line CheckpointError."""
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(Path(path).absolute(), tree, force=True)
-    checkpointer.wait_until_finished()
+    try:
+        checkpointer.save(Path(path).absolute(), tree, force=True)
+        checkpointer.wait_until_finished()
+    except _ERRORS as error:
+        with contextlib.suppress(*_ERRORS):
+            checkpointer.close()
+        raise CheckpointError(f"cannot write {Path(path).absolute()} ({_summary(error)})") from error
     checkpointer.close()
 
 

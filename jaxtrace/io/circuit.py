@@ -45,6 +45,7 @@ class Circuit:
     data: str | None = None
     task_options: dict = dataclasses.field(default_factory=dict)
     skipped: list[list[str]] = dataclasses.field(default_factory=list)
+    dropped: list[list[str]] = dataclasses.field(default_factory=list)  # data lines the task's loader left out
     selected_names: list[str] = dataclasses.field(default_factory=list)
     single_effects: list[list[float]] | None = None
     scores: list[list[float]] | None = None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import json
 import os
 import tempfile
@@ -14,16 +15,26 @@ from typing import Any, Iterator
 
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """A temporary path next to `path` to write to; renamed onto `path` when the block succeeds, removed otherwise."""
+    """A temporary path next to `path` to write to; renamed onto `path` when the block succeeds, removed otherwise.
+    An OSError (a missing or read-only folder, a full disk) is raised again naming `path`, not the temporary file."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, "is a folder, not a file", str(path))
+    if not path.parent.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"cannot be written: {path.parent} is not a folder", str(path))
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    except OSError as error:
+        raise OSError(error.errno, error.strerror or str(error), str(path)) from None
     os.close(fd)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(error, OSError) and error.filename in (None, tmp, str(tmp)):
+            raise OSError(error.errno, error.strerror or str(error), str(path)) from error
         raise
 
 
@@ -46,6 +57,8 @@ def write_csv(path: str | os.PathLike, rows: list[dict]) -> None:
 def read_json(path: str | os.PathLike, what: str = "JSON") -> Any:
     """A JSON file's value, or a one-line ValueError naming the file."""
     path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:

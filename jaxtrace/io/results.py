@@ -9,7 +9,9 @@ when every result file is in place.
 - Result files are written into `.staging/` and moved into place with the folder's `finished` file (e.g.
   `circuit.json`) last, after removing the old one (Orbax's collective writes go straight into place, atomic by
   themselves): a killed or failed write never leaves a folder that looks finished, and a finished folder always
-  holds the files of one run.
+  holds the files of one run. The old `finished` file is removed only once every file is staged, so a write that
+  fails there (a full disk) leaves the folder as it was.
+- Every failure to create or write the folder is one `ResultFolderError` line naming the folder or file.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import os
 import shutil
 import socket
+import tempfile
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +37,32 @@ STAGING = ".staging"
 
 class FolderBusyError(FileExistsError):
     """Another process holds the result folder."""
+
+
+class ResultFolderError(OSError):
+    """The result folder cannot be created or written (the message names it)."""
+
+
+def check_out(path: str | Path) -> Path:
+    """`path` (a run's `--out`), after checking that it is a folder or can be made one (neither it nor the nearest
+    existing folder above it is a file) and, if it exists, that a file can be written in it. Cheap, so a command
+    can check before it loads a model."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise ResultFolderError(f"--out {path} is a file, not a folder")
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ResultFolderError(f"--out {path}: {parent} is a file, not a folder")
+            break
+    if path.is_dir():  # a file can be made in it (root ignores permission bits, not a read-only file system)
+        try:
+            with tempfile.TemporaryFile(dir=path):
+                pass
+        except OSError as error:
+            raise ResultFolderError(f"--out {path}: cannot write to the folder ({error.strerror or error})") \
+                from None
+    return path
 
 
 def _flatten(tree, prefix: str = "") -> dict:
@@ -83,25 +112,36 @@ class ResultFolder:
         return (self.path / IDENTITY).is_file() or (self.path / self.finished).exists() or checkpoints
 
     def __enter__(self) -> ResultFolder:
-        try:
+        check_out(self.path)
+        with self._writing("cannot create the folder"):
             self.path.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise ValueError(f"--out {self.path}: cannot create the folder ({error.strerror or error})") from None
         if not os.access(self.path, os.W_OK):
-            raise ValueError(f"--out {self.path}: the folder is not writable")
+            raise ResultFolderError(f"--out {self.path}: the folder is not writable")
         if is_writer():
-            self._lock()
+            with self._writing("cannot write to the folder"):
+                self._lock()
         try:
             self._check()
             _sync("jaxtrace-result-folder")
             if is_writer():
-                if self.overwrite:
-                    self._clear()
-                write_json(self.path / IDENTITY, {"identity": self.identity})
+                with self._writing("cannot write to the folder"):
+                    if self.overwrite:
+                        self._clear()
+                    write_json(self.path / IDENTITY, {"identity": self.identity})
         except BaseException:
             self._unlock()
             raise
         return self
+
+    @contextlib.contextmanager
+    def _writing(self, what: str):
+        """A file system error of the block (a read-only or full disk) as one ResultFolderError naming --out."""
+        try:
+            yield
+        except FolderBusyError:
+            raise
+        except OSError as error:
+            raise ResultFolderError(f"--out {self.path}: {what} ({error.strerror or error})") from None
 
     def __exit__(self, *exc) -> None:
         self._unlock()
@@ -161,28 +201,76 @@ class ResultFolder:
                 collective: dict[str, Callable[[Path], None]] | None = None) -> None:
         """Write result files: `writers[name](path)` (process 0) into the staging folder, then move them into place
         with the `finished` file last; `collective[name](path)` (every process, e.g. an Orbax save, atomic by itself)
-        writes in place, after the old `finished` file is gone."""
+        writes in place, after the old `finished` file is gone.
+
+        A writer that fails (e.g. on a full disk) leaves the folder as it was, an earlier finished result included;
+        a failure after that leaves a folder without its `finished` file. Either is a `ResultFolderError` naming the
+        file (or the Orbax writer's own one-line error)."""
         staging = self.path / STAGING
-        if is_writer():
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir()
-            with contextlib.suppress(FileNotFoundError):
-                (self.path / self.finished).unlink()
-        _sync("jaxtrace-publish")
-        for name, write in (collective or {}).items():
-            write(self.path / name)
-        if not is_writer():
-            return
-        for name, write in writers.items():
-            write(staging / name)
-        for name in [*sorted(set(writers) - {self.finished}), self.finished]:
-            source, target = staging / name, self.path / name
-            if not source.exists():
-                continue
-            if target.is_dir() and not target.is_symlink():
-                shutil.rmtree(target)
-            os.replace(source, target)
+        try:
+            failed = self._stage(staging, writers) if is_writer() else None
+            if _any(failed is not None):  # every process stops if process 0 could not stage the files
+                raise failed or ResultFolderError(f"{self.path}: process 0 could not write the results")
+            if is_writer():
+                with contextlib.suppress(FileNotFoundError):
+                    (self.path / self.finished).unlink()
+            _sync("jaxtrace-publish")
+            for name, write in (collective or {}).items():
+                try:
+                    write(self.path / name)
+                except Exception as error:  # e.g. Orbax's one-line CheckpointError, on a full disk
+                    raise ResultFolderError(f"{(str(error).strip().splitlines() or [name])[0]}; "
+                                            f"{self.path} holds no finished result{self._advice}") from error
+            if not is_writer():
+                return
+            for name in [*sorted(set(writers) - {self.finished}), self.finished]:
+                source, target = staging / name, self.path / name
+                if not source.exists():
+                    continue
+                try:
+                    if target.is_dir() and not target.is_symlink():
+                        shutil.rmtree(target)
+                    os.replace(source, target)
+                except OSError as error:
+                    raise self._write_error(name, error, "holds no finished result") from error
+        finally:
+            if is_writer():
+                shutil.rmtree(staging, ignore_errors=True)
+
+    def _stage(self, staging: Path, writers: dict[str, Callable[[Path], None]]) -> Exception | None:
+        """Write every file into a fresh staging folder; the error (a ResultFolderError for an OSError) or None."""
         shutil.rmtree(staging, ignore_errors=True)
+        name = STAGING
+        try:
+            staging.mkdir()
+            for name, write in writers.items():
+                write(staging / name)
+        except OSError as error:
+            return self._write_error(name, error, "is unchanged")
+        except Exception as error:  # raised again by `publish`
+            return error
+        return None
+
+    @property
+    def _advice(self) -> str:
+        return "; once it can be written, --resume writes the results again" if self.resumable else ""
+
+    def _write_error(self, name: str, error: OSError, state: str) -> ResultFolderError:
+        """`error` on writing the result file `name`, saying what state the folder is left in."""
+        failure = ResultFolderError(f"{self.path / name}: cannot write it ({error.strerror or error}); "
+                                    f"{self.path} {state}{self._advice}")
+        failure.__cause__ = error
+        return failure
+
+
+def _any(flag: bool) -> bool:
+    """Whether `flag` is true on process 0 (every process gets its value; multi-host runs)."""
+    if jax.process_count() == 1:
+        return flag
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    return bool(multihost_utils.broadcast_one_to_all(np.int32(flag)))
 
 
 def _sync(name: str) -> None:

@@ -88,7 +88,7 @@ def summarize(objective: Objective, mask: np.ndarray, z: np.ndarray, provenance:
         effect_all=float(effects[1].mean()), effect_none=float(effects[2].mean()), n_pairs=len(objective.task),
         seconds=seconds, status=circuit_status(len(selected), objective.n_components, method),
         batch_size=objective.batcher.batch_size, search=settings, history=history,
-        skipped=[list(s) for s in objective.task.skipped],
+        skipped=[list(s) for s in objective.task.skipped], dropped=[list(d) for d in objective.task.dropped],
         selected_names=[labels[layer * mask.shape[1] + index] for layer, index in selected],
         **provenance.describe())
     return circuit, effects[0]

@@ -45,12 +45,17 @@ class CurveConfig:
     random_seed: int = option(0, "random subsets' seed")
 
     def __post_init__(self):
-        if len(self.lambda_range) != 2 or not 0 < self.lambda_range[0] <= self.lambda_range[1]:
+        if len(self.lambda_range) != 2 or not 0 < self.lambda_range[0] <= self.lambda_range[1] < float("inf"):
             raise ValueError(f"--lambda-range takes LOW,HIGH with 0 < LOW <= HIGH, got {self.lambda_range}")
         if self.n_lambdas < 1 or self.samples < 1:
             raise ValueError("--n-lambdas and --samples must be >= 1")
         if not self.sizes:
             raise ValueError("--sizes needs at least one size")
+        for name in ("greedy_max", "greedy_candidates"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if any(size < 1 for size in self.sizes):
+            raise ValueError(f"--sizes takes circuit sizes >= 1, got {','.join(map(str, self.sizes))}")
 
 METHOD_NAMES = ("pgbct", "greedy", "topk", "random")
 

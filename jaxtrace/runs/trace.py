@@ -76,7 +76,11 @@ def _search(objective: Objective, config: SearchConfig, folder, resume: bool, pr
         total = max(config.epochs - done, 0) * len(objective.batcher.in_order)
         on_epoch = None if checkpoints is None else checkpoints.save
         with progress_bar(total, "PGB-CT", progress) as on_step:
-            return run_search(objective, config, start=start, on_step=on_step, on_epoch=on_epoch)
-    finally:
+            result = run_search(objective, config, start=start, on_step=on_step, on_epoch=on_epoch)
+    except BaseException:
         if checkpoints is not None:
-            checkpoints.close()
+            checkpoints.close(quiet=True)  # the error on its way says what went wrong
+        raise
+    if checkpoints is not None:
+        checkpoints.close()
+    return result

@@ -37,16 +37,17 @@ class EncodedTask:
     """A task's pairs as token arrays (`arrays`), with what is needed to read them.
 
     Base and counterfactual prompts have the same length (pairs whose lengths differ are in `skipped`, since every
-    site mixes position by position). Gates apply at `arrays.gate_mask` (prompt positions: all, the last, or the
-    subject's). With `noise` the counterfactual is the base prompt with noisy input embeddings at
-    `arrays.noise_mask`.
+    site mixes position by position); the data lines the loader dropped are in `dropped` (`loaders.Pairs`). Gates
+    apply at `arrays.gate_mask` (prompt positions: all, the last, or the subject's). With `noise` the
+    counterfactual is the base prompt with noisy input embeddings at `arrays.noise_mask`.
     """
 
     pairs: tuple[PromptPair, ...]
-    skipped: tuple[tuple[str, str], ...]  # (label, reason)
+    skipped: tuple[tuple[str, str], ...]  # (label, reason): pairs that cannot be aligned
     noise: Noise | None                   # None: the counterfactual is another prompt
     pad_id: int                           # the tokenizer's pad id (else EOS) that pads every array of token ids
     arrays: TaskArrays
+    dropped: tuple[tuple[str, str], ...] = ()  # ("file:lines", reason): data lines the loader left out
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -113,7 +114,8 @@ def _positions(mode: str, tokenizer, pair: PromptPair, base: list[int]) -> np.nd
 def encode_pairs(pairs: Sequence[PromptPair], tokenizer, positions: str = "prompt",
                  noise: Noise | None = None) -> EncodedTask:
     """Tokenise prompts (with the tokenizer's special tokens) and targets (without), skipping pairs that cannot be
-    aligned: different base and counterfactual lengths, a target with no tokens, a subject not found.
+    aligned: different base and counterfactual lengths, a target with no tokens, a subject not found. The lines the
+    loader dropped (`pairs.dropped`, when `pairs` is a `loaders.Pairs`) are kept in the task's `dropped`.
 
     positions: where gates apply ("prompt": every prompt token; "last"; "subject"). noise: None (the counterfactual
     is the pair's counterfactual prompt) or the noise that corrupts the base prompt's embeddings instead.
@@ -127,25 +129,26 @@ def encode_pairs(pairs: Sequence[PromptPair], tokenizer, positions: str = "promp
         raise ValueError(f"all pairs must have the same number of targets, found {sorted(n_targets)}")
     pad = pad_id_of(tokenizer)
     kept, skipped, bases, cfs, targets, gate_rows, noise_rows = [], [], [], [], [], [], []
-    for pair in pairs:
+    for number, pair in enumerate(pairs):
+        label = pair.label or f"pair {number}"
         base = tokenizer(pair.base)["input_ids"]
         cf = base if noise is not None else tokenizer(pair.counterfactual)["input_ids"]
         toks = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in pair.targets]
         if not base:
-            skipped.append((pair.label, "the base prompt encodes to no tokens"))
+            skipped.append((label, "the base prompt encodes to no tokens"))
             continue
         if len(base) != len(cf):
-            skipped.append((pair.label, f"base has {len(base)} tokens, counterfactual {len(cf)}"))
+            skipped.append((label, f"base has {len(base)} tokens, counterfactual {len(cf)}"))
             continue
         if not all(toks):
-            skipped.append((pair.label, "a target encodes to no tokens"))
+            skipped.append((label, "a target encodes to no tokens"))
             continue
         try:
             gate_row = _positions(positions, tokenizer, pair, base)
             noise_row = (np.zeros(len(base), np.float32) if noise is None
                          else _positions(noise.on, tokenizer, pair, base))
         except ValueError as error:
-            skipped.append((pair.label, str(error)))
+            skipped.append((label, str(error)))
             continue
         gate_rows.append(gate_row)
         noise_rows.append(noise_row)
@@ -182,4 +185,5 @@ def encode_pairs(pairs: Sequence[PromptPair], tokenizer, positions: str = "promp
         gate_mask=_pad(gate_rows, length, dtype=np.float32),
         noise_mask=_pad(noise_rows, prompt_length, dtype=np.float32),
     )
-    return EncodedTask(pairs=tuple(kept), skipped=tuple(skipped), noise=noise, pad_id=pad, arrays=arrays)
+    return EncodedTask(pairs=tuple(kept), skipped=tuple(skipped), noise=noise, pad_id=pad, arrays=arrays,
+                       dropped=tuple(getattr(pairs, "dropped", ())))

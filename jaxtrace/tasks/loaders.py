@@ -14,6 +14,10 @@ Deliberate differences from the reference:
 - Winogender ``stats="bls"`` works: it orders the continuations by ``bls_pct_female`` just as ``"bergsma"`` does
   by ``bergsma_pct_female`` (the reference crashes on a misspelled attribute).
 - Malformed input raises ``FileNotFoundError``/``ValueError`` naming the file and line, instead of asserting.
+- Nothing is dropped silently: ``load_pairs`` (and ``load_winobias``) return ``Pairs``, a list that also holds, in
+  ``dropped``, every line pair the reference's skip rules leave out, with its file, line numbers and reason (38
+  WinoBias dev pairs, 68 test pairs); the other loaders drop nothing (a line they cannot read is an error).
+- Empty prompts and bytes that are not UTF-8 are errors naming the file and line.
 """
 
 import json
@@ -45,6 +49,9 @@ class PromptPair:
     def __post_init__(self) -> None:
         if not isinstance(self.base, str) or not isinstance(self.counterfactual, str):
             raise TypeError("PromptPair base and counterfactual must be str")
+        for name in ("base", "counterfactual"):
+            if not getattr(self, name).strip():
+                raise ValueError(f"the {name} prompt is empty")
         if not isinstance(self.targets, tuple) or not all(isinstance(t, str) for t in self.targets):
             raise TypeError("PromptPair targets must be a tuple of str")
         if not self.targets or not all(self.targets):
@@ -59,17 +66,37 @@ class PromptPair:
             raise ValueError(f"PromptPair subject {self.subject!r} must be a substring of the base prompt")
 
 
+class Pairs(list):
+    """The prompt pairs a loader read (a list of ``PromptPair``) and, in ``dropped``, the lines it left out:
+    ``("file:first-last", reason)`` for each line pair, in file order."""
+
+    def __init__(self, pairs=(), dropped=()):
+        super().__init__(pairs)
+        self.dropped: tuple[tuple[str, str], ...] = tuple(dropped)
+
+
 def _dataset_dir(data: PathLike, name: str) -> Path:
     """``data/name`` when ``data`` is the root holding the dataset folders, else ``data`` itself."""
     data = Path(data)
     return data / name if (data / name).is_dir() else data
 
 
-def _read_lines(path: Path) -> list[tuple[int, str]]:
-    """The non-blank lines of a UTF-8 text file, stripped, with their 1-based line numbers."""
+def read_text(path: Path) -> str:
+    """A UTF-8 text file's contents; bytes that are not UTF-8 are a ValueError naming the file, line and column."""
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    lines = path.read_text(encoding="utf-8").splitlines()
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - (data.rfind(b"\n", 0, error.start) + 1) + 1
+        raise ValueError(f"{path}:{line}: not UTF-8 text (byte 0x{data[error.start]:02x} at column {column})") from None
+
+
+def _read_lines(path: Path) -> list[tuple[int, str]]:
+    """The non-blank lines of a UTF-8 text file, stripped, with their 1-based line numbers."""
+    lines = read_text(path).splitlines()
     return [(number, line.strip()) for number, line in enumerate(lines, start=1) if line.strip()]
 
 
@@ -216,8 +243,9 @@ def load_winobias(
     """Pro-stereotyped type-1 WinoBias pairs (dev: 160, test: 130), with the reference's skip rules.
 
     A line pair is skipped when either line lacks exactly two "[", when it contains "[him]", or when its two
-    contexts or pronoun groups differ. targets = (" " + female occupation's continuation,
-    " " + male occupation's continuation); labels are "winobias-{split}-{index of the kept pair}".
+    contexts or pronoun groups differ; the result (``Pairs``) lists those in ``dropped``. targets = (" " + female
+    occupation's continuation, " " + male occupation's continuation); labels are "winobias-{split}-{index of the kept
+    pair}".
     """
     if split not in ("dev", "test"):
         raise ValueError(f"split must be 'dev' or 'test', got {split!r}")
@@ -226,13 +254,20 @@ def load_winobias(
     male_occupations = _read_occupations(folder / "male_occupations.txt")
     occupations = female_occupations + male_occupations
     path = folder / f"pro_stereotyped_type1.txt.{split}"
-    pairs = []
+    pairs, dropped = [], []
     for (number1, line1), (number2, line2) in _in_pairs(path, _read_lines(path)):
-        if line1.count("[") != 2 or line2.count("[") != 2 or "[him]" in line1 + line2:
-            continue
-        first = _parse_winobias_line(path, number1, line1, occupations)
-        second = _parse_winobias_line(path, number2, line2, occupations)
-        if (first.context, first.pronouns) != (second.context, second.pronouns):
+        where = f"{path}:{number1}-{number2}"
+        reason = _winobias_skip(((number1, line1), (number2, line2)))
+        if reason is None:
+            first = _parse_winobias_line(path, number1, line1, occupations)
+            second = _parse_winobias_line(path, number2, line2, occupations)
+            if first.context != second.context:
+                reason = "the two lines' text before the pronoun differs"
+            elif first.pronouns != second.pronouns:
+                reason = f"the pronouns are of different kinds ({'/'.join(first.pronouns)} and " \
+                         f"{'/'.join(second.pronouns)})"
+        if reason is not None:
+            dropped.append((where, reason))
             continue
         female_row, male_row = (first, second) if first.occupation in female_occupations else (second, first)
         if female_row.occupation not in female_occupations or male_row.occupation not in male_occupations:
@@ -249,7 +284,18 @@ def load_winobias(
                 label=f"winobias-{split}-{len(pairs)}",
             )
         )
-    return pairs
+    return Pairs(pairs, dropped)
+
+
+def _winobias_skip(lines: tuple[tuple[int, str], ...]) -> str | None:
+    """Why the reference's rules skip a WinoBias line pair (a line without exactly two bracketed spans, or with
+    "[him]"), or None."""
+    for number, line in lines:
+        if line.count("[") != 2:
+            return f"line {number} has {line.count('[')} '[' (expected 2: the occupation and the pronoun)"
+        if "[him]" in line:
+            return f"line {number} has [him] (the reference skips object pronouns)"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -352,7 +398,7 @@ def load_counterfact(data: PathLike, limit: int | None = None, leading_space: bo
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
     try:
-        records = json.loads(path.read_text(encoding="utf-8"))
+        records = json.loads(read_text(path))
     except json.JSONDecodeError as err:
         raise ValueError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from err
     if not isinstance(records, list):
@@ -529,7 +575,7 @@ TASK_LOADERS: dict[str, Callable[..., list[PromptPair]]] = {
 GENERATED_TASKS = ("binding", "ioi")  # tasks that need no --data
 
 
-def load_pairs(task: str, data: PathLike | None, **options: object) -> list[PromptPair]:
+def load_pairs(task: str, data: PathLike | None, **options: object) -> Pairs:
     """Load the pairs of a registered task; ``options`` go to its loader (e.g. ``split="test"``)."""
     if task not in TASK_LOADERS:
         raise ValueError(f"unknown task {task!r}; known tasks: {sorted(TASK_LOADERS)}")
@@ -537,5 +583,7 @@ def load_pairs(task: str, data: PathLike | None, **options: object) -> list[Prom
         raise ValueError(f"task {task!r} reads its pairs from files: give the data path (CLI: --data)")
     pairs = TASK_LOADERS[task](data, **options)
     if not pairs:
-        raise ValueError(f"task {task!r} produced no prompt pairs from {data}")
-    return pairs
+        dropped = getattr(pairs, "dropped", ())
+        why = f" (all {len(dropped)} line pairs dropped, e.g. {dropped[0][0]}: {dropped[0][1]})" if dropped else ""
+        raise ValueError(f"task {task!r} produced no prompt pairs from {data}{why}")
+    return pairs if isinstance(pairs, Pairs) else Pairs(pairs)

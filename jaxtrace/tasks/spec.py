@@ -79,8 +79,13 @@ class TaskSpec:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        if self.task in NOISE_TASKS:
-            self.noise()  # checks std and scale
+        for name in ("noise_std", "noise_scale"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
+        low, high = self.operands
+        if not 0 <= low <= high:
+            raise ValueError(f"--operands takes a range LOW-HIGH with 0 <= LOW <= HIGH, got {low}-{high}")
 
     @property
     def default_metric(self) -> str:
@@ -103,8 +108,6 @@ class TaskSpec:
     def noise(self) -> Noise | None:
         if self.task not in NOISE_TASKS:
             return None
-        if self.noise_std is not None and not math.isfinite(self.noise_std):
-            raise ValueError(f"--noise-std must be finite, got {self.noise_std}")
         return Noise(self.noise_on, self.noise_std, self.noise_scale, self.noise_seed)
 
     def loader_options(self) -> dict:

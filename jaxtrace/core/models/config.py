@@ -68,6 +68,11 @@ class ModelConfig:
             raise ValueError(f"dtype must be one of {DTYPES}, got {self.dtype!r}")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        from jaxtrace.core.models.layers import ACTIVATIONS  # layers imports this module
+
+        if self.activation not in ACTIVATIONS:
+            raise UnsupportedModelError(f"unsupported activation {self.activation!r}; supported: "
+                                        f"{', '.join(ACTIVATIONS)}")
 
     @property
     def family(self) -> str:
@@ -105,7 +110,10 @@ class ModelConfig:
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any], dtype: str = "float32") -> ModelConfig:
-        """Parse a transformers 4 or 5 `config.json` dict."""
+        """Parse a transformers 4 or 5 `config.json` dict. A missing key, a value of the wrong type and inconsistent
+        sizes are ValueErrors naming the `config.json` key."""
+        if not isinstance(hf, Mapping):
+            raise ValueError(f"expected a JSON object, got {type(hf).__name__}")
         model_type = hf.get("model_type")
         if model_type not in FAMILIES:
             archs = hf.get("architectures") or []
@@ -117,26 +125,62 @@ class ModelConfig:
         return _llama_from_hf(hf, model_type, dtype)
 
 
+_MISSING = object()
+
+
+def _int(hf: Mapping[str, Any], key: str, default: Any = _MISSING) -> int:
+    """A positive integer from the config (`default` when the key is absent or null)."""
+    value = hf.get(key)
+    if value is None:
+        if default is _MISSING:
+            raise ValueError(f"missing key {key!r}")
+        return default
+    if type(value) is not int or value < 1:
+        raise ValueError(f"{key!r} must be a positive integer, got {value!r}")
+    return value
+
+
+def _number(hf: Mapping[str, Any], key: str, default: float) -> float:
+    """A positive finite number from the config (`default` when the key is absent or null)."""
+    value = hf.get(key)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < float("inf"):
+        raise ValueError(f"{key!r} must be a positive number, got {value!r}")
+    return float(value)
+
+
+def _of_type(hf: Mapping[str, Any], key: str, kind: type, default: Any) -> Any:
+    value = hf.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, kind):
+        raise ValueError(f"{key!r} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
 def _gpt2_from_hf(hf: Mapping[str, Any], dtype: str) -> ModelConfig:
     for option in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
         if hf.get(option):
             raise UnsupportedModelError(f"GPT-2 option {option}=true is not supported")
     if hf.get("scale_attn_weights") is False:
         raise UnsupportedModelError("GPT-2 option scale_attn_weights=false is not supported")
-    d_model, n_heads = hf["n_embd"], hf["n_head"]
+    d_model, n_heads = _int(hf, "n_embd"), _int(hf, "n_head")
+    if d_model % n_heads:
+        raise ValueError(f"n_embd={d_model} is not divisible by n_head={n_heads}")
     return ModelConfig(
         model_type="gpt2",
-        vocab_size=hf["vocab_size"],
+        vocab_size=_int(hf, "vocab_size"),
         d_model=d_model,
-        n_layers=hf["n_layer"],
+        n_layers=_int(hf, "n_layer"),
         n_heads=n_heads,
         n_kv_heads=n_heads,
         head_dim=d_model // n_heads,
-        d_ff=hf.get("n_inner") or 4 * d_model,
-        max_positions=hf["n_positions"],
-        norm_eps=hf.get("layer_norm_epsilon", 1e-5),
-        tie_embeddings=hf.get("tie_word_embeddings", True),
-        activation=hf.get("activation_function", "gelu_new"),
+        d_ff=_int(hf, "n_inner", 4 * d_model),
+        max_positions=_int(hf, "n_positions"),
+        norm_eps=_number(hf, "layer_norm_epsilon", 1e-5),
+        tie_embeddings=_of_type(hf, "tie_word_embeddings", bool, True),
+        activation=_of_type(hf, "activation_function", str, "gelu_new"),
         qkv_bias=True,
         o_bias=True,
         mlp_bias=True,
@@ -146,9 +190,10 @@ def _gpt2_from_hf(hf: Mapping[str, Any], dtype: str) -> ModelConfig:
 
 def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, tuple[tuple[str, Any], ...] | None]:
     """(theta, scaling items) from either `rope_parameters` (transformers 5) or `rope_theta`/`rope_scaling` (4)."""
-    params = dict(hf.get("rope_parameters") or {})
-    theta = params.pop("rope_theta", hf.get("rope_theta", 10000.0))
-    scaling = params or dict(hf.get("rope_scaling") or {})
+    params = dict(_of_type(hf, "rope_parameters", dict, {}))
+    theta = _number(params, "rope_theta", _number(hf, "rope_theta", 10000.0))
+    params.pop("rope_theta", None)
+    scaling = params or dict(_of_type(hf, "rope_scaling", dict, {}))
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "default":
         return float(theta), None
@@ -160,11 +205,20 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, tuple[tuple[str, Any], 
 
 
 def _llama_from_hf(hf: Mapping[str, Any], model_type: str, dtype: str) -> ModelConfig:
-    d_model, n_heads = hf["hidden_size"], hf["num_attention_heads"]
+    d_model, n_heads = _int(hf, "hidden_size"), _int(hf, "num_attention_heads")
+    n_kv_heads = _int(hf, "num_key_value_heads", n_heads)
+    if n_heads % n_kv_heads:
+        raise ValueError(f"num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv_heads}")
+    head_dim = _int(hf, "head_dim", None)
+    if head_dim is None:
+        if d_model % n_heads:
+            raise ValueError(f"hidden_size={d_model} is not divisible by num_attention_heads={n_heads} (and there "
+                             "is no head_dim)")
+        head_dim = d_model // n_heads
     theta, scaling = _rope_from_hf(hf)
-    attention_bias = hf.get("attention_bias", False)
+    attention_bias = _of_type(hf, "attention_bias", bool, False)
     if model_type == "mistral":
-        sliding_window = hf.get("sliding_window")
+        sliding_window = _int(hf, "sliding_window", None)
     elif model_type == "qwen2" and hf.get("use_sliding_window"):
         raise UnsupportedModelError("Qwen2 use_sliding_window=true is not supported")
     else:
@@ -174,20 +228,20 @@ def _llama_from_hf(hf: Mapping[str, Any], model_type: str, dtype: str) -> ModelC
         raise UnsupportedModelError(f"layer_types {sorted(layer_types)} are not supported (only full_attention)")
     return ModelConfig(
         model_type=model_type,
-        vocab_size=hf["vocab_size"],
+        vocab_size=_int(hf, "vocab_size"),
         d_model=d_model,
-        n_layers=hf["num_hidden_layers"],
+        n_layers=_int(hf, "num_hidden_layers"),
         n_heads=n_heads,
-        n_kv_heads=hf.get("num_key_value_heads") or n_heads,
-        head_dim=hf.get("head_dim") or d_model // n_heads,
-        d_ff=hf["intermediate_size"],
-        max_positions=hf.get("max_position_embeddings", 2048),
-        norm_eps=hf.get("rms_norm_eps", 1e-6),
-        tie_embeddings=hf.get("tie_word_embeddings", False),
-        activation=hf.get("hidden_act", "silu"),
+        n_kv_heads=n_kv_heads,
+        head_dim=head_dim,
+        d_ff=_int(hf, "intermediate_size"),
+        max_positions=_int(hf, "max_position_embeddings", 2048),
+        norm_eps=_number(hf, "rms_norm_eps", 1e-6),
+        tie_embeddings=_of_type(hf, "tie_word_embeddings", bool, False),
+        activation=_of_type(hf, "hidden_act", str, "silu"),
         qkv_bias=model_type == "qwen2" or attention_bias,
         o_bias=model_type != "qwen2" and attention_bias,
-        mlp_bias=hf.get("mlp_bias", False),
+        mlp_bias=_of_type(hf, "mlp_bias", bool, False),
         qk_norm=model_type == "qwen3",
         rope_theta=theta,
         rope_scaling=scaling,

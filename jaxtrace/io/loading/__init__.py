@@ -11,10 +11,13 @@ from jaxtrace.core.models import GatedLM, ModelConfig
 from jaxtrace.core.models.config import DTYPES
 from jaxtrace.core.options import option
 from jaxtrace.io.cache import files_digest
+from jaxtrace.io.files import read_json
 from jaxtrace.io.loading.convert import CheckpointMismatchError, model_from_state_dict
 from jaxtrace.io.loading.hf import PickledCheckpointError, read_hf_folder, weight_files
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
+                        "added_tokens.json")
 
 
 def _packaged_file(package: str, name: str) -> Path:
@@ -54,30 +57,52 @@ def load_model(spec: str | Path, dtype: str = "float32", allow_pickle: bool = Fa
     it is None for a folder without tokenizer files. Remote code is never run.
     """
     path = resolve_model_path(spec)
+    given_tokenizer = None if tokenizer is None else load_tokenizer(tokenizer)  # before the (slow) weights
+    if tokenizer is not None and given_tokenizer is None:
+        raise FileNotFoundError(f"tokenizer folder {tokenizer} holds no tokenizer files ({', '.join(TOKENIZER_FILES)})")
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{path}: a model file must be .gguf; for HF checkpoints give the folder")
         from jaxtrace.io.loading.gguf import gguf_tokenizer, read_gguf
 
         hf_config, state_dict = read_gguf(path)
+        config_source = weights_source = path
         default_tokenizer = lambda: gguf_tokenizer(path)  # noqa: E731
     else:
         hf_config, state_dict = read_hf_folder(path, allow_pickle=allow_pickle)
+        config_source, weights_source = path / "config.json", path
         default_tokenizer = lambda: load_tokenizer(path)  # noqa: E731
-    model = model_from_state_dict(ModelConfig.from_hf(hf_config, dtype=dtype), state_dict)
-    return model, load_tokenizer(tokenizer) if tokenizer is not None else default_tokenizer()
+    try:
+        config = ModelConfig.from_hf(hf_config, dtype=dtype)
+    except ValueError as error:  # name the file the config came from
+        raise type(error)(f"{config_source}: {error}") from None
+    try:
+        model = model_from_state_dict(config, state_dict)
+    except CheckpointMismatchError as error:
+        raise CheckpointMismatchError(f"{weights_source}: {error}") from None
+    return model, given_tokenizer if tokenizer is not None else default_tokenizer()
 
 
 def load_tokenizer(folder: str | Path):
-    """The tokenizer saved in an HF folder (None when it has no tokenizer files)."""
+    """The tokenizer saved in an HF folder (None when it has no tokenizer files). Its JSON files are checked first,
+    so that a damaged one is named; any other failure to build it is a ValueError naming the folder."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"tokenizer folder not found: {folder}")
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         return None
+    for name in TOKENIZER_JSON_FILES:
+        if (folder / name).is_file():
+            record = read_json(folder / name)
+            if not isinstance(record, dict):
+                raise ValueError(f"{folder / name}: expected a JSON object, got {type(record).__name__}")
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    try:
+        return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
+    except Exception as error:  # transformers and tokenizers raise many types for damaged files
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{folder}: cannot load the tokenizer ({type(error).__name__}: {first})") from None
 
 
 def weights_digest(spec: str | Path) -> str:

@@ -69,8 +69,8 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     `wpe` [P, D], Conv1D weights [in, out] (`attn.c_attn.weight` [D, 3D]).
     Raises FileNotFoundError, or ValueError for a non-GGUF file, an unsupported architecture or tensor type.
     """
-    path = _check_gguf_file(path)
-    reader = gguf.GGUFReader(path)
+    reader = open_gguf(path)
+    path = str(Path(path).expanduser())
     arch = _get(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise ValueError(
@@ -113,19 +113,38 @@ def gguf_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
     """
     from jaxtrace.io.loading.gguf_tokenizer import tokenizer_from_gguf
 
-    return tokenizer_from_gguf(_check_gguf_file(path))
+    return tokenizer_from_gguf(path)
 
 
-def _check_gguf_file(path: str | os.PathLike) -> str:
-    """`path` as a string, after checking that it exists and starts with the GGUF magic."""
+def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
+    """A reader of the GGUF file at `path`, after checking that it exists and starts with the GGUF magic; a file the
+    reader cannot parse (cut short, or damaged) is a ValueError naming it."""
     path = Path(path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"GGUF file not found: {path}")
+    size = path.stat().st_size
+    if size == 0:
+        raise ValueError(f"{path} is empty (0 bytes)")
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
         raise ValueError(f"{path} is not a GGUF file (starts with {magic!r}, expected b'GGUF')")
-    return str(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except (ValueError, IndexError, KeyError, TypeError, OverflowError, EOFError) as error:
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        raise ValueError(f"{path} is truncated or damaged ({size:,} bytes; the GGUF reader failed: {first})") \
+            from None
+    _check_tensor_bytes(reader, path, size)
+    return reader
+
+
+def _check_tensor_bytes(reader: gguf.GGUFReader, path: Path, size: int) -> None:
+    """Every tensor's data lies inside the file (a file cut at a tensor boundary still parses)."""
+    for tensor in reader.tensors:
+        if tensor.data_offset + tensor.n_bytes > size:
+            raise ValueError(f"{path} is truncated ({size:,} bytes; tensor {tensor.name!r} ends at byte "
+                             f"{tensor.data_offset + tensor.n_bytes:,})")
 
 
 def _get(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:

@@ -74,8 +74,10 @@ def tokenizer_from_gguf(path: str | os.PathLike) -> PreTrainedTokenizerFast:
 
     Raises ValueError naming the file for a tokenizer model other than gpt2/llama or missing tokenizer metadata.
     """
+    from jaxtrace.io.loading.gguf import open_gguf
+
     path = Path(path)
-    reader = gguf.GGUFReader(path)
+    reader = open_gguf(path)
     meta = {key: _get(reader, f"tokenizer.ggml.{key}") for key in (
         "model", "pre", "tokens", "merges", "scores", "token_type", "bos_token_id", "eos_token_id",
         "padding_token_id", "unknown_token_id", "add_bos_token", "add_eos_token")}
