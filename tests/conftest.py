@@ -29,6 +29,17 @@ TINY_CONFIGS = {
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True),
     "qwen3": dict(model_type="qwen3", vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=64),
+    # Local (window 4) then global layers; soft-capping that bites; q.k scaled by 12 ** -0.5, not head_dim's.
+    "gemma2": dict(model_type="gemma2", vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                   sliding_window=4, query_pre_attn_scalar=12, attn_logit_softcapping=3.0,
+                   final_logit_softcapping=3.0),
+    # Multi-query, q/k norms, a local RoPE base of 100 in the window-4 layer, linear scaling in the global one.
+    "gemma3": dict(model_type="gemma3_text", vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=1, head_dim=16, max_position_embeddings=64,
+                   sliding_window=4, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=24,
+                   rope_parameters=dict(sliding_attention=dict(rope_type="default", rope_theta=100.0),
+                                        full_attention=dict(rope_type="linear", factor=2.0, rope_theta=10000.0))),
 }
 FAMILY_NAMES = list(TINY_CONFIGS)
 

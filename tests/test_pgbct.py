@@ -276,13 +276,13 @@ def test_bad_inputs(tiny_gpt2, small_task, tmp_path):
 @pytest.fixture(scope="module")
 def family_models(tiny_gpt2, tmp_path_factory):
     """GPT-2 (learned positions), Mistral (GQA with one KV head, sliding window 5), Qwen3 (q/k norm, head_dim 16),
-    all with the GPT-2 tokenizer's vocabulary."""
+    Gemma 2 and 3 (a window-4 local layer, then a global one), all with the GPT-2 tokenizer's vocabulary."""
     import jaxtrace
     from conftest import build_hf_model
 
     _, gpt2, tokenizer = tiny_gpt2
     models = {"gpt2": gpt2}
-    for family in ("mistral", "qwen3"):
+    for family in ("mistral", "qwen3", "gemma2", "gemma3"):
         folder = tmp_path_factory.mktemp(f"{family}_gpt2_vocab")
         build_hf_model(family, vocab_size=tokenizer.vocab_size).save_pretrained(folder)
         tokenizer.save_pretrained(folder)
@@ -290,8 +290,9 @@ def family_models(tiny_gpt2, tmp_path_factory):
     return models
 
 
-@pytest.mark.parametrize("family", ["gpt2", "mistral", "qwen3"])
-@pytest.mark.parametrize("site", ["attn_pattern", "mlp_out"])
+@pytest.mark.parametrize("family,site", [(family, site) for family in ("gpt2", "mistral", "qwen3")
+                                         for site in ("attn_pattern", "mlp_out")]
+                         + [("gemma2", "attn_pattern"), ("gemma3", "attn_pattern")])  # windows meet memory there
 def test_shared_prefix_read_from_cache_equals_recomputing_it(family_models, small_task, family, site):
     """WinoBias prompts differ only in the pronoun: the shared prefix's keys and values come from the cache, the
     step computes about half the tokens, and effects and z-gradients equal those of recomputing every token."""

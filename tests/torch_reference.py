@@ -55,10 +55,12 @@ def gated(model, gates=None, source=None, capture=()):
         handles += [out_proj.register_forward_pre_hook(pre_out), mlp.register_forward_hook(post_mlp),
                     down.register_forward_pre_hook(pre_down)]
 
-    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    def attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
         groups = query.shape[1] // key.shape[1]
         key, value = key.repeat_interleave(groups, 1), value.repeat_interleave(groups, 1)
         scores = query @ key.transpose(-1, -2) * (scaling if scaling is not None else query.shape[-1] ** -0.5)
+        if softcap is not None:
+            scores = softcap * torch.tanh(scores / softcap)
         if attention_mask is not None:
             scores = scores + attention_mask[..., : key.shape[-2]]
         probs = mix("attn_pattern", module.layer_idx, torch.softmax(scores, dim=-1), (1, -1, 1, 1))

@@ -9,7 +9,8 @@ z = 0, or a source equal to the live activation, gives the live value bit for bi
 |---------------|---------|------------------|------------------------------------------------------------------|
 | attn_pattern  | [L, H]  | [B, H, T, T]     | post-softmax attention probabilities of a query head             |
 | head_out      | [L, H]  | [B, T, H, Dh]    | a head's output before the output projection                     |
-| mlp_out       | [L, D]  | [B, T, D]        | the MLP block's output, per residual dimension                   |
+| mlp_out       | [L, D]  | [B, T, D]        | the MLP block's output, per residual dimension (Gemma: before    |
+|               |         |                  | its post-feedforward norm)                                       |
 | mlp_hidden    | [L, F]  | [B, T, F]        | the MLP's intermediate neurons (input of the down projection)   |
 | heads_mlp     | [L, H+1]| (set)            | `head_out` gates z[:, :H], `mlp_out` gates z[:, H] over all of D |
 

@@ -28,22 +28,34 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
 def files_digest(paths: list[Path]) -> str:
     """SHA-256 over the SHA-256s of `paths` (in order), each computed once per (path, size, mtime) and remembered
     in the cache folder."""
+    digest = hashlib.sha256()
+    for file_digest in _file_digests(paths):
+        digest.update(file_digest.encode())
+    return digest.hexdigest()
+
+
+def cached_sha256(path: Path) -> str:
+    """The SHA-256 of a file, computed once per (path, size, mtime) and remembered in the cache folder."""
+    return _file_digests([path])[0]
+
+
+def _file_digests(paths: list[Path]) -> list[str]:
     index_path = cache_dir() / "digests.json"
     try:
         index = json.loads(index_path.read_text())
     except (OSError, ValueError):
         index = {}
-    digest, changed = hashlib.sha256(), False
+    digests, changed = [], False
     for path in paths:
         stat = Path(path).stat()
         key = f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
         if key not in index:
             index[key], changed = sha256_file(Path(path)), True
-        digest.update(index[key].encode())
+        digests.append(index[key])
     if changed:
         try:
             index_path.parent.mkdir(parents=True, exist_ok=True)
             write_json(index_path, index, indent=None)
         except OSError:
             pass  # a read-only cache only costs hashing again
-    return digest.hexdigest()
+    return digests

@@ -19,7 +19,8 @@ class GatedLM(nnx.Module):
 
     Subclasses define the parameters (`self.blocks` holds every layer's parameters stacked on a leading layer axis)
     and `embed(ids, positions) -> [B, T, D]`, `block(params, x, context, intervention) -> x` and
-    `unembed(hidden [..., D]) -> logits [..., V]` (final norm and output head, float32).
+    `unembed(hidden [..., D]) -> logits [..., V]` (final norm and output head, float32). A layer's `context` is that
+    of its kind (`context(..., windowed)`), chosen per layer inside the scan (`ModelConfig.windowed_layers`).
     """
 
     config: ModelConfig
@@ -78,7 +79,8 @@ class GatedLM(nnx.Module):
             position_ids = jnp.broadcast_to(jnp.arange(length), (batch, length))
         position_ids = jnp.asarray(position_ids)
         key_positions = None if memory is None else jnp.concatenate([memory["positions"], position_ids], 1)
-        context = self.context(attention_mask, position_ids, key_positions)
+        windowed = config.windowed_layers
+        contexts = {kind: self.context(attention_mask, position_ids, key_positions, kind) for kind in set(windowed)}
         x = self.embed(input_ids, position_ids)
         if input_noise is not None:
             x = x + jnp.asarray(input_noise, x.dtype)
@@ -89,16 +91,21 @@ class GatedLM(nnx.Module):
         # mixing) in the backward pass: on CPU that is faster than storing every residual of the scan.
         @functools.partial(jax.checkpoint, policy=jax.checkpoint_policies.dots_saveable, prevent_cse=False)
         def layer(x, inputs):
-            params, layer_gates, layer_source, layer_memory = inputs
+            params, layer_windowed, layer_gates, layer_source, layer_memory = inputs
+            if len(contexts) == 1:
+                (context,) = contexts.values()
+            else:  # sliding-window and global layers: the layer's flag picks its kind's tensors
+                context = jax.tree.map(functools.partial(jnp.where, layer_windowed), contexts[True], contexts[False])
             iv = layers.Intervention(layer_gates, layer_source, where, tuple(sites), layer_memory)
             return self.block(params, x, context, iv), iv.captured
 
-        return jax.lax.scan(layer, x, (stacked, gates, sources, layer_memory))
+        return jax.lax.scan(layer, x, (stacked, jnp.asarray(windowed), gates, sources, layer_memory))
 
-    def context(self, attention_mask, position_ids, key_positions=None) -> dict[str, jax.Array]:
-        """Per-forward tensors every layer reads (the attention bias; RoPE tables where used)."""
-        return {"bias": layers.attention_bias(attention_mask, position_ids, self.config.sliding_window,
-                                              key_positions)}
+    def context(self, attention_mask, position_ids, key_positions=None, windowed: bool = False) -> dict[str, jax.Array]:
+        """Per-forward tensors the layers of one kind (sliding-window or not) read: the attention bias; RoPE tables
+        where used."""
+        window = self.config.sliding_window if windowed else None
+        return {"bias": layers.attention_bias(attention_mask, position_ids, window, key_positions)}
 
 
 def functional(model: GatedLM):

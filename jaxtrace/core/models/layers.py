@@ -64,11 +64,26 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     return trailing(scale, x) * normed.astype(x.dtype)
 
 
-def rope_inverse_frequencies(config: ModelConfig) -> jax.Array:
-    """[head_dim / 2] inverse frequencies, with `linear` or `llama3` scaling."""
+def offset_rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """Gemma's RMSNorm as in HF: normalise and scale by (1 + weight), all in float32, then cast back."""
+    x32 = x.astype(F32)
+    normed = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
+    return (normed * (1.0 + trailing(weight, x).astype(F32))).astype(x.dtype)
+
+
+def softcap(x: jax.Array, cap: float | None) -> jax.Array:
+    """cap * tanh(x / cap) (x itself when cap is None)."""
+    return x if cap is None else jnp.tanh(x / cap) * cap
+
+
+def rope_inverse_frequencies(config: ModelConfig, windowed: bool = False) -> jax.Array:
+    """[head_dim / 2] inverse frequencies, with `linear` or `llama3` scaling; in a sliding-window layer of a config
+    with `rope_local_theta`, that base unscaled."""
     dim = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (jnp.arange(0, dim, 2, dtype=F32) / dim))
-    scaling = dict(config.rope_scaling or {})
+    local = windowed and config.rope_local_theta is not None
+    theta = config.rope_local_theta if local else config.rope_theta
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, dim, 2, dtype=F32) / dim))
+    scaling = {} if local else dict(config.rope_scaling or {})
     kind = scaling.get("rope_type", "default")
     if kind == "linear":
         return inv_freq / scaling["factor"]
@@ -84,9 +99,9 @@ def rope_inverse_frequencies(config: ModelConfig) -> jax.Array:
     return inv_freq
 
 
-def rope_tables(config: ModelConfig, position_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos, sin tables [B, T, 1, head_dim] for positions [B, T]."""
-    angles = position_ids[..., None].astype(F32) * rope_inverse_frequencies(config)[None, None, :]
+def rope_tables(config: ModelConfig, position_ids: jax.Array, windowed: bool = False) -> tuple[jax.Array, jax.Array]:
+    """cos, sin tables [B, T, 1, head_dim] for positions [B, T] (of a sliding-window layer if `windowed`)."""
+    angles = position_ids[..., None].astype(F32) * rope_inverse_frequencies(config, windowed)[None, None, :]
     angles = jnp.concatenate([angles, angles], axis=-1)[:, :, None, :]
     return jnp.cos(angles), jnp.sin(angles)
 
@@ -145,12 +160,14 @@ class Intervention:
         return live
 
 
-def gated_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, iv: Intervention) -> jax.Array:
+def gated_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, iv: Intervention,
+                    scale: float | None = None, logit_softcap: float | None = None) -> jax.Array:
     """Grouped-query attention with the `attn_pattern` and `head_out` sites.
 
     q: [B, T, H, Dh]; k, v: [B, T, K, Dh] (after RoPE; captured at the `attn_keys`, `attn_values` sites); bias:
     [B, 1, T, E + T], keys being the intervention's E memory tokens, then the T live ones. Query head h reads KV head
-    h // (H / K). Returns the per-head outputs [B, T, H, Dh].
+    h // (H / K). Scores are `softcap(scale * q . k, logit_softcap)` (scale default Dh ** -0.5) plus the bias.
+    Returns the per-head outputs [B, T, H, Dh].
     """
     batch, length, n_heads, head_dim = q.shape
     k, v = iv("attn_keys", k), iv("attn_values", v)
@@ -160,7 +177,8 @@ def gated_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, i
     n_keys, n_kv = k.shape[1], k.shape[2]
     group = n_heads // n_kv
     qg = q.reshape(batch, length, n_kv, group, head_dim)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=F32) * head_dim**-0.5
+    scale = head_dim**-0.5 if scale is None else scale
+    scores = softcap(jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=F32) * scale, logit_softcap)
     probs = jax.nn.softmax(scores.reshape(batch, n_heads, length, n_keys) + bias, axis=-1)
     probs = iv("attn_pattern", probs)
     probs = probs.reshape(batch, n_kv, group, length, n_keys).astype(v.dtype)

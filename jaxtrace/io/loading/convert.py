@@ -16,12 +16,22 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint tensor is missing or its shape disagrees with the config."""
 
 
+# Where a checkpoint keeps its decoder (the first prefix whose embedding it has) and its untied output head: text
+# models, then transformers 5's and older multimodal ones (Gemma3ForConditionalGeneration; their vision tower and
+# projector tensors are never read).
+_TEXT_PREFIXES = ("transformer.", "model.", "model.language_model.", "language_model.model.")
+_HEAD_NAMES = ("lm_head.weight", "language_model.lm_head.weight")
+
+
 class _Reader:
     """Fetches HF tensors by name, checking their shapes against what the config implies."""
 
-    def __init__(self, state_dict: Mapping[str, np.ndarray], prefix: str):
-        """`prefix` (`transformer.` / `model.`) is stripped from the names; `lm_head.*` keeps its name."""
-        self.tensors = {k.removeprefix(prefix): v for k, v in state_dict.items()}
+    def __init__(self, state_dict: Mapping[str, np.ndarray], embedding: str):
+        """Names lose the text model's prefix (the first of `_TEXT_PREFIXES` under which the state dict has the
+        `embedding` tensor); the output head is `lm_head.weight`."""
+        prefix = next((p for p in _TEXT_PREFIXES if p + embedding in state_dict), "")
+        self.tensors = {k.removeprefix(prefix): v for k, v in state_dict.items() if k not in _HEAD_NAMES}
+        self.tensors.update({"lm_head.weight": state_dict[k] for k in _HEAD_NAMES if k in state_dict})
 
     def __call__(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
         if name not in self.tensors:
@@ -68,6 +78,7 @@ def _gpt2_params(config: ModelConfig, get: _Reader) -> dict:
 
 
 def _llama_params(config: ModelConfig, get: _Reader) -> dict:
+    """Llama and Gemma families (Gemma's four norms a layer: input, post-attention, pre- and post-feedforward)."""
     D, H, K, Dh, F, V = (config.d_model, config.n_heads, config.n_kv_heads, config.head_dim, config.d_ff,
                           config.vocab_size)
 
@@ -75,9 +86,14 @@ def _llama_params(config: ModelConfig, get: _Reader) -> dict:
         n = f"layers.{i}."
         out = {
             "attn_norm": get(n + "input_layernorm.weight", (D,)),
-            "mlp_norm": get(n + "post_attention_layernorm.weight", (D,)),
             "o": get(n + "self_attn.o_proj.weight", (D, H * Dh)).T.reshape(H, Dh, D),
         }
+        if config.family == "gemma":
+            out["post_attn_norm"] = get(n + "post_attention_layernorm.weight", (D,))
+            out["mlp_norm"] = get(n + "pre_feedforward_layernorm.weight", (D,))
+            out["post_mlp_norm"] = get(n + "post_feedforward_layernorm.weight", (D,))
+        else:
+            out["mlp_norm"] = get(n + "post_attention_layernorm.weight", (D,))
         for name, heads in (("q", H), ("k", K), ("v", K)):
             out[name] = get(n + f"self_attn.{name}_proj.weight", (heads * Dh, D)).T.reshape(D, heads, Dh)
             if config.qkv_bias:
@@ -106,9 +122,9 @@ def _llama_params(config: ModelConfig, get: _Reader) -> dict:
 def model_from_state_dict(config: ModelConfig, state_dict: Mapping[str, np.ndarray]) -> GatedLM:
     """Build a model of `config` holding the weights of an HF-named state dict (cast to `config.dtype`)."""
     if config.family == "gpt2":
-        params = _gpt2_params(config, _Reader(state_dict, "transformer."))
+        params = _gpt2_params(config, _Reader(state_dict, "wte.weight"))
     else:
-        params = _llama_params(config, _Reader(state_dict, "model."))
+        params = _llama_params(config, _Reader(state_dict, "embed_tokens.weight"))
     abstract = nnx.eval_shape(lambda: MODEL_CLASSES[config.family](config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     nnx.replace_by_pure_dict(state, jax.tree.map(lambda a: jnp.asarray(a, config.dtype), params))

@@ -3,7 +3,7 @@
 The result feeds the same converter as an HF folder. Tensors are dequantized with `gguf.quants.dequantize`
 (F32, F16, BF16, Q4_0/1, Q5_0/1, Q8_0, the K-quants, the IQ types, ...). llama.cpp's conversion is undone:
 GGUF's reversed dimension order, the q/k row permutation of the `llama` architecture, the transposed GPT-2
-Conv1D weights, and llama3 rope scaling baked into a `rope_freqs` tensor.
+Conv1D weights, llama3 rope scaling baked into a `rope_freqs` tensor, and the 1 added to Gemma's norm weights.
 """
 
 from __future__ import annotations
@@ -18,12 +18,14 @@ import numpy as np
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
-SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gpt2")
+SUPPORTED_ARCHITECTURES = ("llama", "qwen2", "qwen3", "gemma2", "gemma3", "gpt2")
 
 _HF_ARCHITECTURES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "gemma2": "Gemma2ForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
     "gpt2": "GPT2LMHeadModel",
 }
 # GGUF tensor name (without `.weight`/`.bias`) -> HF name; `blk.{i}.*` entries are relative to the HF layer prefix.
@@ -43,6 +45,14 @@ _LLAMA_NAMES = {
     "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj",
 }
+_GEMMA_NAMES = {
+    **_LLAMA_NAMES,
+    "post_attention_norm": "post_attention_layernorm",
+    "ffn_norm": "pre_feedforward_layernorm",
+    "post_ffw_norm": "post_feedforward_layernorm",
+}
+# llama.cpp's layer pattern: Gemma 3 has every 6th layer global, Gemma 2 every other one (layer 0 local).
+_GEMMA_GLOBAL_EVERY = {"gemma2": 2, "gemma3": 6}
 _GPT2_NAMES = {
     "token_embd": "transformer.wte",
     "position_embd": "transformer.wpe",
@@ -76,12 +86,15 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
         raise ValueError(
             f"{path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
     tensors = {t.name: t for t in reader.tensors}
+    gemma = arch in _GEMMA_GLOBAL_EVERY
     if arch == "gpt2":
         config = _gpt2_config(reader, tensors, path)
+    elif gemma:
+        config = _gemma_config(reader, arch, tensors, path)
     else:
         config = _llama_config(reader, arch, tensors, path)
 
-    names = _GPT2_NAMES if arch == "gpt2" else _LLAMA_NAMES
+    names = _GPT2_NAMES if arch == "gpt2" else _GEMMA_NAMES if gemma else _LLAMA_NAMES
     layer_prefix = "transformer.h" if arch == "gpt2" else "model.layers"
     state_dict = {}
     for name, tensor in tensors.items():
@@ -100,6 +113,8 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
             value = _unpermute_rope_rows(value, config["num_key_value_heads"])
         elif arch == "gpt2" and module in _GPT2_CONV1D and suffix == "weight":
             value = np.ascontiguousarray(value.T)
+        elif gemma and module.endswith("norm"):  # llama.cpp stores Gemma's (1 + weight) norms as 1 + weight
+            value = value - np.float32(1)
         state_dict[hf_name] = value
     return config, state_dict
 
@@ -221,6 +236,31 @@ def _llama_config(reader: gguf.GGUFReader, arch: str, tensors: dict[str, gguf.Re
     }
     if scaling is not None:
         config["rope_scaling"] = scaling
+    return config
+
+
+def _gemma_config(reader: gguf.GGUFReader, arch: str, tensors: dict[str, gguf.ReaderTensor], path: str) -> dict:
+    """HF config dict for `gemma2` and `gemma3` (as `gemma3_text`, the text model transformers loads from GGUF).
+
+    As in transformers' GGUF loading, `query_pre_attn_scalar` is its default 256 (the files do not state it; right
+    for every size but the 27B ones) and Gemma 3's sliding layers have RoPE base 10000 (llama.cpp's too). As in
+    llama.cpp, a `{arch}.rope.scaling.*` (Gemma 3 4B and up) scales the global layers' RoPE and the soft-capping
+    values are the file's (transformers reads neither: it uses its defaults, as here when the file has none).
+    """
+    config = _llama_config(reader, arch, tensors, path)
+    del config["rope_theta"], config["hidden_act"], config["mlp_bias"]
+    config.update(hidden_activation="gelu_pytorch_tanh", query_pre_attn_scalar=256)
+    n_layers, every = config["num_hidden_layers"], _GEMMA_GLOBAL_EVERY[arch]
+    config["layer_types"] = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(n_layers)]
+    config["sliding_window"] = int(_required(reader, f"{arch}.attention.sliding_window", path))
+    if arch == "gemma2":
+        config["attn_logit_softcapping"] = float(_get(reader, "gemma2.attn_logit_softcapping", 50.0))
+        config["final_logit_softcapping"] = float(_get(reader, "gemma2.final_logit_softcapping", 30.0))
+        return config
+    global_rope = config["rope_parameters"]
+    config.update(model_type="gemma3_text", rope_parameters={
+        "full_attention": global_rope, "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}})
+    config.pop("rope_scaling", None)
     return config
 
 
