@@ -1,6 +1,7 @@
 """Shared fixtures: tiny random Hugging Face models of every supported family, saved as safetensors folders."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
 os.environ.setdefault("JAX_ENABLE_X64", "0")
@@ -10,9 +11,14 @@ from pathlib import Path
 import jax
 import pytest
 
+from jaxtrace.io.cache import enable_compilation_cache
+
 # JAX test habits: no silent dtype widening, no implicit broadcasting of arrays of different ranks.
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
+# Many tests compile the same tiny programs again (a model loaded anew is a new program): a persistent compilation
+# cache for the session (not the user's) compiles each once; it must be set before the first compilation.
+enable_compilation_cache(Path(tempfile.mkdtemp(prefix="jaxtrace-tests-xla-")))
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 

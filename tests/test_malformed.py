@@ -22,29 +22,6 @@ PAIRS = [{"base": f"The {a} said that", "counterfactual": f"The {b} said that", 
 CATCH_ALL = re.compile(r"[A-Z]\w*(Error|Exception|Interrupt)\b")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _compile_once(tmp_path_factory):
-    """Every run here compiles the same tiny programs again (a model loaded anew is a new program): a persistent
-    compilation cache, for this module only, compiles each once."""
-    import jax
-
-    try:  # private: without it the module is only slower
-        from jax._src.compilation_cache import reset_cache
-    except ImportError:
-        yield
-        return
-    settings = {"jax_compilation_cache_dir": str(tmp_path_factory.mktemp("xla_cache")),
-                "jax_persistent_cache_min_compile_time_secs": 0.0, "jax_persistent_cache_min_entry_size_bytes": 0}
-    saved = {name: getattr(jax.config, name) for name in settings}
-    for name, value in settings.items():
-        jax.config.update(name, value)
-    reset_cache()  # the cache is set up at the first compilation after this
-    yield
-    for name, value in saved.items():
-        jax.config.update(name, value)
-    reset_cache()
-
-
 def run(capsys, *argv) -> tuple[int, str, str]:
     capsys.readouterr()  # not what the test printed before (e.g. transformers' progress bars)
     code = main([str(arg) for arg in argv])

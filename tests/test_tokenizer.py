@@ -253,3 +253,26 @@ def test_main_job_runs_without_torch():
     print(out)
     assert out["jaxtrace"].startswith(str(REPO)) and out["pairs"] > 0 and out["he"] == [384]
     assert out["effect"] > 0  # the gates (all 1, cf head outputs) change the logits
+
+
+def test_a_converted_gguf_is_cached_and_loads_the_same(tmp_path, monkeypatch, strings):
+    """The first load of a GGUF keeps its conversion (an HF folder in the cache, keyed by the file's SHA-256); the
+    second reads it: the same parameters bit for bit and a tokenizer that encodes and decodes every string alike."""
+    import jax
+    import numpy as np
+
+    import jaxtrace
+    from jaxtrace.io.loading import converted_folder
+
+    monkeypatch.setenv("JAXTRACE_CACHE", str(tmp_path))
+    path = smollm2_path()
+    fresh, fresh_tokenizer = jaxtrace.load_model(path)
+    assert converted_folder(path) is not None
+    cached, cached_tokenizer = jaxtrace.load_model(path)
+    for a, b in zip(jax.tree.leaves(fresh), jax.tree.leaves(cached)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert [fresh_tokenizer(s)["input_ids"] for s in strings] == [cached_tokenizer(s)["input_ids"] for s in strings]
+    assert fresh_tokenizer.decode(fresh_tokenizer("The nurse said that")["input_ids"]) == cached_tokenizer.decode(
+        cached_tokenizer("The nurse said that")["input_ids"])
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id", "padding_side"):
+        assert getattr(fresh_tokenizer, name) == getattr(cached_tokenizer, name), name

@@ -19,6 +19,7 @@ from jaxtrace.core.search import SearchConfig
 from jaxtrace.core.sites import MODEL_SITES, gate_shape
 from jaxtrace.engine.mesh import MeshSpec, is_writer
 from jaxtrace.engine.objective import ObjectiveConfig, build_objective, check_task_fits
+from jaxtrace.io.cache import enable_compilation_cache
 from jaxtrace.io.circuit import Circuit
 from jaxtrace.io.export import EXPORT_FORMATS
 from jaxtrace.io.loading import ModelSpec
@@ -266,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
                                help="result folder" + ("" if out == "required" else f" (default: {out})"))
             group.add_argument("--overwrite", action="store_true", help="replace the run the folder holds")
             group.add_argument("--no-progress", action="store_true", help="no progress bar")
+        sub.add_argument("--no-compile-cache", action="store_true",
+                         help="compile every program anew (default: reuse them from the cache folder's compile/)")
         sub.set_defaults(run=run)
         return sub
 
@@ -340,6 +343,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as done:  # --help, --version
         return done.code if isinstance(done.code, int) else 0
+    if not getattr(args, "no_compile_cache", True):
+        enable_compilation_cache()
     with _console():
         try:
             args.run(args)

@@ -59,3 +59,16 @@ def _file_digests(paths: list[Path]) -> list[str]:
         except OSError:
             pass  # a read-only cache only costs hashing again
     return digests
+
+
+def enable_compilation_cache(folder: Path | None = None) -> Path:
+    """Keep XLA's compiled programs in `folder` (default: the cache folder's `compile/`) with JAX's persistent
+    compilation cache, so that a second identical run loads its programs instead of compiling them. Takes effect
+    for a process's compilations from the first one on: call it before any."""
+    import jax
+
+    folder = Path(folder or cache_dir() / "compile")
+    jax.config.update("jax_compilation_cache_dir", str(folder))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    return folder

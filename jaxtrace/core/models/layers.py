@@ -151,10 +151,12 @@ class Intervention:
         self.captured: dict[str, jax.Array] = {}
 
     def __call__(self, site: str, live: jax.Array) -> jax.Array:
-        """Mix `live + z * (source - live)` where gated; record the (mixed) value where captured."""
+        """Mix `live + z * (source - live)` where gated (in float32, whatever the activations' dtype); record the
+        (mixed) value where captured."""
         if site in self.gates:
-            weight = _SITE_WEIGHT[site](self.gates[site], self.where).astype(live.dtype)
-            live = live + weight * (self.source[site].astype(live.dtype) - live)
+            weight = _SITE_WEIGHT[site](self.gates[site].astype(F32), self.where)
+            live32 = live.astype(F32)
+            live = (live32 + weight * (self.source[site].astype(F32) - live32)).astype(live.dtype)
         if site in self.capture:
             self.captured[site] = live
         return live

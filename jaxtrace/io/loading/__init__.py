@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 from jaxtrace.core.models import GatedLM, ModelConfig
 from jaxtrace.core.models.config import DTYPES
 from jaxtrace.core.options import option
-from jaxtrace.io.cache import files_digest
-from jaxtrace.io.files import read_json
+from jaxtrace.io.cache import cache_dir, files_digest
+from jaxtrace.io.files import read_json, write_json
 from jaxtrace.io.loading.convert import CheckpointMismatchError, model_from_state_dict
 from jaxtrace.io.loading.hf import PickledCheckpointError, read_hf_folder, weight_files
 from jaxtrace.io.loading.packaged import ChunkedFile, assembled_file, packaged_file
@@ -44,7 +48,17 @@ def resolve_model_path(spec: str | Path) -> Path:
     return path
 
 
-def load_model(spec: str | Path, dtype: str = "float32", allow_pickle: bool = False,
+def resolve_dtype(dtype: str) -> str:
+    """The precision policy: "auto" is bfloat16 weights and activations on GPU and TPU (softmax, norms, gate mixing
+    and the metric stay float32 there too) and float32 on CPU, where XLA has no fast bfloat16 matmul."""
+    if dtype != "auto":
+        return dtype
+    import jax
+
+    return "bfloat16" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "float32"
+
+
+def load_model(spec: str | Path, dtype: str = "auto", allow_pickle: bool = False,
                tokenizer: str | Path | None = None) -> tuple[GatedLM, object | None]:
     """(model, tokenizer) from an HF folder, a `.gguf` file or a registered name (`smollm2-135m`, `gemma3-270m`).
 
@@ -55,20 +69,29 @@ def load_model(spec: str | Path, dtype: str = "float32", allow_pickle: bool = Fa
     given_tokenizer = None if tokenizer is None else load_tokenizer(tokenizer)  # before the (slow) weights
     if tokenizer is not None and given_tokenizer is None:
         raise FileNotFoundError(f"tokenizer folder {tokenizer} holds no tokenizer files ({', '.join(TOKENIZER_FILES)})")
+    converted = None
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"{path}: a model file must be .gguf; for HF checkpoints give the folder")
+        converted = converted_folder(path)
+    if converted is not None:  # a GGUF converted before: an HF folder in the cache
+        hf_config, state_dict = read_hf_folder(converted)
+        config_source = weights_source = path
+        default_tokenizer = lambda: load_tokenizer(converted)  # noqa: E731
+    elif path.is_file():
         from jaxtrace.io.loading.gguf import gguf_tokenizer, read_gguf
 
         hf_config, state_dict = read_gguf(path)
+        converted_tokenizer = gguf_tokenizer(path)
+        save_converted(path, hf_config, state_dict, converted_tokenizer)
         config_source = weights_source = path
-        default_tokenizer = lambda: gguf_tokenizer(path)  # noqa: E731
+        default_tokenizer = lambda: converted_tokenizer  # noqa: E731
     else:
         hf_config, state_dict = read_hf_folder(path, allow_pickle=allow_pickle)
         config_source, weights_source = path / "config.json", path
         default_tokenizer = lambda: load_tokenizer(path)  # noqa: E731
     try:
-        config = ModelConfig.from_hf(hf_config, dtype=dtype)
+        config = ModelConfig.from_hf(hf_config, dtype=resolve_dtype(dtype))
     except ValueError as error:  # name the file the config came from
         raise type(error)(f"{config_source}: {error}") from None
     try:
@@ -76,6 +99,38 @@ def load_model(spec: str | Path, dtype: str = "float32", allow_pickle: bool = Fa
     except CheckpointMismatchError as error:
         raise CheckpointMismatchError(f"{weights_source}: {error}") from None
     return model, given_tokenizer if tokenizer is not None else default_tokenizer()
+
+
+def _converted_path(path: Path) -> Path:
+    return cache_dir() / "converted" / files_digest([path])
+
+
+def converted_folder(path: Path) -> Path | None:
+    """The cached HF folder (config.json, float32 model.safetensors, tokenizer files) of a GGUF file converted
+    before, keyed by the file's SHA-256 (None when there is none): dequantising and rebuilding the tokenizer are
+    the slow part of loading a GGUF."""
+    folder = _converted_path(path)
+    return folder if (folder / "model.safetensors").is_file() else None
+
+
+def save_converted(path: Path, hf_config: dict, state_dict: dict, tokenizer) -> None:
+    """Keep a GGUF's conversion where `converted_folder` finds it; a cache that cannot be written is skipped (loading
+    converts again next time)."""
+    from safetensors.numpy import save_file
+
+    folder = _converted_path(path)
+    temporary = folder.with_name(f".{folder.name}.{os.getpid()}.tmp")
+    try:
+        temporary.mkdir(parents=True, exist_ok=True)
+        write_json(temporary / "config.json", hf_config)
+        save_file({name: np.ascontiguousarray(value) for name, value in state_dict.items()},
+                  temporary / "model.safetensors", metadata={"source": path.name})
+        tokenizer.save_pretrained(temporary)
+        os.replace(temporary, folder)
+    except OSError:
+        pass
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
 
 
 def load_tokenizer(folder: str | Path):
@@ -112,7 +167,8 @@ class ModelSpec:
     """Which model to load, and how."""
 
     model: str = option("smollm2-135m", "HF folder, .gguf file or registered name")
-    dtype: str = option("float32", "parameter and activation dtype", choices=DTYPES)
+    dtype: str = option("auto", "parameters and activations: auto is bfloat16 on GPU/TPU, float32 on CPU (softmax, "
+                        "norms, mixing and metric are float32 in every case)", choices=("auto", *DTYPES))
     tokenizer: str | None = option(None, "tokenizer folder (default: the model's own)")
     allow_pickle: bool = option(False, "accept pickled pytorch_model.bin weights (they can run code)")
 
