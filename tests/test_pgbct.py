@@ -328,3 +328,34 @@ def test_early_stop_gives_the_full_run_circuit(tiny_gpt2, small_task):
     same = lambda rows: [{k: v for k, v in row.items() if k != "seconds"} for row in rows]  # noqa: E731
     assert same(early.history) == same(full.history[: len(early.history)])
     assert np.minimum(early.z, 1 - early.z).max() <= config.tolerance
+
+
+@pytest.mark.parametrize("family", ["gpt2", "mistral", "gemma3"])
+def test_fused_pattern_form_equals_the_explicit_one(family_models, small_task, family):
+    """attn_pattern from the counterfactual's queries and keys (two attention calls, mixed outputs) against the
+    explicit pattern form: the same effects and z-gradients on packed rows with shared prefixes read from memory,
+    with grouped-query attention (Mistral: 4 query heads on 1 KV head, window 5; Gemma 3: a window-4 layer), and a
+    cache of (H + K)·P·Dh floats per layer and pair instead of H·P²."""
+    from jaxtrace.core.sites import source_bytes_per_pair
+
+    model = family_models[family]
+    explicit = build_objective(model, small_task, "attn_pattern", batch_size=16)
+    fused = build_objective(model, small_task, "attn_pattern", batch_size=16, attention="fused")
+    assert fused.spec.sites == ("attn_pattern_qk",) and fused.spec.prefix_length > 0
+    c, prompt = model.config, small_task.arrays.cf_ids.shape[1]
+    assert fused.cache.sources["attn_pattern_qk"].shape == (len(small_task), c.n_layers, prompt,
+                                                            c.n_heads + c.n_kv_heads, c.head_dim)
+    assert source_bytes_per_pair(c, "attn_pattern", prompt, 0, "fused") == 4 * c.n_layers * prompt * (
+        c.n_heads + c.n_kv_heads) * c.head_dim
+    z = np.random.RandomState(3).uniform(size=explicit.shape).astype(np.float32)
+    np.testing.assert_allclose(fused.effects(z), explicit.effects(z), atol=2e-5)
+    np.testing.assert_array_equal(fused.effects(np.zeros_like(z)), 0.0)
+
+    def gradient(objective):
+        batch, cache = objective.batcher.put(objective.inputs(np.arange(16)))
+        loss = lambda z: batch_effects(objective.spec, objective.params, z, batch, cache).mean()  # noqa: E731
+        return np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(z)))
+
+    expected = gradient(explicit)
+    assert np.abs(expected).max() > 1e-4
+    np.testing.assert_allclose(gradient(fused), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())

@@ -111,11 +111,12 @@ def test_a_folder_in_use_is_refused_and_a_dead_holder_is_replaced(tiny_gpt2, cus
             ResultFolder(tmp_path / "other", {"kind": "test"}).__enter__()
 
 
-def test_a_failed_result_write_leaves_no_finished_looking_folder(tiny_gpt2, custom_data, tmp_path, monkeypatch):
+def test_a_failed_result_write_leaves_the_earlier_result_whole(tiny_gpt2, custom_data, tmp_path, monkeypatch):
     _, model, tokenizer = tiny_gpt2
     spec = TaskSpec("custom", str(custom_data))
     _trace(model, tokenizer, tmp_path, spec)
-    assert (tmp_path / "circuit.json").is_file()
+    finished = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    assert "circuit.json" in finished
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -123,7 +124,10 @@ def test_a_failed_result_write_leaves_no_finished_looking_folder(tiny_gpt2, cust
     monkeypatch.setattr(plots, "plot_effect_history", disk_full)
     with pytest.raises(OSError, match="No space left"):
         _trace(model, tokenizer, tmp_path, spec, config=CONFIG.replace(epochs=2), resume=True)
-    assert not (tmp_path / "circuit.json").exists() and not (tmp_path / LOCK).exists()
+    # Nothing of the failed publish is in place: the folder still holds the earlier finished result, whole.
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file() and p.name != "run.json"} == {
+        name: data for name, data in finished.items() if name != "run.json"}
+    assert not (tmp_path / LOCK).exists() and not (tmp_path / ".staging").exists()
     monkeypatch.undo()
     extended = _trace(model, tokenizer, tmp_path, spec, config=CONFIG.replace(epochs=2), resume=True)
     assert len(extended.history) == 2 and (tmp_path / "circuit.json").is_file()

@@ -98,6 +98,7 @@ def cmd_trace(args) -> None:
     log.info(model_summary(model, model_spec.model))
     log.info(f"task       {task_spec.task}: {len(task)} pairs; site {objective.site}; results in {args.out}")
     circuit = trace(model, task, objective.site, search, batch_size=objective.batch_size,
+                    attention=objective.attention,
                     metric=_metric(objective, task_spec), mesh=mesh, out=args.out, resume=args.resume,
                     overwrite=args.overwrite, target_size=args.target_size, progress=not args.no_progress,
                     provenance=Provenance(model_spec.model, task_spec))
@@ -116,6 +117,7 @@ def cmd_baseline(args) -> None:
     mesh = _mesh(args)
     model_spec, model, task_spec, task = _load(args)
     circuit = baseline(model, task, objective.site, from_args(BaselineConfig, args), batch_size=objective.batch_size,
+                       attention=objective.attention,
                        metric=_metric(objective, task_spec), memory_budget=objective.memory_budget, mesh=mesh,
                        out=args.out, overwrite=args.overwrite, provenance=Provenance(model_spec.model, task_spec))
     log.info(circuit_summary(circuit, Path(args.out)))
@@ -128,6 +130,7 @@ def cmd_compare(args) -> None:
     mesh = _mesh(args)
     model_spec, model, task_spec, task = _load(args)
     objective = build_objective(model, task, config.site, config.batch_size, metric=_metric(config, task_spec),
+                                attention=config.attention,
                                 mesh=mesh)
     result = compare_run(objective, search, curve, memory_budget=config.memory_budget, out=args.out,
                          overwrite=args.overwrite, progress=not args.no_progress,
@@ -177,7 +180,8 @@ def cmd_evaluate(args) -> None:
         if outside:
             raise ValueError(f"--select {args.select}: {', '.join(outside)} outside the {n_layers} x {width} grid of "
                              f"{site} components (layer.index, from 0)")
-    objective = build_objective(loaded, task, site, config.batch_size, metric=metric, mesh=mesh)
+    objective = build_objective(loaded, task, site, config.batch_size, metric=metric, mesh=mesh,
+                                attention=config.attention)
     result = evaluate_selection(objective, circuit.selected if circuit else selection)
     log.info(f"{result['n_selected']} of {result['n_components']} {site} components on {result['n_pairs']} pairs: "
              f"effect {result['effect']:+.4f} (all {result['effect_all']:+.4f}, none {result['effect_none']:+.4f})")
@@ -205,6 +209,7 @@ def cmd_sweep(args) -> None:
         return dataclasses.replace(model_spec, model=spec).load()
 
     sweep_models(args.models, tasks, objective.site, args.out, search, batch_size=objective.batch_size,
+                 attention=objective.attention,
                  metric=objective.metric, progress=not args.no_progress, load=load, mesh=mesh,
                  overwrite=args.overwrite)
     log.info(summary_table(find_circuits(args.out)))

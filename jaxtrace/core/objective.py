@@ -36,7 +36,8 @@ from jaxtrace.core.sites import expand_gates, model_sites
 class ObjectiveSpec:
     """What a compiled objective is specialised on (static under `jit`): the model's pure apply function and config
     (`jaxtrace.core.models.functional`), the gate site, the metric, the counterfactual noise (std already measured,
-    and seed; None: the counterfactual is a prompt) and X, the longest shared prefix (0: none is cached)."""
+    and seed; None: the counterfactual is a prompt), X, the longest shared prefix (0: none is cached), and the
+    attention: "explicit" patterns or "fused" (`jax.nn.dot_product_attention`; `attn_pattern` in its fused form)."""
 
     apply: Callable
     config: ModelConfig
@@ -45,11 +46,16 @@ class ObjectiveSpec:
     noise_std: float | None = None
     noise_seed: int = 0
     prefix_length: int = 0
+    attention: str = "explicit"
+
+    @property
+    def fused(self) -> bool:
+        return self.attention == "fused"
 
     @property
     def sites(self) -> tuple[str, ...]:
         """The model sites the gates mix."""
-        return model_sites(self.site)
+        return model_sites(self.site, "fused" if self.fused else "explicit")
 
 
 def noise(spec: ObjectiveSpec, pairs: PairArrays) -> jax.Array:
@@ -64,7 +70,7 @@ def counterfactual_sources(spec: ObjectiveSpec, params, pairs: PairArrays) -> di
     """{model site: [L, B, P, ...]} the counterfactual prompts' activations."""
     input_noise = None if spec.noise_std is None else noise(spec, pairs)
     _, acts = spec.apply(params, pairs.cf_ids, pairs.cf_mask, method="capture", sites=spec.sites,
-                         input_noise=input_noise)
+                         input_noise=input_noise, fused=spec.fused)
     return acts
 
 
@@ -76,7 +82,7 @@ def prefix_keys_values(spec: ObjectiveSpec, params, pairs: PairArrays) -> KeysVa
         return None
     prefix = slice(0, spec.prefix_length)
     _, acts = spec.apply(params, pairs.prompt_ids[:, prefix], pairs.cf_mask[:, prefix], method="capture",
-                         sites=("attn_keys", "attn_values"))
+                         sites=("attn_keys", "attn_values"), fused=spec.fused)
     return KeysValues(acts["attn_keys"], acts["attn_values"])
 
 
@@ -92,7 +98,7 @@ def outputs(spec: ObjectiveSpec, params, batch: Batch, prefix: KeysValues | None
     memory = None if prefix is None else packing.pack_memory(prefix, rows)
     hidden, _ = spec.apply(params, rows.tokens, packing.visibility(rows), gates=gates, source=packed_source,
                            gate_positions=rows.gate > 0, position_ids=rows.positions, memory=memory,
-                           method="hidden_states")
+                           method="hidden_states", fused=spec.fused)
     hidden = hidden.reshape(-1, hidden.shape[-1])[rows.logit_index]
     logits = spec.apply(params, hidden, method="unembed")  # [Q, V]
     norm = jax.nn.logsumexp(logits, axis=-1)  # [Q]
@@ -122,7 +128,7 @@ def group_effects(spec: ObjectiveSpec, params, z: jax.Array, batch: Batch, cache
     layer_major = lambda a: jnp.moveaxis(a, 0, 1)  # noqa: E731
     sources = {site: layer_major(a) for site, a in cache.sources.items()}
     prefix = None if cache.prefix is None else jax.tree.map(layer_major, cache.prefix)
-    gated = outputs(spec, params, batch, prefix, expand_gates(spec.config, spec.site, z), sources)
+    gated = outputs(spec, params, batch, prefix, expand_gates(spec.config, spec.site, z, spec.attention), sources)
     return (metric or spec.metric).effect(gated, cache.base, batch.pairs)
 
 

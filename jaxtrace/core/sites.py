@@ -14,6 +14,13 @@ z = 0, or a source equal to the live activation, gives the live value bit for bi
 | mlp_hidden    | [L, F]  | [B, T, F]        | the MLP's intermediate neurons (input of the down projection)   |
 | heads_mlp     | [L, H+1]| (set)            | `head_out` gates z[:, :H], `mlp_out` gates z[:, H] over all of D |
 
+`attn_pattern` has two forms with the same effects and gradients. The explicit one caches the counterfactual's
+pattern (H·T² floats per layer and pair) and mixes it into the live pattern. The fused one (model site
+`attn_pattern_qk`) uses that mixing is linear in the pattern: ((1 − z)·A_live + z·A_cf)·V =
+(1 − z)·attention(q, k, V) + z·attention(q_cf, k_cf, V), so it caches the counterfactual's post-RoPE queries and keys
+((H + K)·T·Dh floats, source [B, T, H + K, Dh]) and mixes the two attention outputs; no T×T tensor is kept, and the
+attention can be a fused kernel (`jax.nn.dot_product_attention`).
+
 H counts query heads (grouped-query models share values within a KV group). For `attn_pattern` the position
 restriction applies to query rows. `attn_keys`, `attn_values` ([B, T, K, Dh] after RoPE) can be captured, not gated.
 Axis letters are those of `jaxtrace.core`.
@@ -55,6 +62,7 @@ class Site:
     query_axis: int = 1
     key_axis: int | None = None
     source_floats: Callable[[ModelConfig, int], int] | None = None
+    internal: bool = False  # a form of another site, not offered as a site of its own
 
     def component_label(self, config: ModelConfig, layer: int, index: int) -> str:
         """"L3.H7" (a head), "L3.MLP" (a whole MLP block) or "L3.N120" (a unit)."""
@@ -66,6 +74,8 @@ class Site:
 _ENTRIES = (
     Site("attn_pattern", "post-softmax attention probabilities per query head", lambda c: c.n_heads, heads=True,
          lr=0.1, query_axis=2, key_axis=3, source_floats=lambda c, p: c.n_heads * p * p),
+    Site("attn_pattern_qk", "attn_pattern in the fused form: the counterfactual's queries and keys", lambda c: c.n_heads,
+         heads=True, lr=0.1, source_floats=lambda c, p: p * (c.n_heads + c.n_kv_heads) * c.head_dim, internal=True),
     Site("head_out", "per-head attention output before the output projection", lambda c: c.n_heads, heads=True,
          lr=0.1, source_floats=lambda c, p: p * c.n_heads * c.head_dim),
     Site("mlp_out", "MLP block output, one gate per residual dimension", lambda c: c.d_model,
@@ -77,21 +87,27 @@ _ENTRIES = (
     Site("attn_values", "attention values", lambda c: c.n_kv_heads, kind="capture"),
 )
 REGISTRY: dict[str, Site] = {entry.name: entry for entry in _ENTRIES}
-SITES: dict[str, str] = {s.name: s.description for s in _ENTRIES if s.kind != "capture"}  # what a search gates
+SITES: dict[str, str] = {s.name: s.description for s in _ENTRIES if s.kind != "capture" and not s.internal}  # searched
 MODEL_SITES: tuple[str, ...] = tuple(s.name for s in _ENTRIES if s.kind == "model")       # what the forward gates
 CAPTURE_SITES: tuple[str, ...] = tuple(s.name for s in _ENTRIES if s.kind != "set")      # what it can capture
 
 
 def get_site(name: str) -> Site:
     """The registry entry of a gated site or component set; a one-line error naming the known ones otherwise."""
-    if name not in SITES:
+    site = REGISTRY.get(name)
+    if site is None or site.kind == "capture":
         raise ValueError(f"unknown site {name!r}; known sites: {', '.join(SITES)}")
-    return REGISTRY[name]
+    return site
 
 
-def model_sites(name: str) -> tuple[str, ...]:
-    """The model sites a site or component set gates."""
+PATTERN_FORMS = ("explicit", "fused")
+
+
+def model_sites(name: str, pattern_form: str = "explicit") -> tuple[str, ...]:
+    """The model sites a site or component set gates (`attn_pattern` in the explicit or the fused form)."""
     site = get_site(name)
+    if name == "attn_pattern" and pattern_form == "fused":
+        return ("attn_pattern_qk",)
     return site.parts or (site.name,)
 
 
@@ -100,12 +116,12 @@ def gate_shape(config: ModelConfig, name: str) -> tuple[int, int]:
     return config.n_layers, get_site(name).width(config)
 
 
-def expand_gates(config: ModelConfig, name: str, z: jax.Array) -> dict[str, jax.Array]:
+def expand_gates(config: ModelConfig, name: str, z: jax.Array, pattern_form: str = "explicit") -> dict[str, jax.Array]:
     """Model-site gates {site: [L, C_site]} of gates z [L, C] at a site or component set."""
     if name == "heads_mlp":
         heads = config.n_heads
         return {"head_out": z[:, :heads], "mlp_out": jnp.broadcast_to(z[:, heads:], (config.n_layers, config.d_model))}
-    return {name: z}
+    return {model_sites(name, pattern_form)[0]: z}
 
 
 def component_labels(config: ModelConfig, name: str) -> list[str]:
@@ -115,10 +131,11 @@ def component_labels(config: ModelConfig, name: str) -> list[str]:
     return [site.component_label(config, layer, index) for layer in range(n_layers) for index in range(width)]
 
 
-def source_bytes_per_pair(config: ModelConfig, name: str, prompt_length: int, prefix_length: int = 0) -> int:
+def source_bytes_per_pair(config: ModelConfig, name: str, prompt_length: int, prefix_length: int = 0,
+                          pattern_form: str = "explicit") -> int:
     """Float32 bytes one pair's cached sources take (every model site `name` gates, over all layers), plus the
     keys and values of its `prefix_length` shared-prefix tokens."""
-    floats = sum(REGISTRY[part].source_floats(config, prompt_length) for part in model_sites(name))
+    floats = sum(REGISTRY[part].source_floats(config, prompt_length) for part in model_sites(name, pattern_form))
     keys_values = 2 * prefix_length * config.n_kv_heads * config.head_dim
     return 4 * config.n_layers * (floats + keys_values)
 

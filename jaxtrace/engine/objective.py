@@ -31,6 +31,17 @@ class MetricNaNError(FloatingPointError):
     """The metric is not finite for some examples."""
 
 
+ATTENTION = ("auto", "explicit", "fused")
+
+
+def resolve_attention(attention: str) -> str:
+    """"auto": explicit patterns on CPU (where XLA's fused attention is no faster at these lengths), fused attention on
+    GPU and TPU (flash kernels; no T×T tensor cached)."""
+    if attention != "auto":
+        return attention
+    return "fused" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "explicit"
+
+
 @dataclasses.dataclass(frozen=True)
 class ObjectiveConfig:
     """What is measured, and how much of it at once."""
@@ -40,9 +51,14 @@ class ObjectiveConfig:
                                 "difference)", choices=tuple(METRICS))
     batch_size: int = option(32, "pairs per batch")
     memory_gb: float = option(2.0, "memory budget of one batched mask evaluation (sets how many masks run at once)")
+    attention: str = option("auto", "attention with explicit patterns, or fused (jax.nn.dot_product_attention; "
+                            "attn_pattern then caches the counterfactual's queries and keys, not its patterns): auto "
+                            "is explicit on CPU, fused on GPU and TPU", choices=ATTENTION)
 
     def __post_init__(self):
         get_site(self.site)
+        if self.attention not in ATTENTION:
+            raise ValueError(f"--attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
         if self.metric is not None:
             get_metric(self.metric)
         if self.batch_size < 1:
@@ -106,13 +122,15 @@ class Objective:
 
 def build_objective(model: GatedLM, task: EncodedTask, site: str, batch_size: int = 32, cache: bool | None = None,
                     cache_limit_bytes: int = 4 << 30, metric: str | Metric = PROBABILITY_RATIO,
-                    row_width: int | None = None, mesh: Mesh | None = None, share_prefix: bool = True) -> Objective:
+                    row_width: int | None = None, mesh: Mesh | None = None, share_prefix: bool = True,
+                    attention: str = "auto") -> Objective:
     """The objective of `task` at `site` on batches of `batch_size` pairs.
 
     `cache=True` precomputes the counterfactual sources, prefix keys and values and ungated outputs once
     (`precompute_cache`); `cache=False` recomputes them in every call (the reference's way; for checks); `None`
     caches when they fit in `cache_limit_bytes`. On a `mesh` (`jaxtrace.engine.mesh`) a batch is split into one
-    group of pairs per `data` device and the parameters are sharded over `model`.
+    group of pairs per `data` device and the parameters are sharded over `model`. `attention`: see
+    `resolve_attention` (both forms give the same effects and gradients).
     """
     get_site(site)
     metric = get_metric(metric)
@@ -129,12 +147,15 @@ def build_objective(model: GatedLM, task: EncodedTask, site: str, batch_size: in
     if mesh is not None:
         params = meshes.shard_params(params, mesh)
     spec = core.ObjectiveSpec(apply, model.config, site, metric, noise_std,
-                              0 if task.noise is None else task.noise.seed, batcher.prefix_length)
-    cache_bytes = source_bytes_per_pair(model.config, site, task.arrays.cf_ids.shape[1], spec.prefix_length) * len(task)
+                              0 if task.noise is None else task.noise.seed, batcher.prefix_length,
+                              resolve_attention(attention))
+    cache_bytes = len(task) * source_bytes_per_pair(model.config, site, task.arrays.cf_ids.shape[1],
+                                                    spec.prefix_length, "fused" if spec.fused else "explicit")
     if cache is None:
         cache = cache_bytes <= cache_limit_bytes
     elif cache and cache_bytes > cache_limit_bytes:
-        advice = "; head_out gates the same heads with memory linear in length" if site == "attn_pattern" else ""
+        advice = ("; head_out gates the same heads with memory linear in length, and so does attn_pattern with "
+                  "--attention fused" if site == "attn_pattern" and not spec.fused else "")
         raise MemoryError(f"caching {site} sources needs {cache_bytes / 2**30:.1f} GiB, over the "
                           f"{cache_limit_bytes / 2**30:.1f} GiB limit; use cache=False{advice}")
     objective = Objective(spec, params, batcher, None)

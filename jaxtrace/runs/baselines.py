@@ -195,9 +195,10 @@ def run_baseline(objective: Objective, method: str, k: int, n_samples: int = 100
 
 def baseline(model: GatedLM, task: EncodedTask, site: str, config: BaselineConfig, *, batch_size: int = 32,
              metric: str | Metric = "probability_ratio", memory_budget: int = 2 << 30, mesh: Mesh | None = None,
-             out: str | Path | None = None, overwrite: bool = False, provenance: Provenance = Provenance()) -> Circuit:
+             attention: str = "auto", out: str | Path | None = None, overwrite: bool = False,
+             provenance: Provenance = Provenance()) -> Circuit:
     """A baseline circuit of size k, scored like a PGB-CT circuit; with `out`, written like one (no checkpoints)."""
-    objective = build_objective(model, task, site, batch_size, metric=metric, mesh=mesh)
+    objective = build_objective(model, task, site, batch_size, metric=metric, mesh=mesh, attention=attention)
     settings = dataclasses.asdict(config)
     with result_folder(out, "baseline", objective, provenance, settings, overwrite=overwrite) as folder:
         mask, extras = run_baseline(objective, config.method, config.k, config.samples, config.random_seed,

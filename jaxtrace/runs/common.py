@@ -61,7 +61,7 @@ def identity(kind: str, objective: Objective, provenance: Provenance, settings: 
             "task": {"pairs": task_digest(objective.task),
                      "options": None if provenance.task is None else provenance.task.options()},
             "objective": {"site": objective.site, "metric": objective.metric.name,
-                          "batch_size": objective.batcher.batch_size},
+                          "batch_size": objective.batcher.batch_size, "attention": objective.spec.attention},
             "settings": settings}
 
 

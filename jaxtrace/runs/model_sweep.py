@@ -53,6 +53,7 @@ def _has_checkpoints(folder: Path) -> bool:
 
 def sweep_models(models: list[str], tasks: list[TaskSpec], site: str, out: str | Path,
                  config: SearchConfig = SearchConfig(), *, batch_size: int = 32, metric: str | None = None,
+                 attention: str = "auto",
                  progress: bool = True, load: Callable = jaxtrace.load_model, mesh: Mesh | None = None,
                  overwrite: bool = False) -> dict:
     """Trace every (model, task) pair into `out/<model slug>/<task>/`, then write `out/report.md`.
@@ -73,6 +74,7 @@ def sweep_models(models: list[str], tasks: list[TaskSpec], site: str, out: str |
         resolve_model_path(spec)
     slugs = model_slugs(models)
     identity = {"kind": "sweep", "models": models, "site": site, "metric": metric, "batch_size": batch_size,
+                "attention": attention,
                 "search": {k: v for k, v in dataclasses.asdict(config).items() if k != "epochs"},
                 "tasks": [{"task": t.task, "data": t.data, "options": t.options()} for t in tasks]}
     with ResultFolder(out, identity, "report.md", resume=True, overwrite=overwrite) as folder:
@@ -106,7 +108,7 @@ def sweep_models(models: list[str], tasks: list[TaskSpec], site: str, out: str |
                 try:
                     task_spec = specs[pair["task"]]
                     trace(model, task_spec.build(tokenizer), site, config, batch_size=batch_size, metric=metric,
-                          mesh=mesh, out=pair_folder, resume=resume, progress=progress,
+                          mesh=mesh, attention=attention, out=pair_folder, resume=resume, progress=progress,
                           provenance=Provenance(spec, task_spec))
                     pair["status"] = "done"
                 except BaseException as error:

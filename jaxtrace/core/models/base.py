@@ -27,7 +27,7 @@ class GatedLM(nnx.Module):
 
     def __call__(self, input_ids, attention_mask=None, gates: Gates | None = None,
                  source: Activations | None = None, gate_positions=None, position_ids=None,
-                 input_noise=None, memory=None) -> jax.Array:
+                 input_noise=None, memory=None, fused: bool = False) -> jax.Array:
         """Logits [B, T, V] (float32).
 
         input_ids: [B, T] ints; attention_mask: [B, T] (1 = real token, causal attention) or [B, T, E + T] (which
@@ -36,29 +36,33 @@ class GatedLM(nnx.Module):
         gate_positions: [B, T] bool, the token positions where gates apply (default: all); position_ids: [B, T]
         (default: 0..T-1); input_noise: [B, T, D] added to the input embeddings (noise-corrupted counterfactuals);
         memory: {"keys", "values": [L, B, E, K, Dh], "positions": [B, E]}, cached tokens (e.g. captured at
-        `attn_keys`/`attn_values`) that queries attend to before the T live keys, as `attention_mask` allows.
+        `attn_keys`/`attn_values`) that queries attend to before the T live keys, as `attention_mask` allows;
+        fused: attention through `jax.nn.dot_product_attention` instead of explicit patterns (`attn_pattern` can then
+        only be gated in its fused form, `attn_pattern_qk`).
         """
         logits, _ = self.capture(input_ids, attention_mask, (), gates, source, gate_positions, position_ids,
-                                 input_noise, memory)
+                                 input_noise, memory, fused)
         return logits
 
     def capture(self, input_ids, attention_mask=None, sites: Sequence[str] = (), gates: Gates | None = None,
                 source: Activations | None = None, gate_positions=None, position_ids=None,
-                input_noise=None, memory=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                input_noise=None, memory=None, fused: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(logits [B, T, V], activations site -> [L, B, ...]) at the requested sites (after any mixing there)."""
         hidden, captured = self.hidden_states(input_ids, attention_mask, sites, gates, source, gate_positions,
-                                              position_ids, input_noise, memory)
+                                              position_ids, input_noise, memory, fused)
         return self.unembed(hidden), captured
 
     def hidden_states(self, input_ids, attention_mask=None, sites: Sequence[str] = (), gates: Gates | None = None,
                       source: Activations | None = None, gate_positions=None, position_ids=None,
-                      input_noise=None, memory=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                      input_noise=None, memory=None, fused: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(final hidden states [B, T, D] before the final norm, activations site -> [L, B, ...]); see `capture`."""
         config = self.config
         for site in sites:
             if site not in CAPTURE_SITES:
                 raise ValueError(f"unknown site {site!r} for capture; sites: {', '.join(CAPTURE_SITES)}")
         check_gates(config, gates, source)
+        if fused and ("attn_pattern" in sites or "attn_pattern" in (gates or {})):
+            raise ValueError("with fused attention there is no explicit pattern: gate attn_pattern_qk instead")
         if memory is not None and jnp.ndim(attention_mask) != 3:
             raise ValueError("a forward with memory needs an explicit [B, T, E + T] attention mask")
         input_ids = jnp.asarray(input_ids)
@@ -96,7 +100,7 @@ class GatedLM(nnx.Module):
                 (context,) = contexts.values()
             else:  # sliding-window and global layers: the layer's flag picks its kind's tensors
                 context = jax.tree.map(functools.partial(jnp.where, layer_windowed), contexts[True], contexts[False])
-            iv = layers.Intervention(layer_gates, layer_source, where, tuple(sites), layer_memory)
+            iv = layers.Intervention(layer_gates, layer_source, where, tuple(sites), layer_memory, fused)
             return self.block(params, x, context, iv), iv.captured
 
         return jax.lax.scan(layer, x, (stacked, jnp.asarray(windowed), gates, sources, layer_memory))

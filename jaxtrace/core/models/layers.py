@@ -135,56 +135,90 @@ def attention_bias(attention_mask: jax.Array | None, position_ids: jax.Array, sl
 _SITE_WEIGHT = {
     "attn_pattern": lambda z, w: z[None, :, None, None] * w[:, None, :, None],  # [B, H, Tq, Tk]
     "head_out": lambda z, w: z[None, None, :, None] * w[:, :, None, None],      # [B, T, H, Dh]
+    "attn_pattern_qk": lambda z, w: z[None, None, :, None] * w[:, :, None, None],  # [B, T, H, Dh] head outputs
     "mlp_out": lambda z, w: z[None, None, :] * w[:, :, None],                   # [B, T, D]
     "mlp_hidden": lambda z, w: z[None, None, :] * w[:, :, None],                # [B, T, F]
 }
 
 
 class Intervention:
-    """One layer's gates, sources and captures, applied by the block at each named site, and the layer's memory
-    (keys and values [B, E, K, Dh] of cached tokens that every query may attend to before its own row)."""
+    """One layer's gates, sources and captures, applied by the block at each named site, the layer's memory (keys and
+    values [B, E, K, Dh] of cached tokens that every query may attend to before its own row), and whether attention
+    runs as `jax.nn.dot_product_attention` (`fused`) or with explicit patterns."""
 
     def __init__(self, gates: Mapping[str, jax.Array], source: Mapping[str, jax.Array], where: jax.Array,
-                 capture: Sequence[str], memory: Mapping[str, jax.Array] | None = None):
+                 capture: Sequence[str], memory: Mapping[str, jax.Array] | None = None, fused: bool = False):
         self.gates, self.source, self.where, self.capture = gates, source, where, capture
-        self.memory = memory
+        self.memory, self.fused = memory, fused
         self.captured: dict[str, jax.Array] = {}
 
-    def __call__(self, site: str, live: jax.Array) -> jax.Array:
-        """Mix `live + z * (source - live)` where gated (in float32, whatever the activations' dtype); record the
-        (mixed) value where captured."""
+    def __call__(self, site: str, live: jax.Array, source: jax.Array | None = None) -> jax.Array:
+        """Mix `live + z * (source - live)` where gated (in float32, whatever the activations' dtype; `source`: the
+        site's cached one unless given); record the (mixed) value where captured."""
         if site in self.gates:
             weight = _SITE_WEIGHT[site](self.gates[site].astype(F32), self.where)
             live32 = live.astype(F32)
-            live = (live32 + weight * (self.source[site].astype(F32) - live32)).astype(live.dtype)
+            source = self.source[site] if source is None else source
+            live = (live32 + weight * (source.astype(F32) - live32)).astype(live.dtype)
         if site in self.capture:
             self.captured[site] = live
         return live
 
 
-def gated_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, iv: Intervention,
-                    scale: float | None = None, logit_softcap: float | None = None) -> jax.Array:
-    """Grouped-query attention with the `attn_pattern` and `head_out` sites.
+def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, scale: float,
+           logit_softcap: float | None = None, fused: bool = False, iv: Intervention | None = None) -> jax.Array:
+    """Grouped-query attention outputs [B, T, H, Dh] of q [B, T, H, Dh] over k, v [B, S, K, Dh] with an additive
+    bias [B, 1, T, S]: query head h reads KV head h // (H / K); scores are `softcap(scale * q . k, logit_softcap)`.
 
-    q: [B, T, H, Dh]; k, v: [B, T, K, Dh] (after RoPE; captured at the `attn_keys`, `attn_values` sites); bias:
-    [B, 1, T, E + T], keys being the intervention's E memory tokens, then the T live ones. Query head h reads KV head
-    h // (H / K). Scores are `softcap(scale * q . k, logit_softcap)` (scale default Dh ** -0.5) plus the bias.
-    Returns the per-head outputs [B, T, H, Dh].
+    `fused`: through `jax.nn.dot_product_attention` (XLA; cuDNN's fused kernels on GPU where they apply), unless
+    soft-capping needs the explicit scores. Otherwise the pattern is explicit and goes through `iv`'s `attn_pattern`
+    site.
     """
     batch, length, n_heads, head_dim = q.shape
-    k, v = iv("attn_keys", k), iv("attn_values", v)
-    if iv.memory is not None:
-        k = jnp.concatenate([iv.memory["keys"].astype(k.dtype), k], axis=1)
-        v = jnp.concatenate([iv.memory["values"].astype(v.dtype), v], axis=1)
+    if fused and logit_softcap is None:
+        floor = jnp.finfo(q.dtype).min / 2  # masked keys stay finite in the query's dtype
+        return jax.nn.dot_product_attention(q, k, v.astype(q.dtype), bias=jnp.maximum(bias, floor).astype(q.dtype),
+                                            scale=scale)
     n_keys, n_kv = k.shape[1], k.shape[2]
     group = n_heads // n_kv
     qg = q.reshape(batch, length, n_kv, group, head_dim)
-    scale = head_dim**-0.5 if scale is None else scale
     scores = softcap(jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=F32) * scale, logit_softcap)
     probs = jax.nn.softmax(scores.reshape(batch, n_heads, length, n_keys) + bias, axis=-1)
-    probs = iv("attn_pattern", probs)
+    if iv is not None:
+        probs = iv("attn_pattern", probs)
     probs = probs.reshape(batch, n_kv, group, length, n_keys).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, length, n_heads, head_dim)
+    return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, length, n_heads, head_dim)
+
+
+def gated_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, iv: Intervention,
+                    scale: float | None = None, logit_softcap: float | None = None) -> jax.Array:
+    """Grouped-query attention with the `attn_pattern` (explicit and fused) and `head_out` sites.
+
+    q: [B, T, H, Dh]; k, v: [B, T, K, Dh] (after RoPE; captured at the `attn_keys`, `attn_values` sites, and q with
+    k at `attn_pattern_qk` as [B, T, H + K, Dh]); bias: [B, 1, T, E + T], keys being the intervention's E memory
+    tokens, then the T live ones. Scale default Dh ** -0.5. Returns the per-head outputs [B, T, H, Dh].
+
+    The fused form mixes attention(q, k, v) with attention(q_cf, k_cf, v), the counterfactual's queries and keys
+    over the live values (the memory's keys are shared: no gate changes a shared prefix).
+    """
+    n_heads, head_dim = q.shape[2], q.shape[3]
+    scale = head_dim**-0.5 if scale is None else scale
+    k, v = iv("attn_keys", k), iv("attn_values", v)
+    if "attn_pattern_qk" in iv.capture:
+        iv.captured["attn_pattern_qk"] = jnp.concatenate([q, k], axis=2)
+
+    def with_memory(keys_or_values: jax.Array, name: str) -> jax.Array:
+        if iv.memory is None:
+            return keys_or_values
+        return jnp.concatenate([iv.memory[name].astype(keys_or_values.dtype), keys_or_values], axis=1)
+
+    values = with_memory(v, "values")
+    out = attend(q, with_memory(k, "keys"), values, bias, scale, logit_softcap, iv.fused, iv)
+    if "attn_pattern_qk" in iv.gates:
+        source = iv.source["attn_pattern_qk"].astype(q.dtype)
+        q_cf, k_cf = source[:, :, :n_heads], source[:, :, n_heads:]
+        out_cf = attend(q_cf, with_memory(k_cf, "keys"), values, bias, scale, logit_softcap, iv.fused)
+        out = iv("attn_pattern_qk", out, out_cf)
     return iv("head_out", out)
 
 
