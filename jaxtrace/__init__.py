@@ -7,9 +7,9 @@ The public face: load a model and a task, build the objective, search it, read t
     circuit = jaxtrace.trace(model, task, "attn_pattern", jaxtrace.SearchConfig(epochs=15), out="results/wb")
 
 Layers (each imports only those before it): `core` (pure JAX: sites, models, packing, objective, metrics, search),
-`tasks` (loaders, tokenisation), `engine` (host side: batches, devices, mask evaluation, the search loop), `io`
-(model loading, checkpoints, result folders, circuits, export, plots), `runs` (trace, baselines, curve, sweeps) and
-`cli`.
+`tasks` (loaders, tokenisation), `engine` (host side: batches, devices, mask evaluation, faithfulness, the search
+loop), `io` (model loading, checkpoints, result folders, circuits, export, plots), `runs` (trace, baselines, curve,
+stability, sweeps) and `cli`.
 """
 
 __version__ = "0.2.0"

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from jaxtrace.runs import baselines
+from jaxtrace.runs.model_sweep import model_slugs
 from jaxtrace.cli import main
 from jaxtrace.engine.objective import build_objective, masks_per_chunk
 from jaxtrace.core.search import SearchConfig
@@ -131,12 +132,45 @@ def test_baseline_and_compare_cli(tiny_gpt2, tmp_path, capsys):
     greedy = json.loads((tmp_path / "greedy" / "circuit.json").read_text())
     assert greedy["method"] == "greedy" and greedy["n_selected"] == 2 and greedy["status"] == "ok"
     assert main(["compare", *common, "--sizes", "1,2,4", "--n-lambdas", "2", "--epochs", "2", "--samples", "5",
-                 "--no-progress", "--out", str(tmp_path / "cmp")]) == 0
+                 "--ig-steps", "2", "--mib", "pgbct,greedy", "--no-progress", "--out", str(tmp_path / "cmp")]) == 0
     curve = json.loads((tmp_path / "cmp" / "curve.json").read_text())
     assert {1, 2, 4} <= {row["size"] for row in curve["rows"]} and set(curve["seconds"]) == {
         "pgbct", "greedy", "topk", "random"}
     assert (tmp_path / "cmp" / "curve.png").stat().st_size > 0
     assert "| size | pgbct | greedy | topk | random |" in (tmp_path / "cmp" / "curve.md").read_text()
+    # the evaluation report: every method timed, every ranking's curves, every circuit's faithfulness
+    assert set(curve["method_seconds"]) == {"pgbct", "greedy", "topk", "random", "single", "atp", "ig"}
+    faith = curve["faithfulness"]
+    assert faith["sizes"] == [max(1, int(p * 8)) for p in (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1)]
+    assert set(faith["curves"]) == {"pgbct", "greedy", "topk", "single", "atp", "ig"}
+    assert faith["curves"]["topk"] == faith["curves"]["single"]
+    for name, c in faith["curves"].items():
+        assert c["faithfulness"][-1] == pytest.approx(1.0, abs=1e-4) and c["share"][-1] == pytest.approx(1.0, abs=1e-5)
+        assert c["cpr"] == pytest.approx(sum((b - a) * (fa + fb) / 2 for a, b, fa, fb in zip(
+            c["fractions"], c["fractions"][1:], c["faithfulness"], c["faithfulness"][1:])))
+    row = {r["size"]: r for r in curve["rows"]}[2]
+    assert row["atp"] is not None and row["ig"] is not None
+    f_row = {r["size"]: r for r in curve["faithfulness_rows"]}[2]
+    assert all(f_row[name] is not None for name in ("greedy", "topk", "random", "atp", "ig"))
+    # greedy's ranking starts with its order of addition
+    ranking = np.asarray(curve["rankings"]["greedy"])
+    assert sorted(np.argsort(-ranking, axis=None)[:2]) == sorted(4 * layer + head for layer, head in greedy["selected"])
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "![effect against circuit size](curve.png)" in report and "(faithfulness.png)" in report
+    assert (tmp_path / "cmp" / "faithfulness.png").stat().st_size > 0
+    slug = model_slugs([str(folder)])[str(folder)]
+    for method in ("pgbct", "greedy"):
+        mib = tmp_path / "cmp" / "mib" / f"{method}_patching_node" / f"winogender_{slug}"
+        files = sorted(p.name for p in mib.iterdir())
+        assert files == sorted(["importances.json"] + [f"circuit_{p:g}.json" for p in faith["fractions"]])
+        scores = np.asarray(curve["rankings"][method])
+        graph = json.loads((mib / "importances.json").read_text())
+        assert graph["nodes"]["a1.h2"]["score"] == pytest.approx(scores[1, 2])
+        assert all(node["in_graph"] for node in graph["nodes"].values())
+        half = json.loads((mib / "circuit_0.5.json").read_text())
+        in_graph = {name for name, node in half["nodes"].items() if name.startswith("a") and node["in_graph"]}
+        top = np.argsort(-scores, axis=None, kind="stable")[:4]
+        assert in_graph == {f"a{i // 4}.h{i % 4}" for i in top}
 
 
 def test_greedy_restricted_to_candidates(objective):

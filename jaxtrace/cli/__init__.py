@@ -26,15 +26,17 @@ from jaxtrace.io.loading import ModelSpec
 from jaxtrace.io.results import check_out
 from jaxtrace.runs.baselines import BaselineConfig, baseline, evaluate_selection
 from jaxtrace.runs.common import Provenance
-from jaxtrace.runs.curve import CurveConfig, compare_run, table_markdown
+from jaxtrace.runs.curve import CurveConfig, compare_run, methods_markdown, table_markdown
 from jaxtrace.runs.info import model_summary, next_tokens, time_gated_step
 from jaxtrace.runs.model_sweep import find_circuits, summary_table, sweep_models
+from jaxtrace.runs.stability import StabilityConfig, stability_run, summary
 from jaxtrace.runs.trace import trace
 from jaxtrace.tasks import TASK_LOADERS, TaskSpec
 
 log = logging.getLogger("jaxtrace")
 GROUP_TITLES = {ModelSpec: "model", TaskSpec: "task", ObjectiveConfig: "objective", SearchConfig: "search (PGB-CT)",
-                MeshSpec: "devices and hosts", BaselineConfig: "baseline", CurveConfig: "curve"}
+                MeshSpec: "devices and hosts", BaselineConfig: "baseline", CurveConfig: "curve",
+                StabilityConfig: "stability"}
 
 
 def _mesh(args):
@@ -136,7 +138,22 @@ def cmd_compare(args) -> None:
                          overwrite=args.overwrite, progress=not args.no_progress,
                          provenance=Provenance(model_spec.model, task_spec))
     log.info(table_markdown(result))
-    log.info(f"written    {Path(args.out) / 'curve.md'}, curve.json, curve.png")
+    log.info(methods_markdown(result))
+    log.info(f"written    {Path(args.out) / 'report.md'}, curve.md, curve.json, curve.png, faithfulness.png"
+             + (", mib/" if curve.mib else ""))
+
+
+def cmd_stability(args) -> None:
+    search, config = from_args(SearchConfig, args), from_args(ObjectiveConfig, args)
+    mesh = _mesh(args)
+    model_spec, model, task_spec, task = _load(args)
+    objective = build_objective(model, task, config.site, config.batch_size, metric=_metric(config, task_spec),
+                                mesh=mesh)
+    result = stability_run(objective, search, from_args(StabilityConfig, args), memory_budget=config.memory_budget,
+                           out=args.out, overwrite=args.overwrite, progress=not args.no_progress,
+                           provenance=Provenance(model_spec.model, task_spec))
+    log.info(summary(result))
+    log.info(f"written    {Path(args.out) / 'stability.json'}, selection_frequency.png")
 
 
 def parse_selection(text: str) -> list[list[int]]:
@@ -299,9 +316,15 @@ def build_parser() -> argparse.ArgumentParser:
     base = command("baseline", cmd_baseline, "a baseline circuit on the same objective", out="required")
     add_options(base, BaselineConfig, "baseline")
 
-    comp = command("compare", cmd_compare, "effect against size for PGB-CT, greedy, top-k and random", searching,
+    comp = command("compare", cmd_compare, "the evaluation report: effect against size, effect share and "
+                   "faithfulness (MIB's CPR, CMD) of PGB-CT, greedy, top-k, random, single, AtP and IG", searching,
                    "required", exclude=no_init)
     add_options(comp, CurveConfig, "curve")
+
+    stable = command("stability", cmd_stability, "PGB-CT over seeds x bootstrap resamples of the pairs (one vmapped "
+                     "sweep): selection frequency, Jaccard similarity, effect interval", searching, "required",
+                     exclude=no_init)
+    add_options(stable, StabilityConfig, "stability")
 
     evaluate = command("evaluate", cmd_evaluate, "the effect of a given subset of components", defaults={
         ModelSpec: {"model": None}, TaskSpec: {"task": None},  # default: the circuit file's

@@ -1,9 +1,9 @@
 """The host side of a task's objective: which pairs go together, how they are packed, and where they are placed.
 
-A batch of pair indices (in task order or a seeded epoch's order) is split into G data groups (one per `data`
-device of the mesh), each group packed on its own (`jaxtrace.core.packing`) to a shape shared by every batch that
-runs with it, so one compiled program serves a whole run. Batches are numpy `Batch` records with a leading group
-axis; `put` sends them to the devices, each group to its own `data` shard.
+A batch of pair indices (in task order or a seeded epoch's order of a run's pairs) is split into G data groups (one
+per `data` device of the mesh), each group packed on its own (`jaxtrace.core.packing`) to a shape shared by every
+batch that runs with it, so one compiled program serves a whole run. Batches are numpy `Batch` records with a
+leading group axis; `put` sends them to the devices, each group to its own `data` shard.
 """
 
 from __future__ import annotations
@@ -43,9 +43,12 @@ class Batcher:
         """Consecutive index chunks of at most `batch_size` pairs."""
         return [order[i: i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
-    def epoch(self, key: jax.Array, epoch: int) -> list[np.ndarray]:
-        """The pair-index batches of one run's epoch: a permutation of the task seeded by (key, epoch)."""
-        return self.chunks(np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch), len(self.task))))
+    def epoch(self, key: jax.Array, epoch: int, pairs: np.ndarray | None = None) -> list[np.ndarray]:
+        """The pair-index batches of one run's epoch: a permutation seeded by (key, epoch) of the run's pair indices
+        `pairs` (e.g. a bootstrap resample, with repetitions; default: every pair of the task once)."""
+        order = np.asarray(jax.random.permutation(jax.random.fold_in(key, epoch),
+                                                  len(self.task) if pairs is None else len(pairs)))
+        return self.chunks(order if pairs is None else np.asarray(pairs)[order])
 
     def group_index(self, idx: np.ndarray) -> np.ndarray:
         """[G, B] the pair of every slot of a batch (padding slots repeat the first pair)."""

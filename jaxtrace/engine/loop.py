@@ -3,7 +3,8 @@ binary mask, and callbacks where the run layer checkpoints, logs and shows progr
 nothing).
 
 Several runs that differ only in λ1, λ2 and seed are optimised together: z [R, L, C], one vmapped step, one
-compilation; each run keeps its own Adam state, schedule and seeded pair order.
+compilation; each run keeps its own Adam state, schedule and seeded pair order, optionally over its own
+resample of the pairs (`pairs`: bootstrap runs of `jaxtrace stability`).
 """
 
 from __future__ import annotations
@@ -95,11 +96,14 @@ def initial_state(objective: Objective, configs: list[SearchConfig], z0: np.ndar
 def run_searches(objective: Objective, configs: list[SearchConfig], start: tuple[dict, dict] | None = None,
                  on_step: Callable[[int, dict], None] | None = None,
                  on_epoch: Callable[[int, dict, dict], None] | None = None,
-                 z0: np.ndarray | None = None) -> list[SearchResult]:
+                 z0: np.ndarray | None = None, pairs: list[np.ndarray] | None = None) -> list[SearchResult]:
     """Optimise R runs together for `configs[0].epochs` epochs and return each run's result.
 
     `start`: (host state, meta) of a checkpoint to continue from (see `initial_state` and `on_epoch`); else the
     gates start at z0 ([L, C] or [R, L, C]; default: `starting_gates`, which computes a warm start's scores).
+    `pairs`: each run's own N pair indices to train on (e.g. a bootstrap resample, with repetitions; `Batcher.epoch`
+    permutes them), so every run takes the same number of steps; default: every pair once. The per-epoch effect
+    is always measured on the whole task.
     `on_step(epoch, stats)` is called after every step with the host stats (mean over runs of loss and selection);
     `on_epoch(epochs done, host state, meta)` after every epoch with what resumes the runs.
 
@@ -124,7 +128,8 @@ def run_searches(objective: Objective, configs: list[SearchConfig], start: tuple
     keys = jax.random.wrap_key_data(state["keys"])
     epochs = range(start_epoch, start_epoch if settled else config.epochs)
     previous = [select(zr, c.threshold, c.max_components) for zr, c in zip(state["z"], configs)]
-    orders = {epoch: [batcher.epoch(k, epoch) for k in keys] for epoch in epochs}
+    run_pairs = [None] * n_runs if pairs is None else check_pairs(objective, pairs, n_runs)
+    orders = {epoch: [batcher.epoch(k, epoch, p) for k, p in zip(keys, run_pairs)] for epoch in epochs}
     # One packed shape for every step of the run: one compilation.
     every_batch = [idx for runs in orders.values() for order in runs for idx in order]
     shape = batcher.shape(every_batch) if every_batch else None
@@ -178,6 +183,17 @@ def run_searches(objective: Objective, configs: list[SearchConfig], start: tuple
     return [SearchResult(c, z[run], select(z[run], c.threshold, c.max_components), histories[run],
                          [{k: v for k, v in row.items() if k != "run"} for row in steps if row["run"] == run],
                          seconds) for run, c in enumerate(configs)]
+
+
+def check_pairs(objective: Objective, pairs: list[np.ndarray], n_runs: int) -> list[np.ndarray]:
+    """Each run's pair indices ([N] ints in [0, N)), checked."""
+    n = len(objective.task)
+    pairs = [np.asarray(p) for p in pairs]
+    if len(pairs) != n_runs or any(p.shape != (n,) or p.dtype.kind not in "iu" for p in pairs):
+        raise ValueError(f"pairs must give each of the {n_runs} runs {n} integer pair indices")
+    if any(p.min() < 0 or p.max() >= n for p in pairs):
+        raise ValueError(f"pair indices must be in [0, {n})")
+    return pairs
 
 
 def run_search(objective: Objective, config: SearchConfig, **kwargs) -> SearchResult:

@@ -24,6 +24,9 @@ Mapping of a jaxtrace circuit:
   is what EAP-IG's node-level `apply_topn(..., level="node")` gives: every outgoing edge of an in-graph node, then
   `prune()` drops edges into nodes that are out; nothing more is pruned since every node has in-graph edges from
   "input" and to "logits".
+
+`eap_graph` builds the same graph from any node scores [L, C] in z's place (a ranking's: MIB's importances files and
+thresholded circuits, written by `jaxtrace compare --mib`).
 """
 
 from __future__ import annotations
@@ -56,19 +59,27 @@ def to_eap_graph(circuit: Circuit | dict) -> dict:
     for the mapping)."""
     if not isinstance(circuit, Circuit):
         circuit = Circuit.from_dict(circuit)
-    config, site = circuit.model_config, get_site(circuit.site)
-    n_layers, n_heads, d_model = config["n_layers"], config["n_heads"], config["d_model"]
-    z, chosen = circuit.z, {tuple(pair) for pair in circuit.selected}
+    return eap_graph(circuit.model_config, circuit.site, circuit.selected, circuit.z, circuit.model, circuit.task)
+
+
+def eap_graph(model_config: dict, site: str, selected, scores, model: str | None = None,
+              task: str | None = None) -> dict:
+    """The graph JSON dict of the components `selected` ([[layer, index], ...]) of `site` on a model of
+    `model_config`, the traced nodes scored by `scores` [L][C] (a circuit's z, or any ranking's scores)."""
+    spec = get_site(site)
+    n_layers, n_heads, d_model = model_config["n_layers"], model_config["n_heads"], model_config["d_model"]
+    chosen = {tuple(int(i) for i in pair) for pair in selected}
     nodes: dict[str, dict[str, Any]] = {"input": {"in_graph": True}}
     for layer in range(n_layers):
         for head in range(n_heads):
-            nodes[f"a{layer}.h{head}"] = ({"in_graph": (layer, head) in chosen, "score": float(z[layer][head])}
-                                          if site.heads else {"in_graph": True})
-        if site.blocks:
-            nodes[f"m{layer}"] = {"in_graph": (layer, n_heads) in chosen, "score": float(z[layer][n_heads])}
+            nodes[f"a{layer}.h{head}"] = ({"in_graph": (layer, head) in chosen, "score": float(scores[layer][head])}
+                                          if spec.heads else {"in_graph": True})
+        if spec.blocks:
+            nodes[f"m{layer}"] = {"in_graph": (layer, n_heads) in chosen, "score": float(scores[layer][n_heads])}
         else:
-            nodes[f"m{layer}"] = ({"in_graph": True} if site.heads else
-                                  {"in_graph": any(lay == layer for lay, _ in chosen), "score": float(max(z[layer]))})
+            nodes[f"m{layer}"] = ({"in_graph": True} if spec.heads else
+                                  {"in_graph": any(lay == layer for lay, _ in chosen),
+                                   "score": float(max(scores[layer]))})
     nodes["logits"] = {"in_graph": True}
     edges = {name: {"score": 0.0, "in_graph": nodes[parent]["in_graph"] and nodes[child]["in_graph"]}
              for name, parent, child in _eap_edges(n_layers, n_heads)}
@@ -77,18 +88,21 @@ def to_eap_graph(circuit: Circuit | dict) -> dict:
         "nodes": nodes,
         "edges": edges,
         "jaxtrace": {
-            "model": circuit.model, "task": circuit.task, "site": circuit.site,
-            "selected": [list(pair) for pair in circuit.selected],
-            "mlp_block_score": "gate" if site.blocks else None if site.heads else "max",
+            "model": model, "task": task, "site": site, "selected": [[int(i) for i in pair] for pair in selected],
+            "mlp_block_score": "gate" if spec.blocks else None if spec.heads else "max",
         },
     }
 
 
-def write_eap_graph(circuit: Circuit | dict, path: str | os.PathLike) -> None:
-    """Write `to_eap_graph(circuit)` as JSON to `path`, atomically."""
-    graph = to_eap_graph(circuit)
+def write_graph(graph: dict, path: str | os.PathLike) -> None:
+    """Write a graph JSON dict to `path`, atomically."""
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(graph, f)
+
+
+def write_eap_graph(circuit: Circuit | dict, path: str | os.PathLike) -> None:
+    """Write `to_eap_graph(circuit)` as JSON to `path`, atomically."""
+    write_graph(to_eap_graph(circuit), path)
 
 
 EXPORT_FORMATS: dict[str, Callable[[Circuit | dict, str | os.PathLike], None]] = {"eap": write_eap_graph}

@@ -1,4 +1,5 @@
-"""Figures written next to results: the gate map with the selection marked, the effect per epoch, effect curves.
+"""Figures written next to results: the gate map with the selection marked, the effect per epoch, effect and
+faithfulness curves.
 
 Figures are drawn with matplotlib's object API (`matplotlib.figure.Figure`), imported when a figure is drawn: this
 never touches pyplot's global state or the backend of a notebook that imports jaxtrace. Files are written atomically.
@@ -31,15 +32,16 @@ def _subplots(figsize, ncols: int = 1, **kwargs):
     return fig, fig.subplots(1, ncols, **kwargs)
 
 
-def plot_gate_map(z: np.ndarray, mask: np.ndarray, site: str, path: Path, title: str = "") -> None:
-    """Layer x component heat map of z [L, C]; selected components marked (heads) or counted per layer (units)."""
+def plot_gate_map(z: np.ndarray, mask: np.ndarray, site: str, path: Path, title: str = "", label: str = "z") -> None:
+    """Layer x component heat map of z [L, C] (or another value in [0, 1], named `label`); selected components
+    marked (heads) or counted per layer (units)."""
     n_layers, width = z.shape
     heads = get_site(site).heads
     fig, axes = _subplots((6 if heads else 11, 0.22 * n_layers + 2), 1 if heads else 2, squeeze=False,
                           gridspec_kw=None if heads else {"width_ratios": [4, 1]})
     ax = axes[0, 0]
     image = ax.imshow(z, cmap="viridis", vmin=0, vmax=1, aspect="auto", interpolation="nearest", origin="lower")
-    fig.colorbar(image, ax=ax, label="z")
+    fig.colorbar(image, ax=ax, label=label)
     ax.set_ylabel("layer")
     ax.set_xlabel(f"head (column {width - 1}: the MLP block)" if get_site(site).blocks else "head" if heads else "unit")
     if heads:
@@ -84,6 +86,27 @@ def plot_effect_curve(rows: list[dict], methods, effect_all: float, path: Path, 
     ax.set_ylabel("mean indirect effect")
     ax.set_title(title)
     ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def plot_faithfulness_curves(curves: dict[str, dict], path: Path, title: str) -> None:
+    """Effect share and faithfulness against the fraction of components kept (log axis), one line per ranking;
+    `curves`: {method: {"fractions", "share", "faithfulness", "cpr", "cmd"}}."""
+    fig, axes = _subplots((11, 4), 2, sharex=True)
+    for method, curve in curves.items():
+        main = method == "pgbct"
+        style = {"linewidth": 2 if main else 1, "marker": "o" if main else "."}
+        axes[0].plot(curve["fractions"], curve["share"], label=method, **style)
+        axes[1].plot(curve["fractions"], curve["faithfulness"], **style,
+                     label=f"{method} (CPR {curve['cpr']:.3f}, CMD {curve['cmd']:.3f})")
+    axes[0].set_ylabel("effect share IE(S) / IE(all)")
+    axes[1].set_ylabel("faithfulness 1 − IE(all \\ S) / IE(all)")
+    for ax in axes:
+        ax.axhline(1.0, color="gray", linestyle="--", linewidth=1)
+        ax.set_xscale("log")
+        ax.set_xlabel("fraction of components in the circuit (top of the ranking)")
+        ax.legend(fontsize=8)
+    fig.suptitle(title)
     _save(fig, path)
 
 

@@ -20,6 +20,7 @@ from jaxtrace.core.metrics import Metric
 from jaxtrace.core.models import GatedLM
 from jaxtrace.core.options import option
 from jaxtrace.engine.attribution import ATTRIBUTIONS, attribution_scores
+from jaxtrace.engine.faithfulness import ranking_masks
 from jaxtrace.engine.objective import Objective, build_objective
 from jaxtrace.io.circuit import Circuit
 from jaxtrace.runs.common import Provenance, publish_circuit, result_folder, summarize
@@ -44,8 +45,7 @@ def single_effects(objective: Objective, memory_budget: int = 2 << 30) -> np.nda
 def topk(objective: Objective, k: int, single: np.ndarray | None = None, memory_budget: int = 2 << 30) -> np.ndarray:
     """Mask [L, C] of the k components with the largest single effects (or the given scores [L, C])."""
     single = single_effects(objective, memory_budget) if single is None else single
-    order = np.argsort(-single, axis=None, kind="stable")[:k]
-    return _one_hot(single.shape, order).sum(0) > 0
+    return ranking_masks(single, [k])[0] > 0
 
 
 def _ranks(values: np.ndarray) -> np.ndarray:
