@@ -180,10 +180,9 @@ def format_plan(report: PlanReport) -> str:
     where = (f"{report.devices} simulated CPU devices: XLA:CPU's plan of the sharded program (GPU and TPU compilers "
              "plan their own buffers)" if report.simulated else
              f"{report.devices} {report.platform.upper()} device{'s' * (report.devices > 1)}")
+    n_params = _scaled(c.n_params, (("B", 1e9), ("M", 1e6), ("", 1))).replace(" ", "")
     lines = [
-        f"model      {report.model}: {c.model_type}, {_scaled(c.n_params, (('B', 1e9), ('M', 1e6), ('', 1))).replace(' ', '')} "
-        f"parameters, {c.dtype}; "
-        f"{report.site} gates {list(gate_shape(c, report.site))}; {report.metric}",
+        f"model      {report.model}: {c.model_type}, {n_params} parameters, {c.dtype}; {report.site} gates {list(gate_shape(c, report.site))}; {report.metric}",
         f"task       {report.pairs} pairs, batches of {report.batch_size}; per data group a step packs "
         f"{packed['training_rows']} rows, an evaluation {packed['evaluation_rows']}, of {packed['row_width']} "
         f"tokens{prefix}; {report.runs} run{'s' * (report.runs > 1)} a step",
