@@ -5,6 +5,7 @@ The public face: load a model and a task, build the objective, search it, read t
     model, tokenizer = jaxtrace.load_model("smollm2-135m")
     task = jaxtrace.build_task("winobias", "data/", tokenizer, split="dev")
     circuit = jaxtrace.trace(model, task, "attn_pattern", jaxtrace.SearchConfig(epochs=15), out="results/wb")
+    report = jaxtrace.plan("llama-3.1-8b", jaxtrace.TaskShape(pairs=1000), devices=64, mesh="data=8,model=8")
 
 Layers (each imports only those before it): `core` (pure JAX: sites, models, packing, objective, metrics, search),
 `tasks` (loaders, tokenisation), `engine` (host side: batches, devices, mask evaluation, faithfulness, the search
@@ -23,9 +24,10 @@ from jaxtrace.engine.objective import Objective, build_objective
 from jaxtrace.io.circuit import Circuit
 from jaxtrace.io.loading import load_model
 from jaxtrace.runs.common import Provenance
+from jaxtrace.runs.plan import TaskShape, plan
 from jaxtrace.runs.trace import trace
 from jaxtrace.tasks import EncodedTask, TaskSpec, build_task
 
 __all__ = ["Circuit", "EncodedTask", "GatedLM", "METRICS", "Metric", "ModelConfig", "Objective", "Provenance", "SITES",
-           "SearchConfig", "TaskSpec", "__version__", "build_objective", "build_task", "full_gates", "gate_shape",
-           "init_model", "load_model", "run_search", "run_searches", "trace"]
+           "SearchConfig", "TaskShape", "TaskSpec", "__version__", "build_objective", "build_task", "full_gates",
+           "gate_shape", "init_model", "load_model", "plan", "run_search", "run_searches", "trace"]

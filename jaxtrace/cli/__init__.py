@@ -22,13 +22,14 @@ from jaxtrace.engine.objective import ObjectiveConfig, build_objective, check_ta
 from jaxtrace.io.cache import enable_compilation_cache
 from jaxtrace.io.circuit import Circuit
 from jaxtrace.io.export import EXPORT_FORMATS
-from jaxtrace.io.loading import ModelSpec
+from jaxtrace.io.loading import CONFIG_PRESETS, ModelSpec
 from jaxtrace.io.results import check_out
 from jaxtrace.runs.baselines import BaselineConfig, baseline, evaluate_selection
 from jaxtrace.runs.common import Provenance
 from jaxtrace.runs.curve import CurveConfig, compare_run, methods_markdown, table_markdown
 from jaxtrace.runs.info import model_summary, next_tokens, time_gated_step
 from jaxtrace.runs.model_sweep import find_circuits, summary_table, sweep_models
+from jaxtrace.runs.plan import PlanConfig, TaskShape, format_plan, plan
 from jaxtrace.runs.stability import StabilityConfig, stability_run, summary
 from jaxtrace.runs.trace import trace
 from jaxtrace.tasks import TASK_LOADERS, TaskSpec
@@ -36,7 +37,7 @@ from jaxtrace.tasks import TASK_LOADERS, TaskSpec
 log = logging.getLogger("jaxtrace")
 GROUP_TITLES = {ModelSpec: "model", TaskSpec: "task", ObjectiveConfig: "objective", SearchConfig: "search (PGB-CT)",
                 MeshSpec: "devices and hosts", BaselineConfig: "baseline", CurveConfig: "curve",
-                StabilityConfig: "stability"}
+                StabilityConfig: "stability", TaskShape: "task shape (without --task)", PlanConfig: "plan"}
 
 
 def _mesh(args):
@@ -206,6 +207,23 @@ def cmd_evaluate(args) -> None:
         log.info(json.dumps(result))
 
 
+def cmd_plan(args) -> None:
+    """Per-device memory and FLOPs of the training step and the mask evaluation, from XLA's compile-time analysis."""
+    model, objective, config = from_args(ModelSpec, args), from_args(ObjectiveConfig, args), from_args(PlanConfig, args)
+    shape = from_args(TaskShape, args)
+    task = shape
+    if given(TaskSpec, args, "task") is not None:
+        if shape != TaskShape():
+            raise ValueError("--pairs, --prompt-tokens, --target-tokens, --targets and --prefix-tokens describe a "
+                             "task by its sizes: give them or --task, not both")
+        task = from_args(TaskSpec, args)
+    report = plan(model.model, task, site=objective.site, metric=objective.metric, batch_size=objective.batch_size,
+                  dtype=model.dtype, mesh=given(MeshSpec, args, "mesh"), devices=config.devices, masks=config.masks,
+                  runs=config.runs, memory_gb=objective.memory_gb, device_memory_gb=config.device_memory_gb,
+                  tokenizer=model.tokenizer)
+    log.info(json.dumps(report.to_dict()) if args.json else format_plan(report))
+
+
 def cmd_export(args) -> None:
     EXPORT_FORMATS[args.format](Circuit.read(args.circuit), Path(args.out))
     log.info(f"wrote {args.out} ({args.format})")
@@ -338,6 +356,15 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--models", type=_comma_list, required=True,
                        help="comma-separated HF folders, .gguf files or registered names")
     sweep.add_argument("--tasks", type=_comma_list, required=True, help="comma-separated tasks")
+
+    planning = command("plan", cmd_plan, "per-device memory and FLOPs of a run's training step and mask evaluation, "
+                       "from XLA's compile-time analysis of abstract shapes (no weights are read; --model also takes "
+                       "a config.json or a shape preset: " + ", ".join(CONFIG_PRESETS) + ")",
+                       groups=(ModelSpec, TaskSpec, ObjectiveConfig, MeshSpec, TaskShape, PlanConfig),
+                       defaults={TaskSpec: {"task": None}},
+                       exclude={ModelSpec: ("allow_pickle",), MeshSpec: ("coordinator", "num_processes",
+                                                                         "process_id")})
+    planning.add_argument("--json", action="store_true", help="print the report as JSON")
 
     export = commands.add_parser("export", help="write a circuit in another tool's format")
     export.add_argument("--circuit", required=True)

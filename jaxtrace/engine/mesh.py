@@ -108,16 +108,28 @@ def _mesh_spec(logical: PartitionSpec, shape: tuple[int, ...], mesh: Mesh) -> Pa
     return PartitionSpec(*axes)
 
 
-def shard_params(params: nnx.State, mesh: Mesh) -> nnx.State:
-    """The model's parameters placed on `mesh` by their logical axis names (tensor parallel over `model`)."""
+def _placed(params: nnx.State, mesh: Mesh, place) -> nnx.State:
+    """The parameters with each leaf x replaced by place(x, its sharding on `mesh` from its logical axis names)."""
     values = nnx.to_pure_dict(params)
     logical = nnx.to_pure_dict(nnx.get_partition_spec(params))
-    placed = jax.tree.map(
-        lambda spec, x: put(np.asarray(x), NamedSharding(mesh, _mesh_spec(spec, x.shape, mesh))),
-        logical, values, is_leaf=lambda x: isinstance(x, PartitionSpec))
-    sharded = jax.tree.map(lambda x: x, params)
-    nnx.replace_by_pure_dict(sharded, placed)
-    return sharded
+    placed = jax.tree.map(lambda spec, x: place(x, NamedSharding(mesh, _mesh_spec(spec, x.shape, mesh))),
+                          logical, values, is_leaf=lambda x: isinstance(x, PartitionSpec))
+    out = jax.tree.map(lambda x: x, params)
+    nnx.replace_by_pure_dict(out, placed)
+    return out
+
+
+def shard_params(params: nnx.State, mesh: Mesh) -> nnx.State:
+    """The model's parameters placed on `mesh` by their logical axis names (tensor parallel over `model`)."""
+    return _placed(params, mesh, lambda x, sharding: put(np.asarray(x), sharding))
+
+
+def abstract_params(params: nnx.State, mesh: Mesh | None) -> nnx.State:
+    """The parameters as `jax.ShapeDtypeStruct`s (of real or abstract ones, e.g. from `nnx.eval_shape`), with the
+    shardings `shard_params` would give them on `mesh`: what lowering a program for them needs, without weights."""
+    if mesh is None:
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    return _placed(params, mesh, lambda x, sharding: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding))
 
 
 def put(array: Any, sharding: NamedSharding) -> jax.Array:

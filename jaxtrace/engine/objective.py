@@ -135,9 +135,7 @@ def build_objective(model: GatedLM, task: EncodedTask, site: str, batch_size: in
     get_site(site)
     metric = get_metric(metric)
     check_task_fits(task, model.config)
-    if task.arrays.keep.any() and metric.trained.ratio:
-        raise ValueError(f"the task has invariance pairs, which {metric.name} cannot score: use logit_difference "
-                         "or accuracy")
+    check_metric(task, metric)
     noise_std = None
     if task.noise is not None:  # the embedding std is measured on the model
         noise_std = (task.noise.std if task.noise.std is not None else
@@ -160,6 +158,13 @@ def build_objective(model: GatedLM, task: EncodedTask, site: str, batch_size: in
                           f"{cache_limit_bytes / 2**30:.1f} GiB limit; use cache=False{advice}")
     objective = Objective(spec, params, batcher, None)
     return dataclasses.replace(objective, cache=precompute_cache(objective)) if cache else objective
+
+
+def check_metric(task: EncodedTask, metric: Metric) -> None:
+    """Refuse a ratio metric on a task with invariance pairs."""
+    if task.arrays.keep.any() and metric.trained.ratio:
+        raise ValueError(f"the task has invariance pairs, which {metric.name} cannot score: use logit_difference "
+                         "or accuracy")
 
 
 def check_task_fits(task: EncodedTask, config, model: str | None = None) -> None:

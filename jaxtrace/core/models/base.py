@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -12,6 +14,20 @@ from flax import nnx
 from jaxtrace.core.models import layers
 from jaxtrace.core.models.config import ModelConfig
 from jaxtrace.core.sites import CAPTURE_SITES, Activations, Gates, check_gates, pad_source, source_length
+
+
+_LAYER_UNROLL = contextvars.ContextVar("layer_unroll", default=1)
+
+
+@contextlib.contextmanager
+def unrolled_layers(n: int) -> Iterator[None]:
+    """Forwards traced inside run `n` layers per iteration of their layer scan (`jax.lax.scan`'s `unroll`): XLA's
+    cost analysis counts a loop's body once, so comparing programs traced at two unrolls counts one layer."""
+    token = _LAYER_UNROLL.set(n)
+    try:
+        yield
+    finally:
+        _LAYER_UNROLL.reset(token)
 
 
 class GatedLM(nnx.Module):
@@ -103,7 +119,8 @@ class GatedLM(nnx.Module):
             iv = layers.Intervention(layer_gates, layer_source, where, tuple(sites), layer_memory, fused)
             return self.block(params, x, context, iv), iv.captured
 
-        return jax.lax.scan(layer, x, (stacked, jnp.asarray(windowed), gates, sources, layer_memory))
+        return jax.lax.scan(layer, x, (stacked, jnp.asarray(windowed), gates, sources, layer_memory),
+                            unroll=_LAYER_UNROLL.get())
 
     def context(self, attention_mask, position_ids, key_positions=None, windowed: bool = False) -> dict[str, jax.Array]:
         """Per-forward tensors the layers of one kind (sliding-window or not) read: the attention bias; RoPE tables

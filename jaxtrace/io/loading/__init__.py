@@ -36,10 +36,32 @@ MODEL_REGISTRY: dict[str, Callable[[], Path]] = {
 }
 
 
+def _llama3_shape(layers: int, hidden: int, heads: int, ffn: int, rope_factor: float, tie: bool) -> dict:
+    """The `config.json` of a Llama 3.x checkpoint of these sizes (8 KV heads, vocab 128256, llama3 rope scaling)."""
+    return {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 128256,
+            "hidden_size": hidden, "intermediate_size": ffn, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": 8, "head_dim": hidden // heads,
+            "hidden_act": "silu", "rms_norm_eps": 1e-5, "max_position_embeddings": 131072, "rope_theta": 500000.0,
+            "rope_scaling": {"rope_type": "llama3", "factor": rope_factor, "low_freq_factor": 1.0,
+                             "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+            "tie_word_embeddings": tie}
+
+
+# Public model shapes without weights, for `jaxtrace plan` and `init_model(ModelConfig.from_hf(...))`.
+CONFIG_PRESETS: dict[str, dict] = {
+    "llama-3.2-1b": _llama3_shape(16, 2048, 32, 8192, 32.0, tie=True),
+    "llama-3.1-8b": _llama3_shape(32, 4096, 32, 14336, 8.0, tie=False),
+    "llama-3.1-70b": _llama3_shape(80, 8192, 64, 28672, 8.0, tie=False),
+}
+
+
 def resolve_model_path(spec: str | Path) -> Path:
     """A registered name, a `.gguf` file or an HF folder, as a path that exists."""
     if isinstance(spec, str) and spec in MODEL_REGISTRY:
         return MODEL_REGISTRY[spec]()
+    if isinstance(spec, str) and spec in CONFIG_PRESETS:
+        raise FileNotFoundError(f"{spec!r} is a shape preset without weights (for jaxtrace plan); give an HF folder, "
+                                f"a .gguf file or a registered name ({', '.join(MODEL_REGISTRY)})")
     path = Path(spec).expanduser()
     if not path.exists():
         raise FileNotFoundError(
@@ -133,6 +155,52 @@ def save_converted(path: Path, hf_config: dict, state_dict: dict, tokenizer) -> 
         shutil.rmtree(temporary, ignore_errors=True)
 
 
+def load_config(spec: str | Path | dict, dtype: str = "float32") -> ModelConfig:
+    """A model's config without its weights: from a shape preset (`CONFIG_PRESETS`), a registered name, a `.gguf`
+    file (its metadata), an HF folder or a `config.json` file, or an HF config dict."""
+    if isinstance(spec, dict):
+        return ModelConfig.from_hf(spec, dtype=dtype)
+    if isinstance(spec, str) and spec in CONFIG_PRESETS:
+        return ModelConfig.from_hf(CONFIG_PRESETS[spec], dtype=dtype)
+    path = Path(spec).expanduser()
+    if not (isinstance(spec, str) and spec in MODEL_REGISTRY) and not path.exists():
+        raise FileNotFoundError(
+            f"model {str(spec)!r} not found: give an HF folder, a config.json, a .gguf file, a registered name "
+            f"({', '.join(MODEL_REGISTRY)}) or a shape preset ({', '.join(CONFIG_PRESETS)})")
+    path = resolve_model_path(spec)
+    if path.is_file() and path.suffix == ".gguf":
+        from jaxtrace.io.loading.gguf import read_gguf_config
+
+        return ModelConfig.from_hf(read_gguf_config(path), dtype=dtype)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found: a model folder needs config.json")
+    hf = read_json(file, "JSON model config")
+    if not isinstance(hf, dict):
+        raise ValueError(f"{file} is not a model config (a JSON object)")
+    try:
+        return ModelConfig.from_hf(hf, dtype=dtype)
+    except KeyError as error:
+        raise ValueError(f"{file} lacks the config key {error}") from None
+
+
+def tokenizer_for(spec: str | Path | None, tokenizer: str | Path | None = None):
+    """The tokenizer of a model (from the folder `tokenizer`, else the model's HF folder or GGUF metadata) without
+    reading weights; None when there is none (no model, a shape preset, a bare config.json, a folder without
+    tokenizer files)."""
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    if spec is None or isinstance(spec, str) and spec in CONFIG_PRESETS:
+        return None
+    path = resolve_model_path(spec)
+    if path.is_file() and path.suffix == ".gguf":
+        from jaxtrace.io.loading.gguf import gguf_tokenizer
+
+        converted = converted_folder(path)
+        return gguf_tokenizer(path) if converted is None else load_tokenizer(converted)
+    return load_tokenizer(path) if path.is_dir() else None
+
+
 def load_tokenizer(folder: str | Path):
     """The tokenizer saved in an HF folder (None when it has no tokenizer files). Its JSON files are checked first,
     so that a damaged one is named; any other failure to build it is a ValueError naming the folder."""
@@ -176,5 +244,5 @@ class ModelSpec:
         return load_model(self.model, dtype=self.dtype, allow_pickle=self.allow_pickle, tokenizer=self.tokenizer)
 
 
-__all__ = ["CheckpointMismatchError", "MODEL_REGISTRY", "ModelSpec", "PickledCheckpointError", "load_model",
-           "load_tokenizer", "resolve_model_path", "weights_digest"]
+__all__ = ["CONFIG_PRESETS", "CheckpointMismatchError", "MODEL_REGISTRY", "ModelSpec", "PickledCheckpointError",
+           "load_config", "load_model", "load_tokenizer", "resolve_model_path", "tokenizer_for", "weights_digest"]

@@ -79,21 +79,8 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
     `wpe` [P, D], Conv1D weights [in, out] (`attn.c_attn.weight` [D, 3D]).
     Raises FileNotFoundError, or ValueError for a non-GGUF file, an unsupported architecture or tensor type.
     """
-    reader = open_gguf(path)
-    path = str(Path(path).expanduser())
-    arch = _get(reader, "general.architecture")
-    if arch not in SUPPORTED_ARCHITECTURES:
-        raise ValueError(
-            f"{path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
-    tensors = {t.name: t for t in reader.tensors}
+    path, reader, tensors, arch, config = _open(path)
     gemma = arch in _GEMMA_GLOBAL_EVERY
-    if arch == "gpt2":
-        config = _gpt2_config(reader, tensors, path)
-    elif gemma:
-        config = _gemma_config(reader, arch, tensors, path)
-    else:
-        config = _llama_config(reader, arch, tensors, path)
-
     names = _GPT2_NAMES if arch == "gpt2" else _GEMMA_NAMES if gemma else _LLAMA_NAMES
     layer_prefix = "transformer.h" if arch == "gpt2" else "model.layers"
     state_dict = {}
@@ -117,6 +104,30 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
             value = value - np.float32(1)
         state_dict[hf_name] = value
     return config, state_dict
+
+
+def read_gguf_config(path: str | os.PathLike) -> dict:
+    """The HF config dict of a GGUF checkpoint from its metadata and tensor shapes alone (no weight is read, except
+    the small `rope_freqs` vector that holds a llama3 rope scaling)."""
+    return _open(path)[4]
+
+
+def _open(path: str | os.PathLike) -> tuple[str, gguf.GGUFReader, dict[str, gguf.ReaderTensor], str, dict]:
+    """(path, reader, tensors by name, GGUF architecture, HF config dict) of a GGUF file, its architecture checked."""
+    reader = open_gguf(path)
+    path = str(Path(path).expanduser())
+    arch = _get(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(
+            f"{path}: unsupported GGUF architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}")
+    tensors = {t.name: t for t in reader.tensors}
+    if arch == "gpt2":
+        config = _gpt2_config(reader, tensors, path)
+    elif arch in _GEMMA_GLOBAL_EVERY:
+        config = _gemma_config(reader, arch, tensors, path)
+    else:
+        config = _llama_config(reader, arch, tensors, path)
+    return path, reader, tensors, arch, config
 
 
 def gguf_tokenizer(path: str | os.PathLike) -> PreTrainedTokenizerFast:
