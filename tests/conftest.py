@@ -9,6 +9,7 @@ os.environ.setdefault("JAX_ENABLE_X64", "0")
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 from jaxtrace.io.cache import enable_compilation_cache
@@ -18,7 +19,7 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 # Many tests compile the same tiny programs again (a model loaded anew is a new program): a persistent compilation
 # cache for the session (not the user's) compiles each once; it must be set before the first compilation.
-enable_compilation_cache(Path(tempfile.mkdtemp(prefix="jaxtrace-tests-xla-")))
+enable_compilation_cache(Path(tempfile.mkdtemp(prefix="jaxtrace-tests-xla-")), min_seconds=0.2)
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -103,3 +104,31 @@ def _release_compiled_programs():
     import jax
 
     jax.clear_caches()
+
+
+def gguf_against_transformers(name: str, package: str):
+    """(transformers' model from the registered GGUF `name`, jaxtrace's model, its tokenizer); the test is skipped
+    when the model's package (or accelerate, which transformers' GGUF loading needs) is not installed."""
+    import importlib.util
+
+    if importlib.util.find_spec(package) is None or importlib.util.find_spec("accelerate") is None:
+        pytest.skip(f"{package} or accelerate is not installed")
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import jaxtrace
+
+    path = jaxtrace.io.loading.resolve_model_path(name)
+    reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+    model, tokenizer = jaxtrace.load_model(name)
+    return reference, model, tokenizer
+
+
+def logits_of_both(reference, model, tokenizer, text: str):
+    """(jaxtrace's logits, transformers' logits) [1, T, V] of a text."""
+    import torch
+
+    ids = tokenizer(text, return_tensors="np")["input_ids"]
+    with torch.no_grad():
+        expected = reference(torch.tensor(ids)).logits.numpy()
+    return np.asarray(model(ids)), expected

@@ -181,3 +181,25 @@ def test_greedy_restricted_to_candidates(objective):
     assert np.flatnonzero(path[0]).tolist() == [best_first]
     with pytest.raises(ValueError, match="between 1 and 3"):
         baselines.greedy(objective, 4, candidates=pool)
+
+
+def test_evaluation_starts_above_the_ungated_layers(tiny_gpt2, tmp_path):
+    """Masks grouped by their lowest gated layer run the layers below once per batch, ungated, and give the effects
+    of evaluating each mask from the embeddings (a 4-layer model: starts at layers 0-3)."""
+    import jaxtrace
+    from conftest import build_hf_model
+    from jaxtrace.engine.objective import mask_effects, start_layers
+
+    _, _, tokenizer = tiny_gpt2
+    build_hf_model("gpt2", n_layer=4, vocab_size=tokenizer.vocab_size).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    model = jaxtrace.load_model(tmp_path)[0]
+    task = encode_pairs(load_pairs("winobias", DATA, split="dev")[:24], tokenizer)
+    objective = build_objective(model, task, "head_out", batch_size=16)
+    rng = np.random.RandomState(0)
+    masks = (rng.uniform(size=(12, 4, 4)) < 0.4).astype(np.float32)
+    for i, mask in enumerate(masks):
+        mask[: i % 4] = 0.0  # lowest gated layer i % 4 (or none)
+    starts = start_layers(objective, masks)
+    assert set(starts.tolist()) == {0, 1, 2, 3}
+    np.testing.assert_allclose(mask_effects(objective, masks), [objective.effects(m) for m in masks], atol=1e-5)

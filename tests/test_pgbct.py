@@ -273,6 +273,13 @@ def test_bad_inputs(tiny_gpt2, small_task, tmp_path):
         run_search(objective, SearchConfig(epochs=1))
 
 
+def _mean_effect_gradient(objective, z, n_pairs: int = 16) -> np.ndarray:
+    """[L, C] d(mean effect)/dz at z on the task's first `n_pairs` pairs (one packed batch)."""
+    batch, cache = objective.batcher.put(objective.inputs(np.arange(n_pairs)))
+    loss = lambda z: batch_effects(objective.spec, objective.params, z, batch, cache).mean()  # noqa: E731
+    return np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(z)))
+
+
 @pytest.fixture(scope="module")
 def family_models(tiny_gpt2, tmp_path_factory):
     """GPT-2 (learned positions), Mistral (GQA with one KV head, sliding window 5), Qwen3 (q/k norm, head_dim 16),
@@ -304,14 +311,10 @@ def test_shared_prefix_read_from_cache_equals_recomputing_it(family_models, smal
     z = np.random.RandomState(1).uniform(size=shared.shape).astype(np.float32)
     np.testing.assert_allclose(shared.effects(z), full.effects(z), atol=1e-5)
 
-    def gradient(objective):
-        batch, cache = objective.batcher.put(objective.inputs(np.arange(16)))
-        loss = lambda z: batch_effects(objective.spec, objective.params, z, batch, cache).mean()  # noqa: E731
-        return np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(z)))
-
-    expected = gradient(full)
+    expected = _mean_effect_gradient(full, z)
     assert np.abs(expected).max() > 1e-4
-    np.testing.assert_allclose(gradient(shared), expected, rtol=1e-4, atol=1e-6 * np.abs(expected).max())
+    np.testing.assert_allclose(_mean_effect_gradient(shared, z), expected, rtol=1e-4,
+                               atol=1e-6 * np.abs(expected).max())
 
 
 def test_early_stop_gives_the_full_run_circuit(tiny_gpt2, small_task):
@@ -351,11 +354,7 @@ def test_fused_pattern_form_equals_the_explicit_one(family_models, small_task, f
     np.testing.assert_allclose(fused.effects(z), explicit.effects(z), atol=2e-5)
     np.testing.assert_array_equal(fused.effects(np.zeros_like(z)), 0.0)
 
-    def gradient(objective):
-        batch, cache = objective.batcher.put(objective.inputs(np.arange(16)))
-        loss = lambda z: batch_effects(objective.spec, objective.params, z, batch, cache).mean()  # noqa: E731
-        return np.asarray(jax.jit(jax.grad(loss))(jnp.asarray(z)))
-
-    expected = gradient(explicit)
+    expected = _mean_effect_gradient(explicit, z)
     assert np.abs(expected).max() > 1e-4
-    np.testing.assert_allclose(gradient(fused), expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+    np.testing.assert_allclose(_mean_effect_gradient(fused, z), expected, rtol=1e-4,
+                               atol=1e-5 * np.abs(expected).max())

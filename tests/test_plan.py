@@ -94,8 +94,8 @@ def test_configs_without_weights():
     (["--devices", "0"], "--devices must be a positive integer"),
     (["--mesh", "data=3"], "--mesh"),
     (["--devices", "2", "--mesh", "data=3"], "--mesh data=3"),  # raised in the simulating subprocess
-    (["--model", "CONFIG", "--batch-size", "0"], "batch_size must be >= 1"),
-    (["--model", "NOT_JSON"], "neither a .gguf file nor a JSON model config"),
+    (["--model", "CONFIG", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--model", "NOT_JSON"], "not valid JSON model config"),
 ])
 def test_bad_inputs_are_one_line_errors(flags, message, tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(HF))

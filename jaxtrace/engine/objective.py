@@ -202,10 +202,40 @@ def precompute_cache(objective: Objective) -> Cache:
 
 
 @functools.lru_cache(maxsize=None)
-def _mask_program(spec: core.ObjectiveSpec, mesh: Mesh | None):
-    """[M, G * B] effects of M masks [M, L, C] on one batch: one jitted, vmapped program per spec and mesh."""
-    effects = lambda params, z, batch, cache: core.batch_effects(spec, params, z, batch, cache)  # noqa: E731
-    return meshes.jit(jax.vmap(effects, in_axes=(None, 0, None, None)), mesh)
+def _mask_program(spec: core.ObjectiveSpec, mesh: Mesh | None, start_layer: int = 0):
+    """[M, G * B] effects of M masks [M, L, C] on one batch: one jitted, vmapped program per spec, mesh and start
+    layer. With `start_layer`, every mask's gates are 0 below it: those layers run once per batch, ungated, and each
+    mask's forward starts from their residual stream."""
+    if not start_layer:
+        effects = lambda params, z, batch, cache: core.batch_effects(spec, params, z, batch, cache)  # noqa: E731
+        return meshes.jit(jax.vmap(effects, in_axes=(None, 0, None, None)), mesh)
+
+    def group(params, masks, batch, cache):  # [M, B]
+        initial = core.residual_entering(spec, params, batch, cache, start_layer)
+        return jax.vmap(lambda z: core.group_effects(spec, params, z, batch, cache, start_layer=start_layer,
+                                                     initial=initial))(masks)
+
+    def effects(params, masks, batch, cache):
+        per_group = jax.vmap(group, in_axes=(None, None, 0, 0))(params, masks, batch, cache)  # [G, M, B]
+        return jnp.moveaxis(per_group, 0, 1).reshape(masks.shape[0], -1)
+
+    return meshes.jit(effects, mesh)
+
+
+SKIP_MIN_MASKS = 8  # fewer masks are evaluated from the embeddings (a start layer's program is not worth compiling)
+START_LAYERS = 8    # the layers mask evaluation may start at: 0 and up to 7 more, evenly spaced
+
+
+def start_layers(objective: Objective, masks: np.ndarray) -> np.ndarray:
+    """[M] the layer each mask's evaluation starts at: the highest of `START_LAYERS` evenly spaced layers at or below
+    its lowest gated layer (0 for every mask when there are fewer than `SKIP_MIN_MASKS` or no cache)."""
+    n_layers = objective.shape[0]
+    if len(masks) < SKIP_MIN_MASKS or objective.cache is None:
+        return np.zeros(len(masks), np.int64)
+    gated = (masks != 0).any(-1)  # [M, L]
+    lowest = np.where(gated.any(1), gated.argmax(1), n_layers - 1)
+    starts = np.unique(np.linspace(0, n_layers - 1, min(START_LAYERS, n_layers)).astype(np.int64))
+    return starts[np.searchsorted(starts, lowest, side="right") - 1]
 
 
 def masks_per_chunk(objective: Objective, n_masks: int, memory_budget: int) -> int:
@@ -226,22 +256,30 @@ def masks_per_chunk(objective: Objective, n_masks: int, memory_budget: int) -> i
 def mask_effects(objective: Objective, masks, memory_budget: int = 2 << 30) -> np.ndarray:
     """[M, N] effect on every pair of each of M masks [M, L, C] (binary or soft), checked finite.
 
-    Each data batch is sent once; the masks go through one jitted, vmapped program in chunks of `masks_per_chunk`
-    (the last chunk padded, so every call has the same shape).
+    Masks are grouped by the layer their evaluation can start at (`start_layers`: the layers below their lowest gate
+    compute the ungated forward, so they run once per batch for the group). Each data batch is sent once; each
+    group's masks go through one jitted, vmapped program in chunks of `masks_per_chunk` (the last chunk padded, so
+    every call has the same shape).
     """
     batcher = objective.batcher
     masks = np.asarray(masks, np.float32)
     n_masks = masks.shape[0]
     chunk = masks_per_chunk(objective, n_masks, memory_budget)
-    padded = batcher.replicate(np.concatenate([masks, np.repeat(masks[:1], -n_masks % chunk, axis=0)]))
-    program = _mask_program(objective.spec, batcher.mesh)
+    starts = start_layers(objective, masks)
+    groups = []  # (start layer, mask indices, padded chunks on the devices)
+    for start in np.unique(starts):
+        members = np.flatnonzero(starts == start)
+        padded = np.concatenate([masks[members], np.repeat(masks[members[:1]], -len(members) % chunk, axis=0)])
+        groups.append((int(start), members, batcher.replicate(padded)))
     out = np.empty((n_masks, len(objective.task)), np.float32)
     for idx in batcher.in_order:
         batch, cache = batcher.put(objective.inputs(idx, batcher.in_order_shape))
-        for start in range(0, n_masks, chunk):
-            values = program(objective.params, padded[start: start + chunk], batch, cache)
-            stop = min(start + chunk, n_masks)
-            out[start:stop, idx] = np.asarray(values)[: stop - start, : len(idx)]
+        for start, members, padded in groups:
+            program = _mask_program(objective.spec, batcher.mesh, start)
+            for first in range(0, len(members), chunk):
+                values = np.asarray(program(objective.params, padded[first: first + chunk], batch, cache))
+                chosen = members[first: first + chunk]
+                out[chosen[:, None], idx[None, :]] = values[: len(chosen), : len(idx)]
     for mask, row in zip(masks, out):
         check_finite(objective, row, np.arange(len(objective.task)), mask)
     return out

@@ -61,14 +61,14 @@ def _file_digests(paths: list[Path]) -> list[str]:
     return digests
 
 
-def enable_compilation_cache(folder: Path | None = None) -> Path:
-    """Keep XLA's compiled programs in `folder` (default: the cache folder's `compile/`) with JAX's persistent
-    compilation cache, so that a second identical run loads its programs instead of compiling them. Takes effect
-    for a process's compilations from the first one on: call it before any."""
+def enable_compilation_cache(folder: Path | None = None, min_seconds: float = 0.5) -> Path:
+    """Keep XLA's compiled programs that took at least `min_seconds` to compile in `folder` (default: the cache
+    folder's `compile/`) with JAX's persistent compilation cache, so that a second identical run loads them instead
+    of compiling them again. Takes effect for a process's compilations from the first one on: call it before any."""
     import jax
 
     folder = Path(folder or cache_dir() / "compile")
     jax.config.update("jax_compilation_cache_dir", str(folder))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return folder

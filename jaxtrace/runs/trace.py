@@ -51,7 +51,7 @@ def trace_objective(objective: Objective, config: SearchConfig = SearchConfig(),
     with result_folder(out, "trace", objective, provenance, settings, resume, overwrite) as folder:
         began = time.perf_counter()
         if target_size is None:
-            result = _search(objective, config, folder, resume, progress)
+            result = checkpointed_search(objective, config, folder, resume, progress)
             record, seconds = dataclasses.asdict(result.config), result.seconds
         else:
             with progress_bar(None, "PGB-CT λ search", progress) as on_step:
@@ -67,7 +67,7 @@ def trace_objective(objective: Objective, config: SearchConfig = SearchConfig(),
     return circuit
 
 
-def _search(objective: Objective, config: SearchConfig, folder, resume: bool, progress: bool):
+def checkpointed_search(objective: Objective, config: SearchConfig, folder, resume: bool, progress: bool):
     """One checkpointed run (resumed from the folder's latest checkpoint if asked)."""
     checkpoints = None if folder is None else EpochCheckpoints(folder.checkpoints)
     try:

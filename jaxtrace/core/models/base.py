@@ -70,8 +70,13 @@ class GatedLM(nnx.Module):
 
     def hidden_states(self, input_ids, attention_mask=None, sites: Sequence[str] = (), gates: Gates | None = None,
                       source: Activations | None = None, gate_positions=None, position_ids=None,
-                      input_noise=None, memory=None, fused: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """(final hidden states [B, T, D] before the final norm, activations site -> [L, B, ...]); see `capture`."""
+                      input_noise=None, memory=None, fused: bool = False, layer_range: tuple[int, int] | None = None,
+                      initial=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """(final hidden states [B, T, D] before the final norm, activations site -> [L, B, ...]); see `capture`.
+
+        `layer_range` (start, stop): run only those layers, from `initial` [B, T, D] (the residual stream entering
+        layer `start`; the embeddings when start is 0); the result is the residual leaving layer stop - 1 and the
+        captures of those layers. Gates and sources keep their L layers (the others' are not read)."""
         config = self.config
         for site in sites:
             if site not in CAPTURE_SITES:
@@ -101,11 +106,18 @@ class GatedLM(nnx.Module):
         key_positions = None if memory is None else jnp.concatenate([memory["positions"], position_ids], 1)
         windowed = config.windowed_layers
         contexts = {kind: self.context(attention_mask, position_ids, key_positions, kind) for kind in set(windowed)}
-        x = self.embed(input_ids, position_ids)
-        if input_noise is not None:
-            x = x + jnp.asarray(input_noise, x.dtype)
+        start, stop = layer_range or (0, config.n_layers)
+        if start:
+            x = jnp.asarray(initial)
+        else:
+            x = self.embed(input_ids, position_ids)
+            if input_noise is not None:
+                x = x + jnp.asarray(input_noise, x.dtype)
         stacked = nnx.to_pure_dict(nnx.state(self.blocks, nnx.Param))
         layer_memory = None if memory is None else {"keys": memory["keys"], "values": memory["values"]}
+        scanned = (stacked, jnp.asarray(windowed), gates, sources, layer_memory)
+        if (start, stop) != (0, config.n_layers):
+            scanned = jax.tree.map(lambda a: a[start:stop], scanned)
 
         # Under differentiation each layer keeps only its matmul outputs and recomputes the rest (norms, softmax,
         # mixing) in the backward pass: on CPU that is faster than storing every residual of the scan.
@@ -119,8 +131,7 @@ class GatedLM(nnx.Module):
             iv = layers.Intervention(layer_gates, layer_source, where, tuple(sites), layer_memory, fused)
             return self.block(params, x, context, iv), iv.captured
 
-        return jax.lax.scan(layer, x, (stacked, jnp.asarray(windowed), gates, sources, layer_memory),
-                            unroll=_LAYER_UNROLL.get())
+        return jax.lax.scan(layer, x, scanned, unroll=_LAYER_UNROLL.get())
 
     def context(self, attention_mask, position_ids, key_positions=None, windowed: bool = False) -> dict[str, jax.Array]:
         """Per-forward tensors the layers of one kind (sliding-window or not) read: the attention bias; RoPE tables

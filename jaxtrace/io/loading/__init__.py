@@ -155,9 +155,10 @@ def save_converted(path: Path, hf_config: dict, state_dict: dict, tokenizer) -> 
         shutil.rmtree(temporary, ignore_errors=True)
 
 
-def load_config(spec: str | Path | dict, dtype: str = "float32") -> ModelConfig:
+def load_config(spec: str | Path | dict, dtype: str = "auto") -> ModelConfig:
     """A model's config without its weights: from a shape preset (`CONFIG_PRESETS`), a registered name, a `.gguf`
-    file (its metadata), an HF folder or a `config.json` file, or an HF config dict."""
+    file (its metadata), an HF folder or a `config.json` file, or an HF config dict (`dtype` as `load_model`'s)."""
+    dtype = resolve_dtype(dtype)
     if isinstance(spec, dict):
         return ModelConfig.from_hf(spec, dtype=dtype)
     if isinstance(spec, str) and spec in CONFIG_PRESETS:
