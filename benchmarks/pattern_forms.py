@@ -5,8 +5,8 @@
 The explicit form caches each pair's counterfactual pattern (H·T² floats a layer); the fused form its post-RoPE
 queries and keys ((H + K)·T·Dh) and runs two attention calls. The prompts are WinoBias dev sentences repeated to T
 tokens with the counterfactual differing in the first word, so no prefix is shared and every token is computed;
-pairs per batch shrink with T (32, 8, 2 at 32, 256, 1024 tokens). Writes `benchmarks/PATTERN.md` and
-`pattern.json`.
+pairs per batch shrink with T (32, 8, 2 at 32, 256, 1024 tokens; rows of at most 256 tokens pack several pairs, so
+from T = 256 on a row holds one pair). Writes `benchmarks/PATTERN.md` and `pattern.json`.
 """
 
 from __future__ import annotations
@@ -78,6 +78,7 @@ def measure(model, tokenizer, data: str, length: int, attention: str, steps: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[32, 256, 1024])
+    parser.add_argument("--forms", nargs="+", default=["explicit", "fused"])
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--data", default=str(HERE.parent.parent / "shared" / "data"))
     parser.add_argument("--out", default=str(HERE))
@@ -89,8 +90,12 @@ def main() -> None:
     model, tokenizer = jaxtrace.load_model("smollm2-135m", dtype="float32")
     rows = []
     for length in args.lengths:
-        for attention in ("explicit", "fused"):
-            rows.append(measure(model, tokenizer, args.data, length, attention, args.steps))
+        for attention in args.forms:
+            try:
+                rows.append(measure(model, tokenizer, args.data, length, attention, args.steps))
+            except jax.errors.JaxRuntimeError as error:  # out of memory: say so, and go on
+                rows.append({"length": length, "prompt_tokens": length, "attention": attention,
+                             "pairs": PAIRS.get(length, 2), "error": str(error).splitlines()[0][:120]})
             print(rows[-1], flush=True)
             jax.clear_caches()
     device = f"{jax.devices()[0].device_kind} ({jax.default_backend()})"
@@ -102,6 +107,9 @@ def main() -> None:
              "| prompt tokens | pairs | form | cached source per pair | step s | compile s | step temporaries |",
              "|---:|---:|---|---:|---:|---:|---:|"]
     for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['prompt_tokens']} | {r['pairs']} | {r['attention']} | – | {r['error']} | – | – |")
+            continue
         lines.append(f"| {r['prompt_tokens']} | {r['pairs']} | {r['attention']} | "
                      f"{r['source_bytes_per_pair'] / 2**20:,.1f} MiB | {r['step_s']:.2f} | {r['compile_s']:.1f} | "
                      f"{r['temp_bytes'] / 2**20:,.0f} MiB |")

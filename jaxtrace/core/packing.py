@@ -39,9 +39,13 @@ def shared_prefix_lengths(task: TaskArrays) -> np.ndarray:
     return np.minimum(first, prompt_len - 1)
 
 
+ROW_CAP = 256  # tokens: a row holds several short pairs, but does not grow past this for them
+
+
 def _row_width(longest: int, mean: float) -> int:
-    """Room for the longest item or four average ones, a multiple of 8 (0 for no items)."""
-    return 8 * math.ceil(max(longest, 4 * mean) / 8)
+    """Room for the longest item or four average ones, but no more than `ROW_CAP` for the average ones (a row's
+    attention costs its width squared, its pairs masked apart), a multiple of 8 (0 for no items)."""
+    return 8 * math.ceil(max(longest, min(4 * mean, ROW_CAP)) / 8)
 
 
 class Packer:

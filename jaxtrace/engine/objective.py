@@ -50,7 +50,8 @@ class ObjectiveConfig:
     metric: str | None = option(None, "the effect measured (default: the task's; accuracy trains on the logit "
                                 "difference)", choices=tuple(METRICS))
     batch_size: int = option(32, "pairs per batch")
-    memory_gb: float = option(2.0, "memory budget of one batched mask evaluation (sets how many masks run at once)")
+    memory_gb: float = option(2.0, "memory budget of one batched mask evaluation on a device (sets how many masks run "
+                              "at once)")
     attention: str = option("auto", "attention with explicit patterns, or fused (jax.nn.dot_product_attention; "
                             "attn_pattern then caches the counterfactual's queries and keys, not its patterns): auto "
                             "is explicit on CPU, fused on GPU and TPU", choices=ATTENTION)
@@ -239,14 +240,15 @@ def start_layers(objective: Objective, masks: np.ndarray) -> np.ndarray:
 
 
 def masks_per_chunk(objective: Objective, n_masks: int, memory_budget: int) -> int:
-    """How many masks one vmapped call evaluates: the budget over one mask's activation bytes for a batch.
+    """How many masks one vmapped call evaluates: the budget (per device) over one mask's activation bytes for one
+    data group of a batch (a device holds one group).
 
     Per mask, a packed batch keeps about 4 residual-width and 2 MLP-width vectors and one attention row (over
     prefix slots and row keys) per token and layer-step, plus the logits and log-softmax at its logit positions
     (float32).
     """
     c, batcher = objective.spec.config, objective.batcher
-    rows, n_logits = (batcher.groups * n for n in batcher.in_order_shape)
+    rows, n_logits = batcher.in_order_shape
     width, keys = batcher.packer.width, batcher.packer.width + batcher.packer.memory_width
     per_mask = 4 * (rows * width * (4 * c.d_model + 2 * c.d_ff + 2 * c.n_heads * keys)
                     + 2 * n_logits * c.vocab_size)
