@@ -178,9 +178,8 @@ NOTES = [
     "backward pass with the forward), which is not what the scanned step executes.",
     "- Meshes: at batch 32, data=32 gives each device one pair, but the packed row is as wide as at data=8 (the "
     "width is set by the task, four average pairs), so the per-device FLOPs barely fall from 64 to 256 devices: "
-    "scale the batch with the data axis. The number of masks per evaluation call (`masks_per_chunk`) budgets the "
-    "activations of all data groups together, so on many devices it runs fewer masks a call than the per-device "
-    "memory admits.",
+    "scale the batch with the data axis. The number of masks per evaluation call (`masks_per_chunk`) budgets one "
+    "data group's activations, what one device holds, against `--memory-gb`.",
     "",
 ]
 
