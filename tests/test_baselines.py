@@ -202,4 +202,6 @@ def test_evaluation_starts_above_the_ungated_layers(tiny_gpt2, tmp_path):
         mask[: i % 4] = 0.0  # lowest gated layer i % 4 (or none)
     starts = start_layers(objective, masks)
     assert set(starts.tolist()) == {0, 1, 2, 3}
-    np.testing.assert_allclose(mask_effects(objective, masks), [objective.effects(m) for m in masks], atol=1e-5)
+    expected = [objective.effects(m) for m in masks]
+    np.testing.assert_allclose(mask_effects(objective, masks), expected, atol=1e-5)
+    np.testing.assert_allclose(mask_effects(objective, masks, memory_budget=1), expected, atol=1e-5)  # 1 mask a call
