@@ -342,6 +342,12 @@ def test_bad_compare_sizes(sizes, gpt2_dir, pairs, finished, capsys):
     assert snapshot(finished) == before
 
 
+def test_greedy_candidates_fewer_than_its_size_refused_before_any_work(gpt2_dir, pairs, tmp_path, capsys):
+    expect_error(capsys, "compare", "--model", gpt2_dir, "--task", "custom", "--data", pairs, "--out",
+                 tmp_path / "report", "--sizes", "2,5", "--greedy-candidates", "3", names=["--greedy-candidates 3"])
+    assert not (tmp_path / "report").exists()
+
+
 CIRCUIT_FILES = {
     "a JSON list": ("[1, 2, 3]", "not a jaxtrace circuit"),
     "an object missing keys": ('{"site": "head_out", "method": "pgbct"}', "missing required keys"),

@@ -81,8 +81,8 @@ class CurveConfig:
     lambda_range: tuple[float, float] = option((0.1, 10.0), "smallest and largest factor applied to --lambda1 and "
                                                "--lambda2, as LOW,HIGH", parse=lambda t: tuple(map(float, t.split(","))))
     greedy_max: int | None = option(None, "largest greedy size (default: the largest size)")
-    greedy_candidates: int | None = option(None, "greedy only over this many best components by single effect "
-                                           "(default: all)")
+    greedy_candidates: int | None = option(None, "greedy only over this many best components by single effect, "
+                                           "so up to that size (default: all)")
     samples: int = option(100, "random subsets drawn per size")
     random_seed: int = option(0, "random subsets' seed")
     ig_steps: int = option(32, "ig: integration steps (midpoint rule)")
@@ -99,6 +99,10 @@ class CurveConfig:
         for name in ("greedy_max", "greedy_candidates"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        greedy_to = self.greedy_max or max(self.sizes)
+        if self.greedy_candidates is not None and self.greedy_candidates < greedy_to:
+            raise ValueError(f"--greedy-candidates {self.greedy_candidates} cannot reach greedy size {greedy_to} "
+                             "(--greedy-max, else the largest of --sizes): give at least that many")
         if any(size < 1 for size in self.sizes):
             raise ValueError(f"--sizes takes circuit sizes >= 1, got {','.join(map(str, self.sizes))}")
         unknown = [name for name in self.mib if name not in RANKING_OF]
@@ -125,7 +129,7 @@ def compare(objective: Objective, config: SearchConfig, sizes: list[int], lambda
     PGB-CT runs one vmapped sweep of (λ1, λ2) scaled by `lambda_factors`; its circuits land at their own sizes,
     which join `sizes` so the other methods are measured there too. The single effects are computed once, for
     single, top-k and greedy's candidates. Greedy runs up to `greedy_max` (default: the largest size), over the
-    `greedy_candidates` best components by single effect (default: all).
+    `greedy_candidates` best components by single effect (default: all), and at most to their number.
     `report(result)` is called after every method with the result so far (methods not yet run are None).
     Returns {"rows": [{size, pgbct, greedy, topk, random, atp, ig}] (mean effects), "seconds": the wall time of
     each of pgbct, greedy, topk (with the single effects) and random, "method_seconds": every method's,
@@ -185,7 +189,8 @@ def compare(objective: Objective, config: SearchConfig, sizes: list[int], lambda
     done("topk", start, method_seconds["single"])
 
     start = time.perf_counter()
-    limit = result["greedy_max"] = min(greedy_max or max(all_sizes), max(all_sizes))
+    limit = min(greedy_max or max(all_sizes), max(all_sizes), greedy_candidates or objective.n_components)
+    result["greedy_max"] = limit
     pool = None if greedy_candidates is None else np.argsort(-single, axis=None)[:greedy_candidates]
     order, previous = [], np.zeros(objective.shape, bool)
     for size, (mask, effect) in enumerate(baselines.greedy_path(objective, limit, memory_budget, pool), 1):
