@@ -178,8 +178,9 @@ NOTES = [
     "backward pass with the forward), which is not what the scanned step executes.",
     "- Meshes: at batch 32, data=32 gives each device one pair, but the packed row is as wide as at data=8 (the "
     "width is set by the task, four average pairs), so the per-device FLOPs barely fall from 64 to 256 devices: "
-    "scale the batch with the data axis. The number of masks per evaluation call (`masks_per_chunk`) budgets one "
-    "data group's activations, what one device holds, against `--memory-gb`.",
+    "scale the batch with the data axis. The M column was planned when the number of masks per evaluation call "
+    "(`masks_per_chunk`) budgeted the activations of all data groups together; it now budgets one data group's, "
+    "what one device holds, so on data=8 and data=32 a call takes more masks than M (up to the memory budget).",
     "",
 ]
 
