@@ -205,29 +205,22 @@ def precompute_cache(objective: Objective) -> Cache:
 @functools.lru_cache(maxsize=None)
 def _mask_program(spec: core.ObjectiveSpec, mesh: Mesh | None, start_layer: int = 0):
     """[M, G * B] effects of M masks [M, L, C] on one batch: one jitted, vmapped program per spec, mesh and start
-    layer. With `start_layer`, every mask's gates are 0 below it and the program takes the ungated residual stream
-    entering that layer ([G, ...], `_residual_program`), from which each mask's forward starts."""
+    layer. With `start_layer`, every mask's gates are 0 below it: those layers run once per batch, ungated, and each
+    mask's forward starts from their residual stream."""
     if not start_layer:
         effects = lambda params, z, batch, cache: core.batch_effects(spec, params, z, batch, cache)  # noqa: E731
         return meshes.jit(jax.vmap(effects, in_axes=(None, 0, None, None)), mesh)
 
-    def group(params, masks, batch, cache, initial):  # [M, B]
+    def group(params, masks, batch, cache):  # [M, B]
+        initial = core.residual_entering(spec, params, batch, cache, start_layer)
         return jax.vmap(lambda z: core.group_effects(spec, params, z, batch, cache, start_layer=start_layer,
                                                      initial=initial))(masks)
 
-    def effects(params, masks, batch, cache, initial):
-        per_group = jax.vmap(group, in_axes=(None, None, 0, 0, 0))(params, masks, batch, cache, initial)  # [G, M, B]
+    def effects(params, masks, batch, cache):
+        per_group = jax.vmap(group, in_axes=(None, None, 0, 0))(params, masks, batch, cache)  # [G, M, B]
         return jnp.moveaxis(per_group, 0, 1).reshape(masks.shape[0], -1)
 
     return meshes.jit(effects, mesh)
-
-
-@functools.lru_cache(maxsize=None)
-def _residual_program(spec: core.ObjectiveSpec, mesh: Mesh | None, start_layer: int):
-    """[G, ...] the ungated residual stream entering `start_layer` for each data group of a batch: computed once per
-    batch and start layer, shared by every chunk of masks that starts there."""
-    entering = lambda params, batch, cache: core.residual_entering(spec, params, batch, cache, start_layer)  # noqa: E731
-    return meshes.jit(jax.vmap(entering, in_axes=(None, 0, 0)), mesh)
 
 
 SKIP_MIN_MASKS = 8  # fewer masks are evaluated from the embeddings (a start layer's program is not worth compiling)
@@ -266,9 +259,9 @@ def mask_effects(objective: Objective, masks, memory_budget: int = 2 << 30) -> n
     """[M, N] effect on every pair of each of M masks [M, L, C] (binary or soft), checked finite.
 
     Masks are grouped by the layer their evaluation can start at (`start_layers`: the layers below their lowest gate
-    compute the ungated forward, so they run once per batch for the group, not once per chunk). Each data batch is
-    sent once; each group's masks go through one jitted, vmapped program in chunks of `masks_per_chunk` (the last
-    chunk padded, so every call has the same shape).
+    compute the ungated forward, so they run once per batch for the group). Each data batch is sent once; each
+    group's masks go through one jitted, vmapped program in chunks of `masks_per_chunk` (the last chunk padded, so
+    every call has the same shape).
     """
     batcher = objective.batcher
     masks = np.asarray(masks, np.float32)
@@ -285,10 +278,8 @@ def mask_effects(objective: Objective, masks, memory_budget: int = 2 << 30) -> n
         batch, cache = batcher.put(objective.inputs(idx, batcher.in_order_shape))
         for start, members, padded in groups:
             program = _mask_program(objective.spec, batcher.mesh, start)
-            initial = (_residual_program(objective.spec, batcher.mesh, start)(objective.params, batch, cache),) \
-                if start else ()
             for first in range(0, len(members), chunk):
-                values = np.asarray(program(objective.params, padded[first: first + chunk], batch, cache, *initial))
+                values = np.asarray(program(objective.params, padded[first: first + chunk], batch, cache))
                 chosen = members[first: first + chunk]
                 out[chosen[:, None], idx[None, :]] = values[: len(chosen), : len(idx)]
     for mask, row in zip(masks, out):
