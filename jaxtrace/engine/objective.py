@@ -259,7 +259,7 @@ def mask_effects(objective: Objective, masks, memory_budget: int = 2 << 30) -> n
     """[M, N] effect on every pair of each of M masks [M, L, C] (binary or soft), checked finite.
 
     Masks are grouped by the layer their evaluation can start at (`start_layers`: the layers below their lowest gate
-    compute the ungated forward, so they run once per batch for the group). Each data batch is sent once; each
+    compute the ungated forward, so they run once per chunk of the group's masks). Each data batch is sent once; each
     group's masks go through one jitted, vmapped program in chunks of `masks_per_chunk` (the last chunk padded, so
     every call has the same shape).
     """
