@@ -44,7 +44,7 @@ def cell(site: str, dtype: str, data: str, epochs: int) -> dict:
     objective = jaxtrace.build_objective(model, task, site)
     setup_s = time.perf_counter() - started
     search = jaxtrace.SearchConfig(epochs=epochs, patience=0)
-    step, _ = loop.training_step(objective, search, fresh=True)
+    step, _ = loop.training_step(objective.fresh(), search)
     state = loop.initial_state(objective, [search])
     state = objective.batcher.replicate(SearchState(state["z"], state["opt_state"]))
     lambdas = objective.batcher.replicate(tuple(np.array([lam], np.float32) for lam in search.lambdas(0)))

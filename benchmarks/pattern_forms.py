@@ -55,7 +55,7 @@ def measure(model, tokenizer, data: str, length: int, attention: str, steps: int
     objective = jaxtrace.build_objective(model, task, "attn_pattern", batch_size=n, attention=attention)
     setup_s = time.perf_counter() - started
     config = jaxtrace.SearchConfig()
-    step, _ = loop.training_step(objective, config, fresh=True)
+    step, _ = loop.training_step(objective.fresh(), config)
     state = loop.initial_state(objective, [config])
     state = objective.batcher.replicate(SearchState(state["z"], state["opt_state"]))
     lambdas = objective.batcher.replicate(tuple(np.array([lam], np.float32) for lam in config.lambdas(0)))

@@ -76,7 +76,6 @@ def measure(case: str, data: str, masks: int) -> dict:
     import jaxtrace
     from jaxtrace.core.search import SearchConfig, SearchState
     from jaxtrace.engine import loop
-    from jaxtrace.engine.objective import _mask_program
     from jaxtrace.engine.plan import training_shape
     from jaxtrace.io.loading import load_config
 
@@ -89,7 +88,7 @@ def measure(case: str, data: str, masks: int) -> dict:
     objective = jaxtrace.build_objective(model, task, SITE, BATCH)
     del model
     search = SearchConfig()
-    step, _ = loop.training_step(objective, search, fresh=True)
+    step, _ = loop.training_step(objective.fresh(), search)
     state = loop.initial_state(objective, [search])
     state = objective.batcher.replicate(SearchState(state["z"], state["opt_state"]))
     batch, cache = loop.stacked_inputs(objective, [objective.batcher.in_order[0]], training_shape(objective, search))
@@ -99,7 +98,7 @@ def measure(case: str, data: str, masks: int) -> dict:
                                     .astype(np.float32))
     eval_batch, eval_cache = objective.batcher.put(objective.inputs(objective.batcher.in_order[0],
                                                                     objective.batcher.in_order_shape))
-    evaluation = _mask_program.__wrapped__(objective.spec, None).lower(objective.params, z, eval_batch,
+    evaluation = objective.fresh().programs.mask_effects().lower(objective.params, z, eval_batch,
                                                                        eval_cache).compile()
     weights = sum(leaf.nbytes for leaf in jax.tree.leaves(objective.params))
     analysed = {program: {"argument_bytes": m.argument_size_in_bytes, "output_bytes": m.output_size_in_bytes,
@@ -120,14 +119,15 @@ def measure(case: str, data: str, masks: int) -> dict:
 
 def planned(case: str, data: str) -> dict:
     """The plan of a measured case, from abstract shapes (this process)."""
-    from jaxtrace.runs.plan import plan
+    from jaxtrace.engine.objective import ObjectiveConfig
     from jaxtrace.engine.plan import TaskShape
+    from jaxtrace.runs.plan import plan
     from jaxtrace.tasks import TaskSpec
 
     name, dtype = CASES[case]
     task = TaskSpec("winobias", data) if name == "smollm2-135m" else TaskShape(**SHAPE)
     start = time.perf_counter()
-    report = plan(name, task, site=SITE, batch_size=BATCH, dtype=dtype)
+    report = plan(name, task, ObjectiveConfig(SITE, batch_size=BATCH), dtype=dtype)
     return {**report.to_dict(), "plan_s": time.perf_counter() - start}
 
 
@@ -141,6 +141,7 @@ def spawn(case: str, data: str, masks: int) -> dict:
 
 
 def mesh_plans() -> list[dict]:
+    from jaxtrace.engine.objective import ObjectiveConfig
     from jaxtrace.engine.plan import TaskShape
     from jaxtrace.runs.plan import plan
 
@@ -148,8 +149,8 @@ def mesh_plans() -> list[dict]:
     for name, dtype in BIG:
         for devices, mesh in MESHES:
             start = time.perf_counter()
-            report = plan(name, TaskShape(**SHAPE), site=SITE, batch_size=BATCH, dtype=dtype, devices=devices,
-                          mesh=mesh)
+            report = plan(name, TaskShape(**SHAPE), ObjectiveConfig(SITE, batch_size=BATCH), dtype=dtype,
+                          devices=devices, mesh=mesh)
             rows.append({**report.to_dict(), "plan_s": time.perf_counter() - start})
             print(f"{name} {dtype} {devices} {mesh}: training {rows[-1]['training']['total_bytes'] / 2**30:.2f} GiB, "
                   f"{rows[-1]['plan_s']:.0f} s", flush=True)
@@ -158,7 +159,7 @@ def mesh_plans() -> list[dict]:
 
 NOTES = [
     "## Notes", "",
-    "- Same programs: the plan lowers `loop.training_program` and the mask program of `engine.objective` on "
+    "- Same programs: the plan lowers the objective's own programs (`Objective.programs`: training step, mask effects) on "
     "`ShapeDtypeStruct` arguments with the run's shardings, so its `memory_analysis()` is the real program's, field "
     "for field (the `= compiled` column; `tests/test_plan.py` checks it on a tiny model on one device; on 8 "
     "simulated devices, data=2 x model=4 and data=8, it was checked once by hand).",

@@ -261,7 +261,7 @@ def cell_jaxtrace(spec: Workload, plan: Plan, args) -> dict:
     config = jaxtrace.SearchConfig(epochs=EPOCHS)
 
     def make_step():  # what run_search compiles (a fresh program object: lowering it traces anew)
-        return loop.training_step(objective, config, fresh=True)[0]
+        return loop.training_step(objective.fresh(), config)[0]
 
     key = jax.random.key(config.seed)
     orders = [objective.batcher.epoch(key, epoch) for epoch in range(EPOCHS)]

@@ -39,7 +39,7 @@ def measure(model_spec: str, data: str, mesh_spec: str | None, steps: int) -> di
     mesh = None if mesh_spec is None else parse_mesh(mesh_spec)
     objective = jaxtrace.build_objective(model, task, "attn_pattern", 32, mesh=mesh)
     config = jaxtrace.SearchConfig()
-    step, _ = loop.training_step(objective, config, fresh=True)
+    step, _ = loop.training_step(objective.fresh(), config)
     state = loop.initial_state(objective, [config])
     state = objective.batcher.replicate(SearchState(state["z"], state["opt_state"]))
     lambdas = objective.batcher.replicate(np.full(1, config.lambda1, np.float32))

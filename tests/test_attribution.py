@@ -14,7 +14,7 @@ from jaxtrace.core import objective as core
 from jaxtrace.core.search import SearchConfig, warm_start_z
 from jaxtrace.engine.attribution import attribution_patching, ig_alphas, integrated_gradients
 from jaxtrace.engine.loop import initial_state, run_search
-from jaxtrace.engine.objective import build_objective
+from jaxtrace.engine.objective import DEFAULT_MEMORY_BUDGET, build_objective
 from jaxtrace.runs import baselines
 from jaxtrace.tasks import encode_pairs, load_pairs
 from conftest import SHARED
@@ -28,11 +28,12 @@ def objective(tiny_gpt2):
     """8 heads of a tiny GPT-2 on 24 WinoBias pairs in batches of 16 (the second one padded)."""
     _, model, tokenizer = tiny_gpt2
     task = encode_pairs(load_pairs("winobias", DATA, split="dev")[:24], tokenizer)
-    return build_objective(model, task.replace_arrays(sign=-task.arrays.sign), "attn_pattern", batch_size=16)
+    return build_objective(model, task.replace_arrays(sign=-task.arrays.sign), "attn_pattern", batch_size=16,
+                           memory_budget=ONE_POINT)
 
 
 def test_atp_is_the_gradient_of_the_mean_effect_at_no_patch(objective):
-    atp = attribution_patching(objective, ONE_POINT)
+    atp = attribution_patching(objective)
     # jax.grad of a plain loop over the pairs, one pair per call
     spec, batcher = objective.spec, objective.batcher
     grad = jax.jit(jax.grad(lambda z, b, c: core.batch_effects(spec, objective.params, z, b, c)[0]))
@@ -42,7 +43,7 @@ def test_atp_is_the_gradient_of_the_mean_effect_at_no_patch(objective):
     np.testing.assert_allclose(atp, looped, atol=1e-6)
     # central differences of the batched forward evaluation (float32: eps 1e-2, error ~1e-4)
     eps, steps = 1e-2, np.eye(objective.n_components, dtype=np.float32).reshape(-1, *objective.shape)
-    effects = objective.evaluate_masks(np.concatenate([eps * steps, -eps * steps]), ONE_POINT)
+    effects = objective.evaluate_masks(np.concatenate([eps * steps, -eps * steps]))
     central = ((effects[: len(steps)] - effects[len(steps):]) / (2 * eps)).reshape(objective.shape)
     np.testing.assert_allclose(atp, central, atol=3e-4)
     assert np.abs(atp).max() > 1e-2
@@ -50,13 +51,13 @@ def test_atp_is_the_gradient_of_the_mean_effect_at_no_patch(objective):
 
 def test_ig_is_complete_and_chunking_does_not_change_it(objective):
     np.testing.assert_allclose(ig_alphas(2), [0.25, 0.75])
-    full, none = objective.evaluate_masks(np.stack([np.ones(objective.shape), np.zeros(objective.shape)]), ONE_POINT)
+    full, none = objective.evaluate_masks(np.stack([np.ones(objective.shape), np.zeros(objective.shape)]))
     assert abs(none) < 1e-6
-    errors = [abs(float(integrated_gradients(objective, m, ONE_POINT).sum()) - (full - none)) for m in (2, 8, 32)]
+    errors = [abs(float(integrated_gradients(objective, m).sum()) - (full - none)) for m in (2, 8, 32)]
     print(f"IG completeness error for m = 2, 8, 32: {errors} (effect of all {full:.4f})")
     assert errors[1] < errors[0] / 4 and errors[2] < errors[1] / 4 and errors[2] < 1e-3 * abs(full)
-    np.testing.assert_allclose(integrated_gradients(objective, 2), integrated_gradients(objective, 2, ONE_POINT),
-                               atol=1e-6)
+    np.testing.assert_allclose(integrated_gradients(objective.replace(memory_budget=DEFAULT_MEMORY_BUDGET), 2),
+                               integrated_gradients(objective, 2), atol=1e-6)
     with pytest.raises(ValueError, match="at least 1 step"):
         ig_alphas(0)
 
@@ -86,15 +87,15 @@ def test_rank_correlation_matches_plain_python():
 
 
 def test_attribution_baselines_select_their_top_scores(objective):
-    mask, extras = baselines.run_baseline(objective, "atp", 3, memory_budget=ONE_POINT)
+    mask, extras = baselines.run_baseline(objective, "atp", 3)
     scores = extras["scores"]
-    np.testing.assert_allclose(scores, attribution_patching(objective, ONE_POINT), atol=1e-7)
+    np.testing.assert_allclose(scores, attribution_patching(objective), atol=1e-7)
     assert sorted(np.flatnonzero(mask)) == sorted(np.argsort(-scores, axis=None)[:3])
-    single = baselines.single_effects(objective, ONE_POINT)
+    single = baselines.single_effects(objective)
     np.testing.assert_allclose(extras["single_effects"], single, atol=1e-7)
     assert extras["score_correlation"] == pytest.approx(_plain_spearman(scores.ravel(), single.ravel()), abs=1e-9)
     print(f"atp rank correlation with single effects: {extras['score_correlation']:+.3f}")
-    mask, extras = baselines.run_baseline(objective, "ig", 2, memory_budget=ONE_POINT, ig_steps=2, single_max=0)
+    mask, extras = baselines.run_baseline(objective, "ig", 2, ig_steps=2, single_max=0)
     assert "single_effects" not in extras and "score_correlation" not in extras
     assert sorted(np.flatnonzero(mask)) == sorted(np.argsort(-extras["scores"], axis=None)[:2])
     with pytest.raises(ValueError, match="--ig-steps must be >= 1"):
@@ -108,7 +109,7 @@ def test_warm_start_from_atp(objective):
     np.testing.assert_array_equal(warm_start_z(np.zeros((2, 3)), 0.3), np.full((2, 3), 0.3, np.float32))
     # a step too small to move the gates shows where the run started
     config = SearchConfig(epochs=1, lr=1e-9, lambda1=0.0, lambda2=0.0, warm_start="atp")
-    expected = warm_start_z(attribution_patching(objective, ONE_POINT), config.init)
+    expected = warm_start_z(attribution_patching(objective), config.init)
     assert np.ptp(expected) > 0.1
     np.testing.assert_allclose(run_search(objective, config).z, expected, atol=1e-6)
     given = np.linspace(0.1, 0.9, objective.n_components).reshape(objective.shape)

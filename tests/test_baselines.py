@@ -42,13 +42,12 @@ def test_vmapped_evaluation_equals_loop_and_chunks_agree(objective):
     batched = objective.mask_effects(masks)
     looped = np.stack([objective.effects(mask) for mask in masks])
     np.testing.assert_allclose(batched, looped, atol=1e-5)
-    assert masks_per_chunk(objective, 9, 2 << 30) == 9
-    tiny_budget = masks_per_chunk(objective, 9, 1)  # forces one mask per chunk
-    assert tiny_budget == 1
-    np.testing.assert_allclose(objective.evaluate_masks(masks, memory_budget=1), objective.evaluate_masks(masks),
-                               atol=1e-6)
-    np.testing.assert_allclose(objective.mask_effects(masks, memory_budget=1), batched, atol=1e-5)
-    assert masks_per_chunk(objective, 9, 3 * (2 << 20)) < 9  # chunk sizes follow the budget
+    assert masks_per_chunk(objective, 9) == 9
+    tiny_budget = objective.replace(memory_budget=1)  # forces one mask per chunk
+    assert masks_per_chunk(tiny_budget, 9) == 1
+    np.testing.assert_allclose(tiny_budget.evaluate_masks(masks), objective.evaluate_masks(masks), atol=1e-6)
+    np.testing.assert_allclose(tiny_budget.mask_effects(masks), batched, atol=1e-5)
+    assert masks_per_chunk(objective.replace(memory_budget=3 * (2 << 20)), 9) < 9  # chunk sizes follow the budget
 
 
 def test_single_and_topk_match_plain_python(objective):
@@ -204,4 +203,4 @@ def test_evaluation_starts_above_the_ungated_layers(tiny_gpt2, tmp_path):
     assert set(starts.tolist()) == {0, 1, 2, 3}
     expected = [objective.effects(m) for m in masks]
     np.testing.assert_allclose(mask_effects(objective, masks), expected, atol=1e-5)
-    np.testing.assert_allclose(mask_effects(objective, masks, memory_budget=1), expected, atol=1e-5)  # 1 mask a call
+    np.testing.assert_allclose(mask_effects(objective.replace(memory_budget=1), masks), expected, atol=1e-5)  # 1 mask a call

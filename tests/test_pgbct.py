@@ -14,7 +14,7 @@ import pytest
 from jaxtrace.io.checkpoints import CheckpointError
 from jaxtrace.core.metrics import TRANSFORMS
 from jaxtrace.core.models import functional
-from jaxtrace.engine.objective import MetricNaNError, build_objective
+from jaxtrace.engine.objective import MetricNaNError, Programs, build_objective
 from jaxtrace.core.objective import batch_effects
 from jaxtrace.core.search import SearchConfig, penalty, select
 from jaxtrace.engine import loop
@@ -176,7 +176,7 @@ def test_resume_after_kill_and_extension_give_uninterrupted_z(tiny_gpt2, small_t
 
     # Killed in the middle of epoch 3 (3 batches of 16 pairs per epoch: its second step raises), then resumed.
     calls = {"n": 0}
-    original = loop.training_program
+    original = Programs.training_step
 
     def dying(*args):
         program, init = original(*args)
@@ -188,10 +188,10 @@ def test_resume_after_kill_and_extension_give_uninterrupted_z(tiny_gpt2, small_t
             return program(*inputs)
         return step, init
 
-    monkeypatch.setattr(loop, "training_program", dying)
+    monkeypatch.setattr(Programs, "training_step", dying)
     with pytest.raises(KeyboardInterrupt):
         run(config, out=tmp_path / "killed")
-    monkeypatch.setattr(loop, "training_program", original)
+    monkeypatch.setattr(Programs, "training_step", original)
     assert sorted(p.name for p in (tmp_path / "killed" / "checkpoints").iterdir()) == ["1", "2"]
     with pytest.raises(FileExistsError, match="--resume"):
         run(config, out=tmp_path / "killed")

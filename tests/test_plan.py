@@ -11,7 +11,7 @@ from jaxtrace.cli import main
 from jaxtrace.core.models import ModelConfig, init_model
 from jaxtrace.core.search import SearchConfig, SearchState
 from jaxtrace.engine import loop
-from jaxtrace.engine.objective import _mask_program, build_objective
+from jaxtrace.engine.objective import ObjectiveConfig, build_objective
 from jaxtrace.engine.plan import PlanReport, TaskShape, layer_unroll, training_shape
 from jaxtrace.io.loading import CONFIG_PRESETS, load_config, load_model
 from jaxtrace.runs.plan import plan
@@ -33,14 +33,14 @@ def test_plan_equals_the_compiled_programs(tmp_path, capsys):
     # The run's own programs, compiled on real arrays.
     objective = build_objective(init_model(config), SHAPE.encoded(), "head_out", 8)
     search = SearchConfig()
-    step, _ = loop.training_step(objective, search, fresh=True)
+    step, _ = loop.training_step(objective.fresh(), search)
     state = loop.initial_state(objective, [search])
     state = objective.batcher.replicate(SearchState(state["z"], state["opt_state"]))
     batch, cache = loop.stacked_inputs(objective, [objective.batcher.in_order[0]], training_shape(objective, search))
     lambdas = objective.batcher.replicate(tuple(np.array([lam], np.float32) for lam in search.lambdas(0)))
     compiled = step.lower(state, objective.params, batch, cache, *lambdas).compile()
     masks = np.zeros((3, *objective.shape), np.float32)
-    evaluation = _mask_program.__wrapped__(objective.spec, None).lower(
+    evaluation = objective.fresh().programs.mask_effects().lower(
         objective.params, masks, *objective.batcher.put(objective.inputs(objective.batcher.in_order[0],
                                                                          objective.batcher.in_order_shape))).compile()
     for cost, real in ((report.training, compiled), (report.evaluation, evaluation)):
@@ -61,7 +61,8 @@ def test_plan_equals_the_compiled_programs(tmp_path, capsys):
 
 def test_simulated_mesh_in_a_subprocess():
     config = ModelConfig.from_hf(HF)
-    report = plan(config, SHAPE, site="head_out", batch_size=8, devices=8, mesh="data=2,model=4", masks=3)
+    report = plan(config, SHAPE, ObjectiveConfig("head_out", batch_size=8), devices=8, mesh="data=2,model=4",
+                  masks=3)
     assert report.devices == 8 and report.simulated and report.platform == "cpu"
     assert report.mesh == {"data": 2, "model": 4} and report.config == config
     # Heads, KV heads, MLP units and vocabulary split over model=4 (the tiny model's 2 KV heads stay whole).

@@ -44,11 +44,11 @@ def planted(tiny_gpt2):
     original = np.asarray(model.blocks.o[...]).copy()
     task = encode_pairs(load_pairs("winobias", SHARED / "data", split="dev")[:24], tokenizer)
     objective = build_objective(plant_heads(model, PLANTED), task, "attn_pattern", batch_size=24,
-                                metric="logit_difference")
+                                metric="logit_difference", memory_budget=ONE_MASK)
     np.testing.assert_array_equal(np.asarray(model.blocks.o[...]), original)  # the fixture's model is untouched
     truth = np.zeros(objective.shape, bool)
     truth[tuple(zip(*PLANTED))] = True
-    together = objective.mask_effects(truth[None].astype(np.float32), ONE_MASK)[0]
+    together = objective.mask_effects(truth[None].astype(np.float32))[0]
     sign = task.arrays.sign * np.where(together >= 0, 1, -1).astype(task.arrays.sign.dtype)
     flipped = task.replace_arrays(sign=sign)
     return dataclasses.replace(objective, batcher=Batcher(flipped, objective.batcher.batch_size)), truth
@@ -57,21 +57,21 @@ def planted(tiny_gpt2):
 def test_planted_heads_are_recovered_and_ranked_first(planted):
     objective, truth = planted
     k = int(truth.sum())
-    single = baselines.single_effects(objective, ONE_MASK)
+    single = baselines.single_effects(objective)
     print(f"single effects:\n{np.round(single, 4)}")
     assert (single[truth] > 0.05).all()  # each planted head alone has a strong positive effect
     assert (single[~truth] == 0).all()   # patching any other head does nothing
 
-    assert np.array_equal(baselines.exhaustive(objective, k, memory_budget=ONE_MASK)[-1], truth)
-    greedy_path = baselines.greedy(objective, k, ONE_MASK)
+    assert np.array_equal(baselines.exhaustive(objective, k)[-1], truth)
+    greedy_path = baselines.greedy(objective, k)
     assert np.array_equal(greedy_path[-1], truth)
     result = run_search(objective, SearchConfig(epochs=5))
     print(f"PGB-CT z:\n{np.round(result.z, 3)}")
     assert np.array_equal(result.mask, truth)
 
     order = [int(np.flatnonzero(b & ~a)[0]) for a, b in zip([np.zeros_like(truth), *greedy_path], greedy_path)]
-    rankings = {"single": single, "atp": attribution_scores(objective, "atp", memory_budget=ONE_MASK),
-                "ig": attribution_scores(objective, "ig", 8, ONE_MASK), "greedy": greedy_ranking(order, single),
+    rankings = {"single": single, "atp": attribution_scores(objective, "atp"),
+                "ig": attribution_scores(objective, "ig", 8), "greedy": greedy_ranking(order, single),
                 "pgbct": result.z}
     aucs = {name: roc_auc(scores, truth) for name, scores in rankings.items()}
     print("ROC-AUC against the planted heads: " + ", ".join(f"{n} {a:.3f}" for n, a in aucs.items()))

@@ -14,6 +14,7 @@ import pytest
 import jaxtrace
 from jaxtrace.cli import main
 from jaxtrace.engine import loop
+from jaxtrace.engine.objective import ObjectiveConfig
 from jaxtrace.io import plots
 from jaxtrace.io.results import LOCK, FolderBusyError, ResultFolder
 from jaxtrace.runs.common import Provenance
@@ -137,10 +138,11 @@ def test_a_failed_result_write_leaves_the_earlier_result_whole(tiny_gpt2, custom
 def test_sweep_refuses_other_options_and_keeps_its_record(tiny_gpt2, custom_data, tmp_path, capsys):
     folder = str(tiny_gpt2[0])
     tasks = [TaskSpec("custom", str(custom_data))]
-    sweep_models([folder], tasks, "head_out", tmp_path, CONFIG, batch_size=4, progress=False)
+    sweep_models([folder], tasks, ObjectiveConfig("head_out", batch_size=4), tmp_path, CONFIG, progress=False)
     record = (tmp_path / "sweep.json").read_text()
     with pytest.raises(ValueError, match=r"different run \(.*search\.lambda1"):
-        sweep_models([folder], tasks, "head_out", tmp_path, CONFIG.replace(lambda1=0.3), batch_size=4, progress=False)
+        sweep_models([folder], tasks, ObjectiveConfig("head_out", batch_size=4), tmp_path, CONFIG.replace(lambda1=0.3),
+                     progress=False)
     assert (tmp_path / "sweep.json").read_text() == record
 
 
@@ -151,13 +153,13 @@ def test_one_training_step_compilation_per_run_and_per_sweep(tiny_gpt2, custom_d
     task = TaskSpec("custom", str(custom_data)).build(tokenizer)
     objective = jaxtrace.build_objective(model, task, "head_out", batch_size=4)
     config = CONFIG.replace(epochs=3)
-    program, _ = loop.training_step(objective, config)
+    traces = objective.programs.traces
     jaxtrace.run_search(objective, config)
-    assert program._cache_size() == 1
+    assert traces["training_step"] == 1
     jaxtrace.run_searches(objective, [config.replace(lambda1=f) for f in (0.0, 0.1, 1.0)])
-    assert program._cache_size() == 2  # one more program: 3 runs instead of 1
+    assert traces["training_step"] == 2  # one more program: 3 runs instead of 1
     best, runs = loop.find_target_size(objective, config.replace(epochs=1), 2, n_lambdas=3, rounds=2)
-    assert program._cache_size() <= 2 + 2 and len(runs) in (3, 6)
+    assert traces["training_step"] <= 2 + 2 and len(runs) in (3, 6)
 
 
 def test_cli_overwrite_and_refusal(tiny_gpt2, custom_data, tmp_path, capsys):

@@ -77,10 +77,6 @@ def _check_out(args) -> None:
         check_out(args.out)
 
 
-def _metric(objective: ObjectiveConfig, task: TaskSpec) -> str:
-    return objective.metric or task.default_metric
-
-
 def cmd_info(args) -> None:
     model_spec = from_args(ModelSpec, args)
     model, tokenizer = model_spec.load()
@@ -100,9 +96,7 @@ def cmd_trace(args) -> None:
     model_spec, model, task_spec, task = _load(args)
     log.info(model_summary(model, model_spec.model))
     log.info(f"task       {task_spec.task}: {len(task)} pairs; site {objective.site}; results in {args.out}")
-    circuit = trace(model, task, objective.site, search, batch_size=objective.batch_size,
-                    attention=objective.attention,
-                    metric=_metric(objective, task_spec), mesh=mesh, out=args.out, resume=args.resume,
+    circuit = trace(model, task, objective, search, mesh=mesh, out=args.out, resume=args.resume,
                     overwrite=args.overwrite, target_size=args.target_size, progress=not args.no_progress,
                     provenance=Provenance(model_spec.model, task_spec))
     log.info(circuit_summary(circuit, Path(args.out)))
@@ -119,10 +113,7 @@ def cmd_baseline(args) -> None:
     objective = from_args(ObjectiveConfig, args)
     mesh = _mesh(args)
     model_spec, model, task_spec, task = _load(args)
-    circuit = baseline(model, task, objective.site, from_args(BaselineConfig, args), batch_size=objective.batch_size,
-                       attention=objective.attention,
-                       metric=_metric(objective, task_spec), memory_budget=objective.memory_budget, mesh=mesh,
-                       out=args.out, overwrite=args.overwrite, provenance=Provenance(model_spec.model, task_spec))
+    circuit = baseline(model, task, objective, from_args(BaselineConfig, args), mesh=mesh, out=args.out, overwrite=args.overwrite, provenance=Provenance(model_spec.model, task_spec))
     log.info(circuit_summary(circuit, Path(args.out)))
 
 
@@ -132,10 +123,8 @@ def cmd_compare(args) -> None:
     curve = from_args(CurveConfig, args)
     mesh = _mesh(args)
     model_spec, model, task_spec, task = _load(args)
-    objective = build_objective(model, task, config.site, config.batch_size, metric=_metric(config, task_spec),
-                                attention=config.attention,
-                                mesh=mesh)
-    result = compare_run(objective, search, curve, memory_budget=config.memory_budget, out=args.out,
+    objective = build_objective(model, task, config, mesh=mesh)
+    result = compare_run(objective, search, curve, out=args.out,
                          overwrite=args.overwrite, progress=not args.no_progress,
                          provenance=Provenance(model_spec.model, task_spec))
     log.info(table_markdown(result))
@@ -148,10 +137,8 @@ def cmd_stability(args) -> None:
     search, config = from_args(SearchConfig, args), from_args(ObjectiveConfig, args)
     mesh = _mesh(args)
     model_spec, model, task_spec, task = _load(args)
-    objective = build_objective(model, task, config.site, config.batch_size, metric=_metric(config, task_spec),
-                                mesh=mesh)
-    result = stability_run(objective, search, from_args(StabilityConfig, args), memory_budget=config.memory_budget,
-                           out=args.out, overwrite=args.overwrite, progress=not args.no_progress,
+    objective = build_objective(model, task, config, mesh=mesh)
+    result = stability_run(objective, search, from_args(StabilityConfig, args), out=args.out, overwrite=args.overwrite, progress=not args.no_progress,
                            provenance=Provenance(model_spec.model, task_spec))
     log.info(summary(result))
     log.info(f"written    {Path(args.out) / 'stability.json'}, selection_frequency.png")
@@ -187,7 +174,7 @@ def cmd_evaluate(args) -> None:
         raise ValueError("--select needs --site")
     config = from_args(ObjectiveConfig, args, site=site, batch_size=(
         given(ObjectiveConfig, args, "batch_size") or (circuit.batch_size if circuit else None) or 32))
-    metric = config.metric or (circuit.metric if circuit else None) or task_spec.default_metric
+    config = dataclasses.replace(config, metric=config.metric or (circuit.metric if circuit else None))
     model = given(ModelSpec, args, "model") or (circuit.model if circuit else None) or ModelSpec().model
     mesh = _mesh(args)
     _, loaded, _, task = _load(args, model=model, task=task_spec)
@@ -198,8 +185,7 @@ def cmd_evaluate(args) -> None:
         if outside:
             raise ValueError(f"--select {args.select}: {', '.join(outside)} outside the {n_layers} x {width} grid of "
                              f"{site} components (layer.index, from 0)")
-    objective = build_objective(loaded, task, site, config.batch_size, metric=metric, mesh=mesh,
-                                attention=config.attention)
+    objective = build_objective(loaded, task, config, mesh=mesh)
     result = evaluate_selection(objective, circuit.selected if circuit else selection)
     log.info(f"{result['n_selected']} of {result['n_components']} {site} components on {result['n_pairs']} pairs: "
              f"effect {result['effect']:+.4f} (all {result['effect_all']:+.4f}, none {result['effect_none']:+.4f})")
@@ -217,10 +203,9 @@ def cmd_plan(args) -> None:
             raise ValueError("--pairs, --prompt-tokens, --target-tokens, --targets and --prefix-tokens describe a "
                              "task by its sizes: give them or --task, not both")
         task = from_args(TaskSpec, args)
-    report = plan(model.model, task, site=objective.site, metric=objective.metric, batch_size=objective.batch_size,
-                  dtype=model.dtype, mesh=given(MeshSpec, args, "mesh"), devices=config.devices, masks=config.masks,
-                  runs=config.runs, memory_gb=objective.memory_gb, device_memory_gb=config.device_memory_gb,
-                  tokenizer=model.tokenizer)
+    report = plan(model.model, task, objective, dtype=model.dtype, mesh=given(MeshSpec, args, "mesh"),
+                  devices=config.devices, masks=config.masks, runs=config.runs,
+                  device_memory_gb=config.device_memory_gb, tokenizer=model.tokenizer)
     log.info(json.dumps(report.to_dict()) if args.json else format_plan(report))
 
 
@@ -243,10 +228,8 @@ def cmd_sweep(args) -> None:
     def load(spec: str):
         return dataclasses.replace(model_spec, model=spec).load()
 
-    sweep_models(args.models, tasks, objective.site, args.out, search, batch_size=objective.batch_size,
-                 attention=objective.attention,
-                 metric=objective.metric, progress=not args.no_progress, load=load, mesh=mesh,
-                 overwrite=args.overwrite)
+    sweep_models(args.models, tasks, objective, args.out, search, progress=not args.no_progress, load=load,
+                 mesh=mesh, overwrite=args.overwrite)
     log.info(summary_table(find_circuits(args.out)))
     log.info(f"report     {Path(args.out) / 'report.md'}")
 

@@ -37,7 +37,9 @@ class ObjectiveSpec:
     """What a compiled objective is specialised on (static under `jit`): the model's pure apply function and config
     (`jaxtrace.core.models.functional`), the gate site, the metric, the counterfactual noise (std already measured,
     and seed; None: the counterfactual is a prompt), X, the longest shared prefix (0: none is cached), and the
-    attention: "explicit" patterns or "fused" (`jax.nn.dot_product_attention`; `attn_pattern` in its fused form)."""
+    attention: "explicit" patterns or "fused" (`jax.nn.dot_product_attention`; `attn_pattern` in its fused form), and
+    how many layers each iteration of the layer scan runs (`unroll`; XLA's cost analysis counts a loop's body once,
+    so `jaxtrace plan` compares programs at two unrolls)."""
 
     apply: Callable
     config: ModelConfig
@@ -47,6 +49,7 @@ class ObjectiveSpec:
     noise_seed: int = 0
     prefix_length: int = 0
     attention: str = "explicit"
+    unroll: int = 1
 
     @property
     def fused(self) -> bool:
@@ -96,7 +99,8 @@ def _forward(spec: ObjectiveSpec, params, batch: Batch, prefix: KeysValues | Non
     memory = None if prefix is None else packing.pack_memory(prefix, rows)
     hidden, _ = spec.apply(params, rows.tokens, packing.visibility(rows), gates=gates, source=packed_source,
                            gate_positions=rows.gate > 0, position_ids=rows.positions, memory=memory,
-                           method="hidden_states", fused=spec.fused, layer_range=layer_range, initial=initial)
+                           method="hidden_states", fused=spec.fused, layer_range=layer_range, initial=initial,
+                           unroll=spec.unroll)
     return hidden
 
 

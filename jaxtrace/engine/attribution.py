@@ -9,33 +9,15 @@ Both differentiate the metric's trained form (accuracy: its logit-difference sur
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import numpy as np
-from jax.sharding import Mesh
 
-from jaxtrace.core import objective as core
-from jaxtrace.engine import mesh as meshes
 from jaxtrace.engine.objective import MetricNaNError, Objective, check_finite, masks_per_chunk
 
 BACKWARD_FACTOR = 3  # a backward pass keeps the forward's activations and about twice as much again in cotangents
 
 
-@functools.lru_cache(maxsize=None)
-def _gradient_program(spec: core.ObjectiveSpec, mesh: Mesh | None):
-    """([A, L, C] gradients of the batch's summed effect, [A, G * B] effects) at A gate points [A, L, C] on one
-    batch: one jitted program, vmapped over the points, per spec and mesh (padding slots weigh 0)."""
-    metric = spec.metric.trained
-
-    def summed(params, z, batch, cache):
-        effects = core.batch_effects(spec, params, z, batch, cache, metric)
-        return (effects * batch.pairs.weight.reshape(-1)).sum(), effects
-
-    return meshes.jit(jax.vmap(jax.grad(summed, argnums=1, has_aux=True), in_axes=(None, 0, None, None)), mesh)
-
-
-def mask_gradients(objective: Objective, points, memory_budget: int = 2 << 30) -> tuple[np.ndarray, np.ndarray]:
+def mask_gradients(objective: Objective, points) -> tuple[np.ndarray, np.ndarray]:
     """([A, L, C] gradient of the task's mean effect, [A, N] per-pair effects) at each of A gate points [A, L, C].
 
     Per data batch one forward and backward pass for all points of a chunk (the memory budget over `BACKWARD_FACTOR`
@@ -45,9 +27,9 @@ def mask_gradients(objective: Objective, points, memory_budget: int = 2 << 30) -
     batcher = objective.batcher
     points = np.asarray(points, np.float32)
     n_points = points.shape[0]
-    chunk = masks_per_chunk(objective, n_points, memory_budget // BACKWARD_FACTOR)
+    chunk = masks_per_chunk(objective, n_points, 1 / BACKWARD_FACTOR)
     padded = batcher.replicate(np.concatenate([points, np.repeat(points[:1], -n_points % chunk, axis=0)]))
-    program = _gradient_program(objective.spec, batcher.mesh)
+    program = objective.programs.gradients()
     grads = np.zeros(points.shape, np.float64)
     effects = np.empty((n_points, len(objective.task)), np.float32)
     for idx in batcher.in_order:
@@ -64,10 +46,10 @@ def mask_gradients(objective: Objective, points, memory_budget: int = 2 << 30) -
     return (grads / len(objective.task)).astype(np.float32), effects
 
 
-def attribution_patching(objective: Objective, memory_budget: int = 2 << 30) -> np.ndarray:
+def attribution_patching(objective: Objective) -> np.ndarray:
     """[L, C] AtP scores: the gradient of the task's mean effect with respect to the gates at z = 0 (no component
     patched), the first-order estimate of each component's effect alone."""
-    return mask_gradients(objective, np.zeros((1, *objective.shape), np.float32), memory_budget)[0][0]
+    return mask_gradients(objective, np.zeros((1, *objective.shape), np.float32))[0][0]
 
 
 def ig_alphas(steps: int) -> np.ndarray:
@@ -77,23 +59,22 @@ def ig_alphas(steps: int) -> np.ndarray:
     return (np.arange(steps, dtype=np.float32) + 0.5) / steps
 
 
-def integrated_gradients(objective: Objective, steps: int = 32, memory_budget: int = 2 << 30) -> np.ndarray:
+def integrated_gradients(objective: Objective, steps: int = 32) -> np.ndarray:
     """[L, C] IG scores along the straight path z = α·1 from no component (α = 0) to all (α = 1): (1 - 0) times the
     mean gradient of the task's mean effect at the midpoints α_k = (k + 1/2) / steps, all evaluated in one vmapped
     program per batch. Completeness: the scores sum to effect(all) - effect(none) (the latter 0) up to the midpoint
     rule's O(1 / steps²) error."""
     points = ig_alphas(steps)[:, None, None] * np.ones((1, *objective.shape), np.float32)
-    return mask_gradients(objective, points, memory_budget)[0].mean(0)
+    return mask_gradients(objective, points)[0].mean(0)
 
 
 ATTRIBUTIONS = ("atp", "ig")
 
 
-def attribution_scores(objective: Objective, method: str, ig_steps: int = 32,
-                       memory_budget: int = 2 << 30) -> np.ndarray:
+def attribution_scores(objective: Objective, method: str, ig_steps: int = 32) -> np.ndarray:
     """[L, C] the scores of an attribution `method` ("atp" or "ig" with `ig_steps` steps)."""
     if method == "atp":
-        return attribution_patching(objective, memory_budget)
+        return attribution_patching(objective)
     if method == "ig":
-        return integrated_gradients(objective, ig_steps, memory_budget)
+        return integrated_gradients(objective, ig_steps)
     raise ValueError(f"unknown attribution {method!r}; known: {', '.join(ATTRIBUTIONS)}")

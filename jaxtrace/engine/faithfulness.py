@@ -109,7 +109,7 @@ def roc_auc(scores, truth) -> float:
     return float(above / (len(positive) * len(negative)))
 
 
-def circuit_faithfulness(objective: Objective, masks, memory_budget: int = 2 << 30) -> dict:
+def circuit_faithfulness(objective: Objective, masks) -> dict:
     """Both directions for circuits [M, L, C] (binary): {"effect": [M] IE(S), "complement": [M] IE(A \\ S),
     "effect_all": IE(A), "share": [M], "faithfulness": [M]}; the distinct masks among the circuits, their
     complements and all components in one `mask_effects` call."""
@@ -117,7 +117,7 @@ def circuit_faithfulness(objective: Objective, masks, memory_budget: int = 2 << 
     ones = np.ones((1, *objective.shape), np.float32)
     every = np.concatenate([masks, 1.0 - masks, ones]).reshape(2 * len(masks) + 1, -1)
     distinct, index = np.unique(every, axis=0, return_inverse=True)
-    effects = objective.evaluate_masks(distinct.reshape(-1, *objective.shape), memory_budget)
+    effects = objective.evaluate_masks(distinct.reshape(-1, *objective.shape))
     effects = effects.astype(np.float64)[index.reshape(-1)]
     n = len(masks)
     effect_all = float(effects[-1])
@@ -155,12 +155,12 @@ def ranking_curves(names, fractions, sizes, scored: dict) -> dict[str, Faithfuln
     return curves
 
 
-def faithfulness_curves(objective: Objective, rankings: dict[str, np.ndarray], fractions=MIB_FRACTIONS,
-                        memory_budget: int = 2 << 30) -> tuple[dict[str, FaithfulnessCurve], float]:
+def faithfulness_curves(objective: Objective, rankings: dict[str, np.ndarray],
+                        fractions=MIB_FRACTIONS) -> tuple[dict[str, FaithfulnessCurve], float]:
     """({name: curve} of each ranking (scores [L, C]), IE(A)): every ranking's top-k circuits at the fractions'
     sizes, their complements and all components scored in one `mask_effects` call."""
     if not rankings:
         raise ValueError("faithfulness curves need at least one ranking")
     sizes = fraction_sizes(objective.n_components, fractions)
-    scored = circuit_faithfulness(objective, curve_masks(rankings, sizes), memory_budget)
+    scored = circuit_faithfulness(objective, curve_masks(rankings, sizes))
     return ranking_curves(list(rankings), fractions, sizes, scored), scored["effect_all"]

@@ -10,17 +10,13 @@ resample of the pairs (`pairs`: bootstrap runs of `jaxtrace stability`).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from typing import Callable
 
 import jax
 import numpy as np
-from jax.sharding import Mesh
 
-from jaxtrace.core import objective as core
-from jaxtrace.core.search import SearchConfig, SearchState, pgbct, select, warm_start_z
-from jaxtrace.engine import mesh as meshes
+from jaxtrace.core.search import SearchConfig, SearchState, select, warm_start_z
 from jaxtrace.engine.attribution import attribution_scores
 from jaxtrace.engine.objective import Objective, check_finite, mask_effects
 
@@ -37,20 +33,6 @@ class SearchResult:
     seconds: float           # wall time of the whole (swept) search
 
 
-@functools.lru_cache(maxsize=None)
-def training_program(spec: core.ObjectiveSpec, config: SearchConfig, mesh: Mesh | None):
-    """The jitted step of R runs optimised together (vmapped `pgbct(...).update`),
-    (state [R, ...], params, batch [R, G, ...], cache [R, G, ...], λ1 [R], λ2 [R]) -> (state, stats [R, ...]).
-    One program per spec, static config and mesh; `config`'s λ and seed do not enter it."""
-    search = pgbct(spec, config)
-    return meshes.jit(jax.vmap(search.update, in_axes=(0, None, 0, 0, 0, 0)), mesh), search.init
-
-
-def _static(config: SearchConfig) -> SearchConfig:
-    """The part of a resolved config that the compiled step depends on."""
-    return config.replace(lambda1=0.0, lambda2=0.0, seed=0, epochs=1, warm_start=None)
-
-
 def resolve(objective: Objective, configs: list[SearchConfig]) -> list[SearchConfig]:
     """The configs with the site's and metric's defaults filled in, checked to be runnable together."""
     configs = [c.resolve(objective.site, objective.metric) for c in configs]
@@ -60,11 +42,10 @@ def resolve(objective: Objective, configs: list[SearchConfig]) -> list[SearchCon
     return configs
 
 
-def training_step(objective: Objective, config: SearchConfig, fresh: bool = False):
-    """(step, init) of runs of `config` on `objective`, as `run_searches` compiles them (see `training_program`);
-    `fresh`: a new program object rather than the cached one (lowering it traces anew; for timing compilation)."""
-    make = training_program.__wrapped__ if fresh else training_program
-    return make(objective.spec, _static(resolve(objective, [config])[0]), objective.batcher.mesh)
+def training_step(objective: Objective, config: SearchConfig):
+    """(step, init) of runs of `config` on `objective`, as `run_searches` compiles them
+    (`Objective.programs.training_step` of the resolved config)."""
+    return objective.programs.training_step(resolve(objective, [config])[0])
 
 
 def stacked_inputs(objective: Objective, batches: list[np.ndarray], shape=None):

@@ -14,13 +14,15 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh
 
 from jaxtrace.core import objective as core
-from jaxtrace.core.metrics import METRICS, PROBABILITY_RATIO, Metric, get_metric
-from jaxtrace.core.models import GatedLM, functional
+from jaxtrace.core.metrics import METRICS, Metric, get_metric
+from jaxtrace.core.models import GatedLM, ModelConfig, functional, init_model
 from jaxtrace.core.options import option
 from jaxtrace.core.records import Batch, Cache
+from jaxtrace.core.search import SearchConfig, pgbct
 from jaxtrace.core.sites import SITES, gate_shape, get_site, source_bytes_per_pair
 from jaxtrace.engine import mesh as meshes
 from jaxtrace.engine.batcher import Batcher, PackShape
@@ -72,16 +74,120 @@ class ObjectiveConfig:
         return int(self.memory_gb * 2**30)
 
 
+DEFAULT_MEMORY_BUDGET = 2 << 30  # bytes of one batched mask evaluation on a device (`--memory-gb` 2)
+
+
+class Programs:
+    """The compiled device programs of one objective, each built on first use and kept: `precompute` (the cache of
+    a batch), `mask_effects(start_layer)` (M masks on one batch), `gradients` (M gate points on one batch) and
+    `training_step(search)` (R runs' PGB-CT step). `traces[name]` counts how often each was traced (one per
+    compilation of a new argument shape). `fresh()` gives the same programs not yet traced (for compile timing)."""
+
+    def __init__(self, spec: core.ObjectiveSpec, mesh: Mesh | None):
+        self.spec, self.mesh = spec, mesh
+        self.traces: dict[str, int] = {}
+        self._built: dict[tuple, object] = {}
+
+    def fresh(self) -> Programs:
+        return Programs(self.spec, self.mesh)
+
+    def _program(self, key: tuple, build):
+        if key not in self._built:
+            self._built[key] = build()
+        return self._built[key]
+
+    def _counted(self, name: str, fn):
+        """`fn` counting its traces under `name`."""
+        def traced(*args):
+            self.traces[name] = self.traces.get(name, 0) + 1
+            return fn(*args)
+        return traced
+
+    def precompute(self):
+        """(params, batch [G, ...]) -> the batch's `Cache` [G, B, ...]."""
+        spec = self.spec
+        return self._program(("precompute",), lambda: meshes.jit(self._counted("precompute", jax.vmap(
+            functools.partial(core.precompute, spec), in_axes=(None, 0))), self.mesh))
+
+    def mask_effects(self, start_layer: int = 0):
+        """(params, masks [M, L, C], batch [G, ...], cache [G, ...]) -> [M, G * B] effects. With `start_layer`,
+        every mask's gates are 0 below it: those layers run once per call, ungated, and each mask's forward starts
+        from their residual stream."""
+        return self._program(("mask_effects", start_layer), lambda: self._mask_program(start_layer))
+
+    def _mask_program(self, start_layer: int):
+        spec, name = self.spec, f"mask_effects@{start_layer}"
+        if not start_layer:
+            effects = lambda params, z, batch, cache: core.batch_effects(spec, params, z, batch, cache)  # noqa: E731
+            return meshes.jit(self._counted(name, jax.vmap(effects, in_axes=(None, 0, None, None))), self.mesh)
+
+        def group(params, masks, batch, cache):  # [M, B]
+            initial = core.residual_entering(spec, params, batch, cache, start_layer)
+            return jax.vmap(lambda z: core.group_effects(spec, params, z, batch, cache, start_layer=start_layer,
+                                                         initial=initial))(masks)
+
+        def effects(params, masks, batch, cache):
+            per_group = jax.vmap(group, in_axes=(None, None, 0, 0))(params, masks, batch, cache)  # [G, M, B]
+            return jnp.moveaxis(per_group, 0, 1).reshape(masks.shape[0], -1)
+
+        return meshes.jit(self._counted(name, effects), self.mesh)
+
+    def gradients(self):
+        """(params, points [A, L, C], batch, cache) -> ([A, L, C] gradients of the batch's summed effect under the
+        metric's trained form, [A, G * B] effects); padding slots weigh 0."""
+        spec = self.spec
+        metric = spec.metric.trained
+
+        def summed(params, z, batch, cache):
+            effects = core.batch_effects(spec, params, z, batch, cache, metric)
+            return (effects * batch.pairs.weight.reshape(-1)).sum(), effects
+
+        return self._program(("gradients",), lambda: meshes.jit(self._counted("gradients", jax.vmap(
+            jax.grad(summed, argnums=1, has_aux=True), in_axes=(None, 0, None, None))), self.mesh))
+
+    def training_step(self, search: SearchConfig):
+        """(step, init) of R runs optimised together (vmapped `pgbct(...).update`):
+        step(state [R, ...], params, batch [R, G, ...], cache [R, G, ...], λ1 [R], λ2 [R]) -> (state, stats [R, ...]).
+        `search` is resolved; its λ, seed, epochs and warm start do not enter the program."""
+        static = search.replace(lambda1=0.0, lambda2=0.0, seed=0, epochs=1, warm_start=None)
+
+        def build():
+            update = pgbct(self.spec, static)
+            step = jax.vmap(update.update, in_axes=(0, None, 0, 0, 0, 0))
+            return meshes.jit(self._counted("training_step", step), self.mesh), update.init
+
+        return self._program(("training_step", static), build)
+
+
 @dataclasses.dataclass(frozen=True)
 class Objective:
-    """A task's gated objective at one site: `spec` (what the compiled programs are specialised on), `params` (the
-    model's, placed on the mesh), `batcher` (host batches) and `cache` (the z-independent terms of every pair,
-    pair-major on the host; None: recomputed in every call)."""
+    """A task's gated objective at one site: `spec` (what the compiled programs are specialised on: model, site,
+    metric, resolved attention form), `params` (the model's, placed on the mesh; abstract `ShapeDtypeStruct`s for
+    a plan), `batcher` (host batches), `cache` (the z-independent terms of every pair, pair-major on the host;
+    None: recomputed in every call), `memory_budget` (bytes one batched mask evaluation may take on a device) and
+    `programs` (its compiled programs)."""
 
     spec: core.ObjectiveSpec
     params: object
     batcher: Batcher
     cache: Cache | None
+    memory_budget: int = DEFAULT_MEMORY_BUDGET
+    programs: Programs | None = dataclasses.field(default=None, compare=False)
+
+    def __post_init__(self):
+        if self.programs is None:
+            object.__setattr__(self, "programs", Programs(self.spec, self.batcher.mesh))
+
+    def replace(self, **changes) -> Objective:
+        """The objective with fields changed (e.g. `memory_budget`); its compiled programs are kept unless the
+        spec or the batcher changes."""
+        if "spec" in changes or "batcher" in changes:
+            changes.setdefault("programs", None)
+        return dataclasses.replace(self, **changes)
+
+    def fresh(self) -> Objective:
+        """The objective with its programs not yet traced (lowering one traces anew: for compile timing)."""
+        return self.replace(programs=self.programs.fresh())
 
     @property
     def task(self) -> EncodedTask:
@@ -94,6 +200,10 @@ class Objective:
     @property
     def metric(self) -> Metric:
         return self.spec.metric
+
+    @property
+    def attention(self) -> str:
+        return self.spec.attention
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -109,23 +219,30 @@ class Objective:
         cache = None if self.cache is None else self.cache.take(self.batcher.group_index(idx))
         return self.batcher.batch(idx, shape), cache
 
-    def mask_effects(self, masks, memory_budget: int = 2 << 30) -> np.ndarray:
-        return mask_effects(self, masks, memory_budget)
+    def mask_effects(self, masks) -> np.ndarray:
+        """[M, N] effect on every pair of each of M masks [M, L, C]."""
+        return mask_effects(self, masks)
 
-    def evaluate_masks(self, masks, memory_budget: int = 2 << 30) -> np.ndarray:
+    def evaluate_masks(self, masks) -> np.ndarray:
         """[M] mean effect over the task of each of M masks [M, L, C]."""
-        return mask_effects(self, masks, memory_budget).mean(1)
+        return mask_effects(self, masks).mean(1)
 
     def effects(self, z) -> np.ndarray:
         """[N] per-pair effects of gates z [L, C] (soft or binary), checked to be finite."""
         return mask_effects(self, np.asarray(z)[None])[0]
 
 
-def build_objective(model: GatedLM, task: EncodedTask, site: str, batch_size: int = 32, cache: bool | None = None,
-                    cache_limit_bytes: int = 4 << 30, metric: str | Metric = PROBABILITY_RATIO,
-                    row_width: int | None = None, mesh: Mesh | None = None, share_prefix: bool = True,
-                    attention: str = "auto") -> Objective:
-    """The objective of `task` at `site` on batches of `batch_size` pairs.
+def build_objective(model: GatedLM | ModelConfig, task: EncodedTask, config: ObjectiveConfig | str = "attn_pattern",
+                    batch_size: int | None = None, *, metric: str | Metric | None = None, attention: str | None = None,
+                    memory_budget: int | None = None, mesh: Mesh | None = None, cache: bool | None = None,
+                    cache_limit_bytes: int = 4 << 30, row_width: int | None = None,
+                    share_prefix: bool = True) -> Objective:
+    """The objective of `task` under `config` (an `ObjectiveConfig`, or a site name with `batch_size`, `metric`,
+    `attention` given here, which then override the config's; `memory_budget` in bytes overrides its
+    `--memory-gb`). The metric defaults to the task's own (`EncodedTask.default_metric`).
+
+    `model` is a `GatedLM`, or a `ModelConfig` for an abstract objective (parameters as `ShapeDtypeStruct`s, no
+    cache; what `jaxtrace plan` lowers): both are made here, so a plan analyses exactly the run's programs.
 
     `cache=True` precomputes the counterfactual sources, prefix keys and values and ungated outputs once
     (`precompute_cache`); `cache=False` recomputes them in every call (the reference's way; for checks); `None`
@@ -133,23 +250,31 @@ def build_objective(model: GatedLM, task: EncodedTask, site: str, batch_size: in
     group of pairs per `data` device and the parameters are sharded over `model`. `attention`: see
     `resolve_attention` (both forms give the same effects and gradients).
     """
-    get_site(site)
-    metric = get_metric(metric)
-    check_task_fits(task, model.config)
+    if isinstance(config, str):
+        config = ObjectiveConfig(site=config)
+    overrides = {"batch_size": batch_size, "attention": attention,
+                 "metric": metric.name if isinstance(metric, Metric) else metric}
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    abstract = isinstance(model, ModelConfig)
+    model_config = model if abstract else model.config
+    site = config.site
+    metric = get_metric(metric if isinstance(metric, Metric) else config.metric or task.default_metric)
+    check_task_fits(task, model_config)
     check_metric(task, metric)
     noise_std = None
-    if task.noise is not None:  # the embedding std is measured on the model
-        noise_std = (task.noise.std if task.noise.std is not None else
+    if task.noise is not None:  # the embedding std is measured on the model (a plan's only needs to be there)
+        noise_std = (task.noise.std if task.noise.std is not None else task.noise.scale if abstract else
                      task.noise.scale * float(jnp.std(model.embed_tokens[...].astype(jnp.float32))))
-    batcher = Batcher(task, batch_size, mesh, row_width, share_prefix)
-    apply, params = functional(model)
-    if mesh is not None:
-        params = meshes.shard_params(params, mesh)
-    spec = core.ObjectiveSpec(apply, model.config, site, metric, noise_std,
+    batcher = Batcher(task, config.batch_size, mesh, row_width, share_prefix)
+    apply, params = functional(nnx.eval_shape(lambda: init_model(model_config)) if abstract else model)
+    params = meshes.abstract_params(params, mesh) if abstract else \
+        params if mesh is None else meshes.shard_params(params, mesh)
+    spec = core.ObjectiveSpec(apply, model_config, site, metric, noise_std,
                               0 if task.noise is None else task.noise.seed, batcher.prefix_length,
-                              resolve_attention(attention))
-    cache_bytes = len(task) * source_bytes_per_pair(model.config, site, task.arrays.cf_ids.shape[1],
-                                                    spec.prefix_length, "fused" if spec.fused else "explicit")
+                              resolve_attention(config.attention))
+    budget = config.memory_budget if memory_budget is None else memory_budget
+    cache_bytes = len(task) * source_bytes_per_pair(model_config, site, task.arrays.cf_ids.shape[1],
+                                                    spec.prefix_length, spec.attention)
     if cache is None:
         cache = cache_bytes <= cache_limit_bytes
     elif cache and cache_bytes > cache_limit_bytes:
@@ -157,8 +282,10 @@ def build_objective(model: GatedLM, task: EncodedTask, site: str, batch_size: in
                   "--attention fused" if site == "attn_pattern" and not spec.fused else "")
         raise MemoryError(f"caching {site} sources needs {cache_bytes / 2**30:.1f} GiB, over the "
                           f"{cache_limit_bytes / 2**30:.1f} GiB limit; use cache=False{advice}")
-    objective = Objective(spec, params, batcher, None)
-    return dataclasses.replace(objective, cache=precompute_cache(objective)) if cache else objective
+    objective = Objective(spec, params, batcher, None, budget)
+    if not cache:
+        return objective
+    return objective.replace(cache=abstract_task_cache(objective) if abstract else precompute_cache(objective))
 
 
 def check_metric(task: EncodedTask, metric: Metric) -> None:
@@ -185,15 +312,10 @@ def check_task_fits(task: EncodedTask, config, model: str | None = None) -> None
                          f"{config.max_positions} positions of {the_model}")
 
 
-@functools.lru_cache(maxsize=None)
-def _precompute_program(spec: core.ObjectiveSpec, mesh: Mesh | None):
-    return meshes.jit(jax.vmap(functools.partial(core.precompute, spec), in_axes=(None, 0)), mesh)
-
-
 def precompute_cache(objective: Objective) -> Cache:
     """The z-independent terms of every pair of the task, pair-major on the host ([N, ...] leaves)."""
     batcher = objective.batcher
-    program = _precompute_program(objective.spec, batcher.mesh)
+    program = objective.programs.precompute()
     chunks = []
     for idx in batcher.in_order:
         group_cache = program(objective.params, batcher.put(batcher.batch(idx, batcher.in_order_shape)))
@@ -202,25 +324,14 @@ def precompute_cache(objective: Objective) -> Cache:
     return jax.tree.map(lambda *parts: np.concatenate(parts), *chunks)
 
 
-@functools.lru_cache(maxsize=None)
-def _mask_program(spec: core.ObjectiveSpec, mesh: Mesh | None, start_layer: int = 0):
-    """[M, G * B] effects of M masks [M, L, C] on one batch: one jitted, vmapped program per spec, mesh and start
-    layer. With `start_layer`, every mask's gates are 0 below it: those layers run once per batch, ungated, and each
-    mask's forward starts from their residual stream."""
-    if not start_layer:
-        effects = lambda params, z, batch, cache: core.batch_effects(spec, params, z, batch, cache)  # noqa: E731
-        return meshes.jit(jax.vmap(effects, in_axes=(None, 0, None, None)), mesh)
-
-    def group(params, masks, batch, cache):  # [M, B]
-        initial = core.residual_entering(spec, params, batch, cache, start_layer)
-        return jax.vmap(lambda z: core.group_effects(spec, params, z, batch, cache, start_layer=start_layer,
-                                                     initial=initial))(masks)
-
-    def effects(params, masks, batch, cache):
-        per_group = jax.vmap(group, in_axes=(None, None, 0, 0))(params, masks, batch, cache)  # [G, M, B]
-        return jnp.moveaxis(per_group, 0, 1).reshape(masks.shape[0], -1)
-
-    return meshes.jit(effects, mesh)
+def abstract_task_cache(objective: Objective) -> Cache:
+    """The shapes (`jax.ShapeDtypeStruct`s, [N, ...] leaves) of the cache `precompute_cache` would give: an
+    abstract objective's cache, from the precompute program's output shapes on one batch."""
+    batcher = objective.batcher
+    batch = batcher.batch(batcher.in_order[0], batcher.in_order_shape)
+    shapes = jax.tree.map(lambda a: jax.ShapeDtypeStruct(np.shape(a), a.dtype), batch)
+    group = jax.eval_shape(objective.programs.fresh().precompute(), objective.params, shapes)  # [G, B, ...]
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct((len(objective.task), *a.shape[2:]), a.dtype), group)
 
 
 SKIP_MIN_MASKS = 8  # fewer masks are evaluated from the embeddings (a start layer's program is not worth compiling)
@@ -239,9 +350,9 @@ def start_layers(objective: Objective, masks: np.ndarray) -> np.ndarray:
     return starts[np.searchsorted(starts, lowest, side="right") - 1]
 
 
-def masks_per_chunk(objective: Objective, n_masks: int, memory_budget: int) -> int:
-    """How many masks one vmapped call evaluates: the budget (per device) over one mask's activation bytes for one
-    data group of a batch (a device holds one group).
+def masks_per_chunk(objective: Objective, n_masks: int, share: float = 1.0) -> int:
+    """How many masks one vmapped call evaluates: `share` of the objective's memory budget (per device) over one
+    mask's activation bytes for one data group of a batch (a device holds one group).
 
     Per mask, a packed batch keeps about 4 residual-width and 2 MLP-width vectors and one attention row (over
     prefix slots and row keys) per token and layer-step, plus the logits and log-softmax at its logit positions
@@ -252,10 +363,10 @@ def masks_per_chunk(objective: Objective, n_masks: int, memory_budget: int) -> i
     width, keys = batcher.packer.width, batcher.packer.width + batcher.packer.memory_width
     per_mask = 4 * (rows * width * (4 * c.d_model + 2 * c.d_ff + 2 * c.n_heads * keys)
                     + 2 * n_logits * c.vocab_size)
-    return int(max(1, min(n_masks, memory_budget // per_mask)))
+    return int(max(1, min(n_masks, int(objective.memory_budget * share) // per_mask)))
 
 
-def mask_effects(objective: Objective, masks, memory_budget: int = 2 << 30) -> np.ndarray:
+def mask_effects(objective: Objective, masks) -> np.ndarray:
     """[M, N] effect on every pair of each of M masks [M, L, C] (binary or soft), checked finite.
 
     Masks are grouped by the layer their evaluation can start at (`start_layers`: the layers below their lowest gate
@@ -266,7 +377,7 @@ def mask_effects(objective: Objective, masks, memory_budget: int = 2 << 30) -> n
     batcher = objective.batcher
     masks = np.asarray(masks, np.float32)
     n_masks = masks.shape[0]
-    chunk = masks_per_chunk(objective, n_masks, memory_budget)
+    chunk = masks_per_chunk(objective, n_masks)
     starts = start_layers(objective, masks)
     groups = []  # (start layer, mask indices, padded chunks on the devices)
     for start in np.unique(starts):
@@ -277,7 +388,7 @@ def mask_effects(objective: Objective, masks, memory_budget: int = 2 << 30) -> n
     for idx in batcher.in_order:
         batch, cache = batcher.put(objective.inputs(idx, batcher.in_order_shape))
         for start, members, padded in groups:
-            program = _mask_program(objective.spec, batcher.mesh, start)
+            program = objective.programs.mask_effects(start)
             for first in range(0, len(members), chunk):
                 values = np.asarray(program(objective.params, padded[first: first + chunk], batch, cache))
                 chosen = members[first: first + chunk]
@@ -296,7 +407,7 @@ def check_finite(objective: Objective, values: np.ndarray, idx: np.ndarray, z) -
     flagged = [int(i) for i, v in zip(idx, values) if not math.isfinite(float(v))]
     if not flagged:
         return
-    batcher, program = objective.batcher, _mask_program(objective.spec, objective.batcher.mesh)
+    batcher, program = objective.batcher, objective.programs.mask_effects()
     z = batcher.replicate(np.asarray(z, np.float32)[None])
     alone = [i for i in flagged if not math.isfinite(float(
         program(objective.params, z, *batcher.put(objective.inputs(np.array([i]))))[0, 0]))]

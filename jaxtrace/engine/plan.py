@@ -1,20 +1,20 @@
 """Memory and FLOPs of a PGB-CT run's device programs, from XLA's own compile-time analysis of abstract shapes.
 
     shape = TaskShape(pairs=1000, prompt_tokens=16, target_tokens=1)
-    report = plan_programs(config, shape.encoded(), "attn_pattern", batch_size=32, mesh=mesh)
+    report = plan_programs(config, shape.encoded(), ObjectiveConfig("attn_pattern", batch_size=32), mesh=mesh)
     report.training.total_bytes, report.training.flops, report.evaluation.total_bytes
 
-Nothing is allocated and no weight is read: the model is built with `nnx.eval_shape`, and its parameters, the packed
-batch, the cache slice and the optimiser state are `jax.ShapeDtypeStruct`s with the shardings a run gives them
-(`jaxtrace.engine.mesh`). The programs lowered are the ones runs compile, not copies: the PGB-CT step
-(`jaxtrace.engine.loop.training_program`, R runs vmapped) and the vmapped mask evaluation of
-`jaxtrace.engine.objective` (M masks per call). Batches are packed on the host exactly as a run packs them, from the
+Nothing is allocated and no weight is read: the objective is `build_objective`'s own, given a `ModelConfig` instead
+of a model (abstract: parameters built with `nnx.eval_shape`), and its parameters, the packed batch, the cache slice
+and the optimiser state are `jax.ShapeDtypeStruct`s with the shardings a run gives them (`jaxtrace.engine.mesh`).
+The programs lowered are the objective's own (`Objective.programs`), not copies: the PGB-CT step (R runs vmapped)
+and the vmapped mask evaluation (M masks per call), with the attention form the run resolves. Batches are packed on the host exactly as a run packs them, from the
 task's token arrays (`TaskShape.encoded` makes them for a task of given sizes), so the packed shapes are the run's.
 
 Each program is compiled once for `memory_analysis()` (what XLA plans for one device: argument, output, alias,
 temporary and generated-code bytes) and `cost_analysis()`. XLA counts a loop's body once, so the FLOPs of the
 scanned layers come from one more compilation with the layer scan unrolled by d, a divisor of the L layers that
-leaves a loop of L / d iterations (`unrolled_layers`): the difference is (d - 1) layers' FLOPs and the total
+leaves a loop of L / d iterations (`ObjectiveSpec.unroll`): the difference is (d - 1) layers' FLOPs and the total
 `f + (L - 1) * layer` (for L prime or below 4 the layer is counted on a 4-layer variant: two more compilations).
 That is what the scanned program executes; unrolling the whole stack would count less (XLA then merges the
 backward pass's rematerialised forward with the forward itself). On a mesh the numbers are those of the
@@ -37,21 +37,15 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jaxtrace.core import objective as core
-from jaxtrace.core.metrics import PROBABILITY_RATIO, Metric, get_metric
-from jaxtrace.core.models import ModelConfig, functional, init_model
-from jaxtrace.core.models.base import unrolled_layers
+from jaxtrace.core.models import ModelConfig
 from jaxtrace.core.options import option
-from jaxtrace.core.records import TaskArrays
+from jaxtrace.core.records import Cache, TaskArrays
 from jaxtrace.core.search import SearchConfig
-from jaxtrace.core.sites import get_site, source_bytes_per_pair
 from jaxtrace.engine import loop
 from jaxtrace.engine import mesh as meshes
-from jaxtrace.engine.batcher import Batcher
-from jaxtrace.engine.objective import (Objective, _mask_program, _precompute_program, check_metric, check_task_fits,
+from jaxtrace.engine.objective import (Objective, ObjectiveConfig, abstract_task_cache, build_objective,
                                        masks_per_chunk)
 from jaxtrace.tasks import EncodedTask, PromptPair
 
@@ -131,6 +125,7 @@ class PlanReport:
     config: ModelConfig
     site: str
     metric: str
+    attention: str
     batch_size: int
     runs: int
     masks: int
@@ -164,24 +159,6 @@ class PlanReport:
                       "evaluation": ProgramCost(**record["evaluation"])})
 
 
-def abstract_objective(config: ModelConfig, task: EncodedTask, site: str, batch_size: int = 32,
-                       metric: str | Metric = PROBABILITY_RATIO, mesh: Mesh | None = None) -> Objective:
-    """The objective `build_objective` would make for a model of `config`, with abstract parameters (shapes and
-    shardings, no values) and no cache (`abstract_cache` gives its shapes)."""
-    get_site(site)
-    metric = get_metric(metric)
-    check_task_fits(task, config)
-    check_metric(task, metric)
-    apply, params = functional(nnx.eval_shape(lambda: init_model(config)))
-    batcher = Batcher(task, batch_size, mesh)
-    noise_std = None  # only its presence shapes the program: any std gives the same one
-    if task.noise is not None:
-        noise_std = task.noise.std if task.noise.std is not None else task.noise.scale
-    spec = core.ObjectiveSpec(apply, config, site, metric, noise_std, 0 if task.noise is None else task.noise.seed,
-                              batcher.prefix_length)
-    return Objective(spec, meshes.abstract_params(params, mesh), batcher, None)
-
-
 def _abstract(tree, sharding=None, lead: tuple[int, ...] = ()):
     """Every array leaf of a pytree as a `jax.ShapeDtypeStruct` (with leading axes `lead`) of the given sharding."""
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct((*lead, *np.shape(a)), a.dtype, sharding=sharding), tree)
@@ -196,19 +173,18 @@ def _replicated(mesh: Mesh | None):
     return None if mesh is None else meshes.replicated(mesh)
 
 
-def abstract_cache(objective: Objective):
+def abstract_cache(objective: Objective) -> Cache:
     """The shapes of one batch's cache slice [G, B, ...] (as `Objective.inputs` takes it from the task's cache)."""
-    spec, batcher = objective.spec, objective.batcher
-    batch = batcher.batch(batcher.in_order[0], batcher.in_order_shape)
-    return jax.eval_shape(_precompute_program.__wrapped__(spec, batcher.mesh), objective.params, _abstract(batch))
+    batcher = objective.batcher
+    cache = objective.cache if objective.cache is not None else abstract_task_cache(objective)
+    return jax.tree.map(lambda a: jax.ShapeDtypeStruct((batcher.groups, batcher.slots, *a.shape[1:]), a.dtype), cache)
 
 
 def host_cache_bytes(objective: Objective) -> int:
     """The bytes of the task's cache on the host (`Objective.cache`: every pair's sources, prefix keys and values
-    and ungated outputs, in the model's activation dtype)."""
-    group = abstract_cache(objective)
-    slots = objective.batcher.groups * objective.batcher.slots
-    return sum(math.prod(a.shape) // slots * a.dtype.itemsize for a in jax.tree.leaves(group)) * len(objective.task)
+    and ungated outputs, in the model's activation dtype), cached or not."""
+    cache = objective.cache if objective.cache is not None else abstract_task_cache(objective)
+    return sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(cache))
 
 
 def training_shape(objective: Objective, search: SearchConfig) -> tuple[int, int]:
@@ -221,7 +197,7 @@ def training_arguments(objective: Objective, search: SearchConfig, runs: int = 1
     """Abstract (state, params, batch, cache, λ1, λ2) of the step of `runs` runs, as `run_searches` passes them."""
     batcher, mesh = objective.batcher, objective.batcher.mesh
     host = batcher.batch(batcher.in_order[0], training_shape(objective, search))
-    _, init = loop.training_step(objective, search, fresh=True)
+    _, init = loop.training_step(objective, search)
     z = jax.ShapeDtypeStruct((runs, *objective.shape), jnp.float32)
     state = _abstract(jax.eval_shape(jax.vmap(init), z), _replicated(mesh))
     batch = _abstract(host, _groups(mesh, 1), (runs,))
@@ -256,13 +232,15 @@ def layer_unroll(n_layers: int) -> int | None:
 Program = tuple[Callable[[], Callable], tuple]  # (make: a fresh jitted program, traced anew each call; its arguments)
 
 
-def analyse(program: Program, n_layers: int, layer_program: Callable[[], tuple[Program, int]]) -> ProgramCost:
+def analyse(program: Program, n_layers: int, layer_programs: Callable[[], tuple[Program | None, Program, int]]
+            ) -> ProgramCost:
     """The per-device cost of a program on abstract arguments, for a model of `n_layers` layers.
 
-    XLA counts the body of the layer scan once; `layer_program()` gives a program of the same layers and its unroll
-    d such that tracing it with d layers per loop iteration adds (d - 1) x one layer's FLOPs (the program itself
-    when L has a divisor that leaves a loop of >= 2 iterations, else a 4-layer variant). A fully unrolled stack would
-    count less than the scan runs: XLA then merges the backward pass's rematerialised forward with the forward."""
+    XLA counts the body of the layer scan once; `layer_programs()` gives (a program of the same layers, None for
+    `program` itself; that program with its layer scan unrolled by d; d), so that the unrolled one adds
+    (d - 1) x one layer's FLOPs (the program itself when L has a divisor that leaves a loop of >= 2 iterations, else
+    a 4-layer variant). A fully unrolled stack would count less than the scan runs: XLA then merges the backward
+    pass's rematerialised forward with the forward."""
     began = time.perf_counter()
     make, args = program
     compiled = make().lower(*args).compile()
@@ -270,10 +248,9 @@ def analyse(program: Program, n_layers: int, layer_program: Callable[[], tuple[P
     del compiled
     total = scanned
     if n_layers > 1:
-        (layer_make, layer_args), unroll = layer_program()
-        once = scanned if layer_make is make else _flops(layer_make().lower(*layer_args).compile())
-        with unrolled_layers(unroll):
-            unrolled = _flops(layer_make().lower(*layer_args).compile())
+        base, (unrolled_make, unrolled_args), unroll = layer_programs()
+        once = scanned if base is None else _flops(base[0]().lower(*base[1]).compile())
+        unrolled = _flops(unrolled_make().lower(*unrolled_args).compile())
         total = scanned + (n_layers - 1) * (unrolled - once) / (unroll - 1)
     sizes = dict(argument_bytes=memory.argument_size_in_bytes, output_bytes=memory.output_size_in_bytes,
                  alias_bytes=memory.alias_size_in_bytes, temp_bytes=memory.temp_size_in_bytes,
@@ -293,58 +270,56 @@ def shard_bytes(tree) -> int:
     return sum(one(leaf) for leaf in jax.tree.leaves(tree))
 
 
-def plan_programs(config: ModelConfig, task: EncodedTask, site: str, batch_size: int = 32,
-                  metric: str | Metric = PROBABILITY_RATIO, mesh: Mesh | None = None,
-                  search: SearchConfig | None = None, runs: int = 1, masks: int | None = None,
-                  memory_budget: int = 2 << 30, cache: bool | None = None, cache_limit_bytes: int = 4 << 30,
+def plan_programs(config: ModelConfig, task: EncodedTask, objective: ObjectiveConfig = ObjectiveConfig(),
+                  mesh: Mesh | None = None, search: SearchConfig | None = None, runs: int = 1,
+                  masks: int | None = None, cache: bool | None = None, cache_limit_bytes: int = 4 << 30,
                   device_memory_bytes: int = 80 << 30, name: str = "", simulated: bool = False) -> PlanReport:
     """The plan of a run of PGB-CT (`search`, default `SearchConfig()`; `runs` runs optimised together) on `task`
-    at `site` with a model of `config`, on this process's devices (`mesh`, None: one device), and of its mask
-    evaluation, `masks` masks a call (default: as many as `memory_budget` admits, as `mask_effects` chooses).
-    `cache`, `cache_limit_bytes` as `build_objective` (whether the task's sources are cached or recomputed every
+    under `objective` (site, metric, batch size, memory budget, attention form: the run's own record) with a model of
+    `config`, on this process's devices (`mesh`, None: one device), and of its mask evaluation, `masks` masks a call
+    (default: as many as the memory budget admits, as `mask_effects` chooses). The objective is `build_objective`'s
+    own, abstract; `cache`, `cache_limit_bytes` as there (whether the task's sources are cached or recomputed every
     step)."""
     if type(runs) is not int or runs < 1:
         raise ValueError(f"runs must be a positive integer, got {runs!r}")
     if masks is not None and (type(masks) is not int or masks < 1):
         raise ValueError(f"masks must be a positive integer, got {masks!r}")
     search = search or SearchConfig()
-    objective = abstract_objective(config, task, site, batch_size, metric, mesh)
-    spec, batcher = objective.spec, objective.batcher
-    # Whether the sources are cached is decided as build_objective decides it (a float32 estimate).
-    cache_bytes = source_bytes_per_pair(config, site, task.arrays.cf_ids.shape[1], spec.prefix_length) * len(task)
-    cached = cache_bytes <= cache_limit_bytes if cache is None else cache
-    if cached and cache_bytes > cache_limit_bytes:
-        raise MemoryError(f"caching {site} sources needs {cache_bytes / 2**30:.1f} GiB, over the "
-                          f"{cache_limit_bytes / 2**30:.1f} GiB limit")
-    masks = masks or masks_per_chunk(objective, 1 << 30, memory_budget)
 
-    def program(target: Objective, kind: str) -> Program:
-        if kind == "training":
-            return (lambda: loop.training_step(target, search, fresh=True)[0],
-                    training_arguments(target, search, runs, cached))
-        return (lambda: _mask_program.__wrapped__(target.spec, mesh), evaluation_arguments(target, masks, cached))
+    def abstract(model_config: ModelConfig) -> Objective:
+        return build_objective(model_config, task, objective, mesh=mesh, cache=cache,
+                               cache_limit_bytes=cache_limit_bytes)
+
+    target = abstract(config)
+    spec, batcher = target.spec, target.batcher
+    cached = target.cache is not None
+    masks = masks or masks_per_chunk(target, 1 << 30)
+
+    def program(variant: Objective, kind: str) -> Program:
+        if kind == "training":  # a fresh program at every call: each lowering traces anew
+            return (lambda: loop.training_step(variant.fresh(), search)[0],
+                    training_arguments(variant, search, runs, cached))
+        return lambda: variant.fresh().programs.mask_effects(), evaluation_arguments(variant, masks, cached)
 
     def cost(kind: str) -> ProgramCost:
-        full = program(objective, kind)
-
-        def layer_program() -> tuple[Program, int]:
+        def layer_programs() -> tuple[Program, Program, int]:
             unroll = layer_unroll(config.n_layers)
-            if unroll is not None:
-                return full, unroll
-            variant = abstract_objective(config.replace(n_layers=4), task, site, batch_size, metric, mesh)
-            return program(variant, kind), 2
+            base = target if unroll is not None else abstract(config.replace(n_layers=4))
+            unroll = unroll or 2
+            unrolled = base.replace(spec=dataclasses.replace(base.spec, unroll=unroll))
+            return (None if base is target else program(base, kind)), program(unrolled, kind), unroll
 
-        return analyse(full, config.n_layers, layer_program)
+        return analyse(program(target, kind), config.n_layers, layer_programs)
 
     training, evaluation = cost("training"), cost("evaluation")
-    train_rows, n_logits = training_shape(objective, search)
+    train_rows, n_logits = training_shape(target, search)
     return PlanReport(
-        model=name, config=config, site=site, metric=spec.metric.name, batch_size=batch_size, runs=runs,
-        masks=masks, pairs=len(task),
+        model=name, config=config, site=spec.site, metric=spec.metric.name, attention=str(spec.attention),
+        batch_size=batcher.batch_size, runs=runs, masks=masks, pairs=len(task),
         mesh={"data": batcher.groups, "model": 1 if mesh is None else mesh.shape["model"]},
         devices=1 if mesh is None else mesh.devices.size,
         platform=(jax.devices()[0] if mesh is None else mesh.devices.flat[0]).platform, simulated=simulated,
         packed={"training_rows": train_rows, "evaluation_rows": batcher.in_order_shape[0],
                 "row_width": batcher.packer.width, "prefix_slots": batcher.packer.memory_width, "logits": n_logits},
-        weight_bytes=shard_bytes(objective.params), cache_host_bytes=host_cache_bytes(objective), cached=cached,
+        weight_bytes=shard_bytes(target.params), cache_host_bytes=host_cache_bytes(target), cached=cached,
         device_memory_bytes=device_memory_bytes, training=training, evaluation=evaluation)

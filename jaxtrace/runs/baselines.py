@@ -21,7 +21,7 @@ from jaxtrace.core.models import GatedLM
 from jaxtrace.core.options import option
 from jaxtrace.engine.attribution import ATTRIBUTIONS, attribution_scores
 from jaxtrace.engine.faithfulness import ranking_masks
-from jaxtrace.engine.objective import Objective, build_objective
+from jaxtrace.engine.objective import Objective, ObjectiveConfig, build_objective
 from jaxtrace.io.circuit import Circuit
 from jaxtrace.runs.common import Provenance, publish_circuit, result_folder, summarize
 from jaxtrace.tasks import EncodedTask
@@ -35,16 +35,16 @@ def _one_hot(shape: tuple[int, int], flat: np.ndarray) -> np.ndarray:
     return masks.reshape(len(flat), *shape)
 
 
-def single_effects(objective: Objective, memory_budget: int = 2 << 30) -> np.ndarray:
+def single_effects(objective: Objective) -> np.ndarray:
     """[L, C] mean effect of each component alone (every one-hot mask, batched)."""
     shape = objective.shape
     masks = _one_hot(shape, np.arange(objective.n_components))
-    return objective.mask_effects(masks, memory_budget).mean(1).reshape(shape)
+    return objective.mask_effects(masks).mean(1).reshape(shape)
 
 
-def topk(objective: Objective, k: int, single: np.ndarray | None = None, memory_budget: int = 2 << 30) -> np.ndarray:
+def topk(objective: Objective, k: int, single: np.ndarray | None = None) -> np.ndarray:
     """Mask [L, C] of the k components with the largest single effects (or the given scores [L, C])."""
-    single = single_effects(objective, memory_budget) if single is None else single
+    single = single_effects(objective) if single is None else single
     return ranking_masks(single, [k])[0] > 0
 
 
@@ -68,7 +68,7 @@ def rank_correlation(a, b) -> float:
     return float((ra * rb).sum() / norm) if norm > 0 else math.nan
 
 
-def greedy_path(objective: Objective, k: int, memory_budget: int = 2 << 30,
+def greedy_path(objective: Objective, k: int,
                 candidates: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, float]]:
     """Forward selection: yields (mask [L, C], mean effect) for sizes 1..k, each adding the candidate that
     maximises the mean effect.
@@ -86,19 +86,19 @@ def greedy_path(objective: Objective, k: int, memory_budget: int = 2 << 30,
         remaining = np.flatnonzero(pool & (current == 0))
         masks = np.repeat(current[None], len(remaining), axis=0)
         masks[np.arange(len(remaining)), remaining] = 1.0
-        effects = objective.mask_effects(masks.reshape(-1, *shape), memory_budget).mean(1)
+        effects = objective.mask_effects(masks.reshape(-1, *shape)).mean(1)
         best = int(np.argmax(effects))
         current = masks[best]
         yield current.reshape(shape) > 0, float(effects[best])
 
 
-def greedy(objective: Objective, k: int, memory_budget: int = 2 << 30,
+def greedy(objective: Objective, k: int,
            candidates: np.ndarray | None = None) -> list[np.ndarray]:
     """Greedy masks of sizes 1..k (see `greedy_path`)."""
-    return [mask for mask, _ in greedy_path(objective, k, memory_budget, candidates)]
+    return [mask for mask, _ in greedy_path(objective, k, candidates)]
 
 
-def random_best(objective: Objective, k: int, n_samples: int, seed: int = 0, memory_budget: int = 2 << 30,
+def random_best(objective: Objective, k: int, n_samples: int, seed: int = 0,
                 with_effect: bool = False) -> np.ndarray | tuple[np.ndarray, float]:
     """The best of `n_samples` uniformly random subsets of size k (seeded), with its mean effect if asked."""
     rng = np.random.default_rng(seed)
@@ -106,7 +106,7 @@ def random_best(objective: Objective, k: int, n_samples: int, seed: int = 0, mem
     masks = np.zeros((n_samples, objective.n_components), np.float32)
     for row in masks:
         row[rng.choice(objective.n_components, size=k, replace=False)] = 1.0
-    effects = objective.mask_effects(masks.reshape(-1, *shape), memory_budget).mean(1)
+    effects = objective.mask_effects(masks.reshape(-1, *shape)).mean(1)
     best = int(np.argmax(effects))
     mask = masks[best].reshape(shape) > 0
     return (mask, float(effects[best])) if with_effect else mask
@@ -117,8 +117,7 @@ def count_subsets(n: int, k: int) -> int:
     return sum(math.comb(n, size) for size in range(1, k + 1))
 
 
-def exhaustive(objective: Objective, k: int, max_masks: int = 100_000,
-               memory_budget: int = 2 << 30) -> list[np.ndarray]:
+def exhaustive(objective: Objective, k: int, max_masks: int = 100_000) -> list[np.ndarray]:
     """The best mask of each size 1..k over all subsets; refused when there are more than `max_masks`."""
     n = objective.n_components
     total = count_subsets(n, k)
@@ -131,7 +130,7 @@ def exhaustive(objective: Objective, k: int, max_masks: int = 100_000,
         subsets = np.array(list(itertools.combinations(range(n), size)))
         masks = np.zeros((len(subsets), n), np.float32)
         np.put_along_axis(masks, subsets, 1.0, axis=1)
-        effects = objective.mask_effects(masks.reshape(-1, *shape), memory_budget).mean(1)
+        effects = objective.mask_effects(masks.reshape(-1, *shape)).mean(1)
         best.append(masks[int(np.argmax(effects))].reshape(shape) > 0)
     return best
 
@@ -159,8 +158,7 @@ class BaselineConfig:
             raise ValueError(f"--single-max must be >= 0, got {self.single_max}")
 
 
-def run_baseline(objective: Objective, method: str, k: int, n_samples: int = 100, seed: int = 0,
-                 memory_budget: int = 2 << 30, ig_steps: int = 32,
+def run_baseline(objective: Objective, method: str, k: int, n_samples: int = 100, seed: int = 0, ig_steps: int = 32,
                  single_max: int = 4096) -> tuple[np.ndarray, dict]:
     """(mask [L, C] of size k, extras) for one method. `single` and `topk` select the top k single effects and
     return them ("single_effects"); `atp` and `ig` select the top k scores and return them ("scores"), with, when
@@ -173,36 +171,37 @@ def run_baseline(objective: Objective, method: str, k: int, n_samples: int = 100
     start = time.perf_counter()
     extras: dict = {}
     if method in ("single", "topk"):
-        single = single_effects(objective, memory_budget)
+        single = single_effects(objective)
         extras["single_effects"] = single
         mask = topk(objective, k, single)
     elif method == "greedy":
-        mask = greedy(objective, k, memory_budget)[-1]
+        mask = greedy(objective, k)[-1]
     elif method == "random":
-        mask = random_best(objective, k, n_samples, seed, memory_budget)
+        mask = random_best(objective, k, n_samples, seed)
     elif method in ATTRIBUTIONS:
-        scores = extras["scores"] = attribution_scores(objective, method, ig_steps, memory_budget)
+        scores = extras["scores"] = attribution_scores(objective, method, ig_steps)
         mask = topk(objective, k, scores)
         if objective.n_components <= single_max:
-            single = extras["single_effects"] = single_effects(objective, memory_budget)
+            single = extras["single_effects"] = single_effects(objective)
             correlation = rank_correlation(scores, single)
             extras["score_correlation"] = correlation if math.isfinite(correlation) else None
     else:
-        mask = exhaustive(objective, k, memory_budget=memory_budget)[-1]
+        mask = exhaustive(objective, k)[-1]
     extras["seconds"] = time.perf_counter() - start
     return mask, extras
 
 
-def baseline(model: GatedLM, task: EncodedTask, site: str, config: BaselineConfig, *, batch_size: int = 32,
-             metric: str | Metric = "probability_ratio", memory_budget: int = 2 << 30, mesh: Mesh | None = None,
-             attention: str = "auto", out: str | Path | None = None, overwrite: bool = False,
+def baseline(model: GatedLM, task: EncodedTask, objective: ObjectiveConfig | str, config: BaselineConfig, *,
+             batch_size: int | None = None, metric: str | Metric | None = None, mesh: Mesh | None = None,
+             attention: str | None = None, out: str | Path | None = None, overwrite: bool = False,
              provenance: Provenance = Provenance()) -> Circuit:
-    """A baseline circuit of size k, scored like a PGB-CT circuit; with `out`, written like one (no checkpoints)."""
-    objective = build_objective(model, task, site, batch_size, metric=metric, mesh=mesh, attention=attention)
+    """A baseline circuit of size k, scored like a PGB-CT circuit; with `out`, written like one (no checkpoints).
+    `objective`, `batch_size`, `metric`, `attention` as `build_objective` (the metric defaults to the task's)."""
+    objective = build_objective(model, task, objective, batch_size, metric=metric, attention=attention, mesh=mesh)
     settings = dataclasses.asdict(config)
     with result_folder(out, "baseline", objective, provenance, settings, overwrite=overwrite) as folder:
         mask, extras = run_baseline(objective, config.method, config.k, config.samples, config.random_seed,
-                                    memory_budget, config.ig_steps, config.single_max)
+                                    config.ig_steps, config.single_max)
         circuit, effects = summarize(objective, mask, mask.astype(np.float32), provenance, config.method, settings,
                                      [], extras["seconds"])
         single, scores = extras.get("single_effects"), extras.get("scores")

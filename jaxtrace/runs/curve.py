@@ -122,7 +122,7 @@ def greedy_ranking(order: list[int], single: np.ndarray) -> np.ndarray:
 
 def compare(objective: Objective, config: SearchConfig, sizes: list[int], lambda_factors: np.ndarray,
             greedy_max: int | None = None, greedy_candidates: int | None = None, n_random: int = 100,
-            seed: int = 0, memory_budget: int = 2 << 30, progress: bool = True, ig_steps: int = 32,
+            seed: int = 0, progress: bool = True, ig_steps: int = 32,
             report: Callable[[dict], None] | None = None) -> dict:
     """Every method's circuits by size, its ranking's faithfulness curves, and its wall time.
 
@@ -164,14 +164,14 @@ def compare(objective: Objective, config: SearchConfig, sizes: list[int], lambda
     def top_circuits(name: str, scores: np.ndarray) -> None:
         masks = ranking_masks(scores, all_sizes)
         circuits[name] = dict(zip(all_sizes, masks > 0))
-        curves[name] = dict(zip(all_sizes, map(float, objective.evaluate_masks(masks, memory_budget))))
+        curves[name] = dict(zip(all_sizes, map(float, objective.evaluate_masks(masks))))
 
     start = time.perf_counter()
     configs = [config.replace(lambda1=config.lambda1 * f, lambda2=config.lambda2 * f) for f in lambda_factors]
     with progress_bar(config.epochs * len(objective.batcher.in_order), "PGB-CT sweep", progress) as on_step:
         runs = run_searches(objective, configs, on_step=on_step)
     masks = np.stack([r.mask for r in runs]).astype(np.float32)
-    for run, effect in zip(runs, objective.evaluate_masks(masks, memory_budget)):
+    for run, effect in zip(runs, objective.evaluate_masks(masks)):
         size = int(run.mask.sum())
         result["pgbct_runs"].append({"lambda1": run.config.lambda1, "lambda2": run.config.lambda2,
                                      "size": size, "effect": float(effect)})
@@ -182,7 +182,7 @@ def compare(objective: Objective, config: SearchConfig, sizes: list[int], lambda
     done("pgbct", start)
 
     start = time.perf_counter()
-    single = rankings["single"] = baselines.single_effects(objective, memory_budget)
+    single = rankings["single"] = baselines.single_effects(objective)
     done("single", start)
     start = time.perf_counter()
     top_circuits("topk", single)
@@ -193,7 +193,7 @@ def compare(objective: Objective, config: SearchConfig, sizes: list[int], lambda
     result["greedy_max"] = limit
     pool = None if greedy_candidates is None else np.argsort(-single, axis=None)[:greedy_candidates]
     order, previous = [], np.zeros(objective.shape, bool)
-    for size, (mask, effect) in enumerate(baselines.greedy_path(objective, limit, memory_budget, pool), 1):
+    for size, (mask, effect) in enumerate(baselines.greedy_path(objective, limit, pool), 1):
         order.append(int(np.flatnonzero(mask & ~previous)[0]))
         previous = mask
         if size in all_sizes:
@@ -204,12 +204,12 @@ def compare(objective: Objective, config: SearchConfig, sizes: list[int], lambda
     start = time.perf_counter()
     for s in all_sizes:
         circuits["random"][s], curves["random"][s] = baselines.random_best(objective, s, n_random, seed,
-                                                                          memory_budget, with_effect=True)
+                                                                          with_effect=True)
     done("random", start)
 
     for name in ("atp", "ig"):
         start = time.perf_counter()
-        rankings[name] = attribution_scores(objective, name, ig_steps, memory_budget)
+        rankings[name] = attribution_scores(objective, name, ig_steps)
         top_circuits(name, rankings[name])
         done(name, start)
 
@@ -217,8 +217,7 @@ def compare(objective: Objective, config: SearchConfig, sizes: list[int], lambda
     curve_sizes = fraction_sizes(objective.n_components, MIB_FRACTIONS)
     ranked_masks = curve_masks(rankings, curve_sizes)
     listed = [(name, size, mask) for name in METHOD_NAMES for size, mask in circuits[name].items()]
-    scored = circuit_faithfulness(objective, np.concatenate([ranked_masks, [mask for _, _, mask in listed]]),
-                                  memory_budget)
+    scored = circuit_faithfulness(objective, np.concatenate([ranked_masks, [mask for _, _, mask in listed]]))
     ranked = ranking_curves(list(rankings), MIB_FRACTIONS, curve_sizes, scored)
     by_circuit = {(name, size): float(f)
                   for (name, size, _), f in zip(listed, scored["faithfulness"][len(ranked_masks):])}
@@ -330,7 +329,7 @@ def write_curve_plot(result: dict, path) -> None:
                             f"{result['site']}: effect against circuit size")
 
 
-def compare_run(objective: Objective, search: SearchConfig, config: CurveConfig, *, memory_budget: int = 2 << 30,
+def compare_run(objective: Objective, search: SearchConfig, config: CurveConfig, *,
                 out: str | Path | None = None, overwrite: bool = False, progress: bool = True,
                 provenance: Provenance = Provenance()) -> dict:
     """The evaluation of every method on `objective`; with `out`, curve.json and curve.png are rewritten after every
@@ -348,8 +347,7 @@ def compare_run(objective: Objective, search: SearchConfig, config: CurveConfig,
 
         factors = np.geomspace(*config.lambda_range, config.n_lambdas)
         result = compare(objective, search, list(config.sizes), factors, greedy_max=config.greedy_max,
-                         greedy_candidates=config.greedy_candidates, n_random=config.samples, seed=config.random_seed,
-                         memory_budget=memory_budget, progress=progress, ig_steps=config.ig_steps, report=report)
+                         greedy_candidates=config.greedy_candidates, n_random=config.samples, seed=config.random_seed, progress=progress, ig_steps=config.ig_steps, report=report)
         if folder is not None:
             writers = {
                 "curve.md": lambda path: write_text(path, table_markdown(result) + "\n"),

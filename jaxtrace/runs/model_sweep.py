@@ -22,6 +22,7 @@ from jax.sharding import Mesh
 import jaxtrace
 from jaxtrace.core.search import SearchConfig
 from jaxtrace.engine.mesh import is_writer
+from jaxtrace.engine.objective import ObjectiveConfig
 from jaxtrace.io.circuit import Circuit
 from jaxtrace.io.files import write_json, write_text
 from jaxtrace.io.loading import MODEL_REGISTRY, resolve_model_path
@@ -51,16 +52,15 @@ def _has_checkpoints(folder: Path) -> bool:
     return checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
 
 
-def sweep_models(models: list[str], tasks: list[TaskSpec], site: str, out: str | Path,
-                 config: SearchConfig = SearchConfig(), *, batch_size: int = 32, metric: str | None = None,
-                 attention: str = "auto",
-                 progress: bool = True, load: Callable = jaxtrace.load_model, mesh: Mesh | None = None,
+def sweep_models(models: list[str], tasks: list[TaskSpec], objective: ObjectiveConfig | str, out: str | Path,
+                 config: SearchConfig = SearchConfig(), *, progress: bool = True, load: Callable = jaxtrace.load_model, mesh: Mesh | None = None,
                  overwrite: bool = False) -> dict:
     """Trace every (model, task) pair into `out/<model slug>/<task>/`, then write `out/report.md`.
 
     A pair with a `circuit.json` is finished and skipped; one with checkpoints but no circuit (a killed run) is
     resumed. Each model is loaded once (`load(spec) -> (model, tokenizer)`), and only if one of its pairs is
-    unfinished. `tasks` are the tasks' specs (data and options); `metric` names the effect (default: each task's).
+    unfinished. `tasks` are the tasks' specs (data and options); `objective` the site, metric (default: each
+    task's), batch size, memory budget and attention of every pair (an `ObjectiveConfig`, or a site).
     A rerun with other models, tasks or options than the folder's sweep is refused unless `overwrite`.
     `sweep.json` (the arguments, each pair's status) is rewritten atomically as the sweep goes. Returns it.
     """
@@ -73,8 +73,9 @@ def sweep_models(models: list[str], tasks: list[TaskSpec], site: str, out: str |
     for spec in models:  # a typo fails now, not after hours of tracing the models before it
         resolve_model_path(spec)
     slugs = model_slugs(models)
-    identity = {"kind": "sweep", "models": models, "site": site, "metric": metric, "batch_size": batch_size,
-                "attention": attention,
+    objective = ObjectiveConfig(site=objective) if isinstance(objective, str) else objective
+    identity = {"kind": "sweep", "models": models, "site": objective.site, "metric": objective.metric,
+                "batch_size": objective.batch_size, "attention": objective.attention,
                 "search": {k: v for k, v in dataclasses.asdict(config).items() if k != "epochs"},
                 "tasks": [{"task": t.task, "data": t.data, "options": t.options()} for t in tasks]}
     with ResultFolder(out, identity, "report.md", resume=True, overwrite=overwrite) as folder:
@@ -107,9 +108,8 @@ def sweep_models(models: list[str], tasks: list[TaskSpec], site: str, out: str |
                 save()
                 try:
                     task_spec = specs[pair["task"]]
-                    trace(model, task_spec.build(tokenizer), site, config, batch_size=batch_size, metric=metric,
-                          mesh=mesh, attention=attention, out=pair_folder, resume=resume, progress=progress,
-                          provenance=Provenance(spec, task_spec))
+                    trace(model, task_spec.build(tokenizer), objective, config, mesh=mesh, out=pair_folder,
+                          resume=resume, progress=progress, provenance=Provenance(spec, task_spec))
                     pair["status"] = "done"
                 except BaseException as error:
                     pair["status"] = "interrupted" if isinstance(error, KeyboardInterrupt) else f"failed: {error}"

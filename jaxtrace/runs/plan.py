@@ -32,6 +32,7 @@ from jaxtrace.core.records import TaskArrays
 from jaxtrace.core.search import SearchConfig
 from jaxtrace.core.sites import gate_shape
 from jaxtrace.engine.mesh import parse_mesh
+from jaxtrace.engine.objective import ObjectiveConfig
 from jaxtrace.engine.plan import PlanReport, ProgramCost, TaskShape, plan_programs
 from jaxtrace.io.loading import load_config, tokenizer_for
 from jaxtrace.tasks import EncodedTask, Noise, PromptPair, TaskSpec
@@ -58,21 +59,23 @@ class PlanConfig:
 
 
 def plan(model: str | Path | dict | ModelConfig = "smollm2-135m",
-         task: TaskShape | TaskSpec | EncodedTask | None = None, *, site: str = "attn_pattern",
-         metric: str | None = None, batch_size: int = 32, dtype: str | None = None, mesh: str | None = None,
-         devices: int | None = None, masks: int | None = None, runs: int = 1, memory_gb: float = 2.0,
-         device_memory_gb: float = 80.0, tokenizer: str | Path | None = None,
+         task: TaskShape | TaskSpec | EncodedTask | None = None, objective: ObjectiveConfig | str | None = None, *,
+         dtype: str | None = None, mesh: str | None = None, devices: int | None = None, masks: int | None = None,
+         runs: int = 1, device_memory_gb: float = 80.0, tokenizer: str | Path | None = None,
          search: SearchConfig | None = None) -> PlanReport:
     """The plan of a PGB-CT run (`search`, default `SearchConfig()`; `runs` runs vmapped) of `model` on `task`
-    (default: `TaskShape()`) at `site`, with batches of `batch_size` pairs, on `mesh` ("data=D,model=M"; default:
-    every device on data) over this process's devices or `devices` simulated CPU devices; and of its mask evaluation,
-    `masks` a call (default: as many as a `memory_gb` budget admits). `dtype`: the model's (default: float32, or a
-    `ModelConfig`'s own); `metric`: default the task's."""
+    (default: `TaskShape()`) under `objective` (the run's `ObjectiveConfig`, or a site: site, metric (default the
+    task's), batch size, memory budget and attention form, resolved as the run resolves them on these devices),
+    on `mesh` ("data=D,model=M"; default: every device on data) over this process's devices or `devices` simulated
+    CPU devices; and of its mask evaluation, `masks` a call (default: as many as the memory budget admits).
+    `dtype`: the model's (default: float32, or a `ModelConfig`'s own)."""
     PlanConfig(devices, masks, runs, device_memory_gb)
+    objective = ObjectiveConfig() if objective is None else \
+        ObjectiveConfig(site=objective) if isinstance(objective, str) else objective
     request = {"model": dataclasses.asdict(model) if isinstance(model, ModelConfig) else
                model if isinstance(model, dict) else str(model),
-               "model_is_config": isinstance(model, ModelConfig), "dtype": dtype, "site": site, "metric": metric,
-               "batch_size": batch_size, "mesh": mesh, "masks": masks, "runs": runs, "memory_gb": memory_gb,
+               "model_is_config": isinstance(model, ModelConfig), "dtype": dtype,
+               "objective": dataclasses.asdict(objective), "mesh": mesh, "masks": masks, "runs": runs,
                "device_memory_gb": device_memory_gb, "tokenizer": None if tokenizer is None else str(tokenizer),
                "search": dataclasses.asdict(search or SearchConfig())}
     if devices is None or devices == jax.device_count():
@@ -97,9 +100,7 @@ def _plan(request: dict, task, simulated: bool) -> PlanReport:
     else:
         config = load_config(model, request["dtype"] or "float32")
         name = "config dict" if isinstance(model, dict) else model
-    metric = request["metric"]
     if isinstance(task, TaskSpec):
-        metric = metric or task.default_metric
         named = not (request["model_is_config"] or isinstance(model, dict))  # a name, folder or file
         tokenizer = (tokenizer_for(model, request["tokenizer"]) if named else
                      tokenizer_for(None, request["tokenizer"]) if request["tokenizer"] else None)
@@ -108,11 +109,10 @@ def _plan(request: dict, task, simulated: bool) -> PlanReport:
         task = task.encoded()
     mesh = request["mesh"]
     mesh = parse_mesh(mesh) if mesh is not None or jax.device_count() > 1 else None
-    return plan_programs(config, task, request["site"], request["batch_size"], metric or "probability_ratio", mesh,
+    return plan_programs(config, task, ObjectiveConfig(**request["objective"]), mesh,
                          SearchConfig(**request["search"]), request["runs"], request["masks"],
-                         int(request["memory_gb"] * 2**30), device_memory_bytes=int(request["device_memory_gb"] *
-                                                                                   2**30),
-                         name=name, simulated=simulated)
+                         device_memory_bytes=int(request["device_memory_gb"] * 2**30), name=name,
+                         simulated=simulated)
 
 
 def _task_record(task, scratch: Path) -> dict:
@@ -182,7 +182,8 @@ def format_plan(report: PlanReport) -> str:
              f"{report.devices} {report.platform.upper()} device{'s' * (report.devices > 1)}")
     n_params = _scaled(c.n_params, (("B", 1e9), ("M", 1e6), ("", 1))).replace(" ", "")
     lines = [
-        f"model      {report.model}: {c.model_type}, {n_params} parameters, {c.dtype}; {report.site} gates {list(gate_shape(c, report.site))}; {report.metric}",
+        f"model      {report.model}: {c.model_type}, {n_params} parameters, {c.dtype}; {report.site} gates "
+        f"{list(gate_shape(c, report.site))}; {report.metric}; {report.attention} attention",
         f"task       {report.pairs} pairs, batches of {report.batch_size}; per data group a step packs "
         f"{packed['training_rows']} rows, an evaluation {packed['evaluation_rows']}, of {packed['row_width']} "
         f"tokens{prefix}; {report.runs} run{'s' * (report.runs > 1)} a step",

@@ -78,7 +78,7 @@ def percentile_interval(values, confidence: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def stability(objective: Objective, search: SearchConfig, config: StabilityConfig, memory_budget: int = 2 << 30,
+def stability(objective: Objective, search: SearchConfig, config: StabilityConfig,
               progress: bool = True) -> dict:
     """The sweep's runs ({seed, resample, size, effect, selected, z [L][C]}), selection frequency [L][C], mean
     Jaccard similarity, and the circuits' effects on the full task with their percentile interval."""
@@ -90,7 +90,7 @@ def stability(objective: Objective, search: SearchConfig, config: StabilityConfi
     with progress_bar(search.epochs * len(objective.batcher.in_order), "stability sweep", progress) as on_step:
         results = run_searches(objective, configs, on_step=on_step, pairs=pairs)
     masks = np.stack([r.mask for r in results])
-    effects = objective.evaluate_masks(masks.astype(np.float32), memory_budget)
+    effects = objective.evaluate_masks(masks.astype(np.float32))
     labels = component_labels(objective.spec.config, objective.site)
     width = objective.shape[1]
     return {
@@ -127,14 +127,13 @@ def summary(result: dict) -> str:
     ])
 
 
-def stability_run(objective: Objective, search: SearchConfig, config: StabilityConfig, *,
-                  memory_budget: int = 2 << 30, out: str | Path | None = None, overwrite: bool = False,
+def stability_run(objective: Objective, search: SearchConfig, config: StabilityConfig, *, out: str | Path | None = None, overwrite: bool = False,
                   progress: bool = True, provenance: Provenance = Provenance()) -> dict:
     """The stability sweep on `objective`; with `out`, stability.json (last) and selection_frequency.png."""
     settings = {"search": dataclasses.asdict(resolve(objective, [search])[0]), "stability": dataclasses.asdict(config)}
     with result_folder(out, "stability", objective, provenance, settings, overwrite=overwrite,
                        finished="stability.json") as folder:
-        result = stability(objective, search, config, memory_budget, progress)
+        result = stability(objective, search, config, progress)
         if folder is not None:
             frequency = np.asarray(result["selection_frequency"])
             folder.publish({

@@ -12,22 +12,23 @@ from jaxtrace.core.metrics import Metric
 from jaxtrace.core.models import GatedLM
 from jaxtrace.core.search import SearchConfig
 from jaxtrace.engine.loop import find_target_size, initial_state, resolve, run_search
-from jaxtrace.engine.objective import Objective, build_objective
+from jaxtrace.engine.objective import Objective, ObjectiveConfig, build_objective
 from jaxtrace.io.checkpoints import EpochCheckpoints
 from jaxtrace.io.circuit import Circuit
 from jaxtrace.runs.common import Provenance, progress_bar, publish_circuit, result_folder, summarize
 from jaxtrace.tasks import EncodedTask
 
 
-def trace(model: GatedLM, task: EncodedTask, site: str = "attn_pattern", config: SearchConfig = SearchConfig(), *,
-          batch_size: int = 32, metric: str | Metric | None = None, mesh: Mesh | None = None,
-          attention: str = "auto", out: str | Path | None = None, resume: bool = False, overwrite: bool = False,
-          target_size: int | None = None, progress: bool = True, provenance: Provenance = Provenance()) -> Circuit:
-    """Run PGB-CT on `task` at `site` and return the circuit; with `out`, checkpoint every epoch and write the
-    result folder there (see `trace_objective`). `metric` defaults to the task's (`TaskSpec.default_metric`)."""
-    if metric is None:
-        metric = "probability_ratio" if provenance.task is None else provenance.task.default_metric
-    objective = build_objective(model, task, site, batch_size, metric=metric, mesh=mesh, attention=attention)
+def trace(model: GatedLM, task: EncodedTask, objective: ObjectiveConfig | str = "attn_pattern",
+          config: SearchConfig = SearchConfig(), *, batch_size: int | None = None, metric: str | Metric | None = None,
+          mesh: Mesh | None = None, attention: str | None = None, out: str | Path | None = None, resume: bool = False,
+          overwrite: bool = False, target_size: int | None = None, progress: bool = True,
+          provenance: Provenance = Provenance()) -> Circuit:
+    """Run PGB-CT on `task` under `objective` (an `ObjectiveConfig` or a site; `batch_size`, `metric` and
+    `attention` override it, see `build_objective`) and return the circuit; with `out`, checkpoint every epoch and
+    write the result folder there (see `trace_objective`). The metric defaults to the task's
+    (`EncodedTask.default_metric`)."""
+    objective = build_objective(model, task, objective, batch_size, metric=metric, attention=attention, mesh=mesh)
     return trace_objective(objective, config, out=out, resume=resume, overwrite=overwrite, target_size=target_size,
                            progress=progress, provenance=provenance)
 

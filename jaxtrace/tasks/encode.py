@@ -48,6 +48,12 @@ class EncodedTask:
     pad_id: int                           # the tokenizer's pad id (else EOS) that pads every array of token ids
     arrays: TaskArrays
     dropped: tuple[tuple[str, str], ...] = ()  # ("file:lines", reason): data lines the loader left out
+    spec: "TaskSpec | None" = None  # noqa: F821  the spec that built it (None: pairs encoded directly)
+
+    @property
+    def default_metric(self) -> str:
+        """The metric a run on this task measures unless told otherwise: its task's own."""
+        return "probability_ratio" if self.spec is None else self.spec.default_metric
 
     def __len__(self) -> int:
         return len(self.pairs)

@@ -128,7 +128,8 @@ class TaskSpec:
         options = self.loader_options()
         if self.task == "ioi":
             options["names"] = single_token_names(tokenizer)
-        return encode_pairs(load_pairs(self.task, self.data, **options), tokenizer, self.positions, self.noise())
+        encoded = encode_pairs(load_pairs(self.task, self.data, **options), tokenizer, self.positions, self.noise())
+        return dataclasses.replace(encoded, spec=self)
 
 
 def single_token_names(tokenizer, names=IOI_NAMES, needed: int = IOI_NAMES_PER_PAIR) -> tuple[str, ...]:

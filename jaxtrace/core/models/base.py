@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import functools
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -14,20 +12,6 @@ from flax import nnx
 from jaxtrace.core.models import layers
 from jaxtrace.core.models.config import ModelConfig
 from jaxtrace.core.sites import CAPTURE_SITES, Activations, Gates, check_gates, pad_source, source_length
-
-
-_LAYER_UNROLL = contextvars.ContextVar("layer_unroll", default=1)
-
-
-@contextlib.contextmanager
-def unrolled_layers(n: int) -> Iterator[None]:
-    """Forwards traced inside run `n` layers per iteration of their layer scan (`jax.lax.scan`'s `unroll`): XLA's
-    cost analysis counts a loop's body once, so comparing programs traced at two unrolls counts one layer."""
-    token = _LAYER_UNROLL.set(n)
-    try:
-        yield
-    finally:
-        _LAYER_UNROLL.reset(token)
 
 
 class GatedLM(nnx.Module):
@@ -71,7 +55,7 @@ class GatedLM(nnx.Module):
     def hidden_states(self, input_ids, attention_mask=None, sites: Sequence[str] = (), gates: Gates | None = None,
                       source: Activations | None = None, gate_positions=None, position_ids=None,
                       input_noise=None, memory=None, fused: bool = False, layer_range: tuple[int, int] | None = None,
-                      initial=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                      initial=None, unroll: int = 1) -> tuple[jax.Array, dict[str, jax.Array]]:
         """(final hidden states [B, T, D] before the final norm, activations site -> [L, B, ...]); see `capture`.
 
         `layer_range` (start, stop): run only those layers, from `initial` [B, T, D] (the residual stream entering
@@ -131,7 +115,7 @@ class GatedLM(nnx.Module):
             iv = layers.Intervention(layer_gates, layer_source, where, tuple(sites), layer_memory, fused)
             return self.block(params, x, context, iv), iv.captured
 
-        return jax.lax.scan(layer, x, scanned, unroll=_LAYER_UNROLL.get())
+        return jax.lax.scan(layer, x, scanned, unroll=unroll)
 
     def context(self, attention_mask, position_ids, key_positions=None, windowed: bool = False) -> dict[str, jax.Array]:
         """Per-forward tensors the layers of one kind (sliding-window or not) read: the attention bias; RoPE tables
