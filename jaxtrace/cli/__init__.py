@@ -13,7 +13,6 @@ from pathlib import Path
 
 import jax
 
-import jaxtrace
 from jaxtrace.cli.options import add_options, from_args, given
 from jaxtrace.core.search import SearchConfig
 from jaxtrace.core.sites import MODEL_SITES, gate_shape
@@ -33,6 +32,7 @@ from jaxtrace.runs.plan import PlanConfig, TaskShape, format_plan, plan
 from jaxtrace.runs.stability import StabilityConfig, stability_run, summary
 from jaxtrace.runs.trace import trace
 from jaxtrace.tasks import TASK_LOADERS, TaskSpec
+from jaxtrace.version import __version__
 
 log = logging.getLogger("jaxtrace")
 GROUP_TITLES = {ModelSpec: "model", TaskSpec: "task", ObjectiveConfig: "objective", SearchConfig: "search (PGB-CT)",
@@ -291,7 +291,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxtrace", description=__doc__)
-    parser.add_argument("--version", action="version", version=jaxtrace.__version__)
+    parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, run, help: str, groups=(ModelSpec, TaskSpec, ObjectiveConfig, MeshSpec),

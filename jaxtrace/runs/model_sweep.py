@@ -19,17 +19,17 @@ from typing import Callable
 import numpy as np
 from jax.sharding import Mesh
 
-import jaxtrace
 from jaxtrace.core.search import SearchConfig
 from jaxtrace.engine.mesh import is_writer
 from jaxtrace.io.circuit import Circuit
 from jaxtrace.io.files import write_json, write_text
-from jaxtrace.io.loading import MODEL_REGISTRY, resolve_model_path
+from jaxtrace.io.loading import MODEL_REGISTRY, load_model, resolve_model_path
 from jaxtrace.io.plots import plot_effect_vs_size, plot_relative_depth
 from jaxtrace.io.results import ResultFolder
 from jaxtrace.runs.common import Provenance
 from jaxtrace.runs.trace import trace
 from jaxtrace.tasks import TaskSpec
+from jaxtrace.version import __version__
 
 
 def model_slugs(models: list[str]) -> dict[str, str]:
@@ -54,7 +54,7 @@ def _has_checkpoints(folder: Path) -> bool:
 def sweep_models(models: list[str], tasks: list[TaskSpec], site: str, out: str | Path,
                  config: SearchConfig = SearchConfig(), *, batch_size: int = 32, metric: str | None = None,
                  attention: str = "auto",
-                 progress: bool = True, load: Callable = jaxtrace.load_model, mesh: Mesh | None = None,
+                 progress: bool = True, load: Callable = load_model, mesh: Mesh | None = None,
                  overwrite: bool = False) -> dict:
     """Trace every (model, task) pair into `out/<model slug>/<task>/`, then write `out/report.md`.
 
@@ -83,7 +83,7 @@ def sweep_models(models: list[str], tasks: list[TaskSpec], site: str, out: str |
                  for spec in models for task in tasks]
         for pair in pairs:
             pair["status"] = "done" if (out / pair["folder"] / "circuit.json").is_file() else "pending"
-        manifest = {"jaxtrace_version": jaxtrace.__version__, **identity, "search": dataclasses.asdict(config),
+        manifest = {"jaxtrace_version": __version__, **identity, "search": dataclasses.asdict(config),
                     "pairs": pairs}
 
         def save() -> None:
