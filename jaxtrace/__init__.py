@@ -13,8 +13,6 @@ loop), `io` (model loading, checkpoints, result folders, circuits, export, plots
 stability, sweeps) and `cli`.
 """
 
-__version__ = "0.2.0"
-
 from jaxtrace.core.metrics import METRICS, Metric
 from jaxtrace.core.models import GatedLM, ModelConfig, init_model
 from jaxtrace.core.search import SearchConfig
@@ -27,6 +25,7 @@ from jaxtrace.runs.common import Provenance
 from jaxtrace.runs.plan import TaskShape, plan
 from jaxtrace.runs.trace import trace
 from jaxtrace.tasks import EncodedTask, TaskSpec, build_task
+from jaxtrace.version import __version__
 
 __all__ = ["Circuit", "EncodedTask", "GatedLM", "METRICS", "Metric", "ModelConfig", "Objective", "Provenance", "SITES",
            "SearchConfig", "TaskShape", "TaskSpec", "__version__", "build_objective", "build_task", "full_gates",

@@ -5,6 +5,8 @@ import pytest
 
 from conftest import gguf_against_transformers, logits_of_both
 
+pytestmark = pytest.mark.slow  # a real checkpoint against transformers
+
 SENTENCES = ("The nurse said that",
              "The quick brown fox jumps over the lazy dog, and the nurse said that she would call the doctor.",
              "In 1969, two astronauts walked on the Moon while a third orbited above them.")

@@ -292,6 +292,7 @@ def smollm2_read(smollm2):
     return read_gguf(smollm2)
 
 
+@pytest.mark.slow
 def test_smollm2_matches_transformers(smollm2, smollm2_read):
     config, state_dict = smollm2_read
     assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"],
@@ -301,6 +302,7 @@ def test_smollm2_matches_transformers(smollm2, smollm2_read):
     assert compare_with_transformers(smollm2, config, state_dict, SHARED_LLAMA_KEYS) <= 1e-6
 
 
+@pytest.mark.slow
 def test_smollm2_he_she_logit_gap(smollm2, smollm2_read):
     tokenizer = gguf_tokenizer(smollm2)
     model = hf_model_from(*smollm2_read)
@@ -309,6 +311,7 @@ def test_smollm2_he_she_logit_gap(smollm2, smollm2_read):
     assert float(logits[384] - logits[1041]) == pytest.approx(-1.60, abs=0.01)
 
 
+@pytest.mark.slow
 def test_smollm2_tokenizer(smollm2):
     tokenizer = gguf_tokenizer(smollm2)
     assert tokenizer(" he").input_ids == [384] and tokenizer(" she").input_ids == [1041]

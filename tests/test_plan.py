@@ -59,6 +59,7 @@ def test_plan_equals_the_compiled_programs(tmp_path, capsys):
     assert report.packed["training_rows"] == batch.rows.tokens.shape[2] and report.packed["prefix_slots"] > 0
 
 
+@pytest.mark.slow
 def test_simulated_mesh_in_a_subprocess():
     config = ModelConfig.from_hf(HF)
     report = plan(config, SHAPE, ObjectiveConfig("head_out", batch_size=8), devices=8, mesh="data=2,model=4",
@@ -94,7 +95,8 @@ def test_configs_without_weights():
     (["--model", "llama-3.2-1b", "--task", "ioi"], "no tokenizer"),
     (["--devices", "0"], "--devices must be a positive integer"),
     (["--mesh", "data=3"], "--mesh"),
-    (["--devices", "2", "--mesh", "data=3"], "--mesh data=3"),  # raised in the simulating subprocess
+    pytest.param(["--devices", "2", "--mesh", "data=3"], "--mesh data=3",  # raised in the simulating subprocess
+                 marks=pytest.mark.slow),
     (["--model", "CONFIG", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["--model", "NOT_JSON"], "not valid JSON model config"),
 ])

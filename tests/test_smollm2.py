@@ -5,6 +5,8 @@ import pytest
 
 from conftest import gguf_against_transformers, logits_of_both
 
+pytestmark = pytest.mark.slow  # a real checkpoint against transformers
+
 SENTENCE = "The quick brown fox jumps over the lazy dog, and the nurse said that she would call the doctor."
 
 

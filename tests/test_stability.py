@@ -66,6 +66,7 @@ def objective(tiny_gpt2):
     return build_objective(model, task.replace_arrays(sign=-task.arrays.sign), "attn_pattern", batch_size=8)
 
 
+@pytest.mark.slow
 def test_sweep_equals_runs_alone_and_normal_runs_are_unchanged(objective):
     n = len(objective.task)
     key = jax.random.key(3)
@@ -106,6 +107,7 @@ def test_sweep_equals_runs_alone_and_normal_runs_are_unchanged(objective):
         run_searches(objective, configs, pairs=[np.arange(n) + 1] * 2)
 
 
+@pytest.mark.slow
 def test_stability_cli(tiny_gpt2, tmp_path):
     folder, _, _ = tiny_gpt2
     out = tmp_path / "stable"

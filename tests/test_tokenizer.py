@@ -80,6 +80,7 @@ def strings():
     return texts()
 
 
+@pytest.mark.slow
 def test_backend_and_special_tokens_match(both):
     name, ours, ref = both
     assert type(ours).__name__ in ("PreTrainedTokenizerFast", "TokenizersBackend")
@@ -96,6 +97,7 @@ def test_backend_and_special_tokens_match(both):
             ours.add_bos_token) == expected
 
 
+@pytest.mark.slow
 def test_ids_match(both, strings):
     name, ours, ref = both
     for special in (True, False):
@@ -111,6 +113,7 @@ def test_ids_match(both, strings):
         assert ours("Hello").input_ids[0] == ours.bos_token_id == 2
 
 
+@pytest.mark.slow
 def test_decode_round_trips(both, strings):
     name, ours, ref = both
     ids = ours(strings, add_special_tokens=False)["input_ids"]
@@ -124,6 +127,7 @@ def test_decode_round_trips(both, strings):
         assert ours.convert_ids_to_tokens(full) == ref.convert_ids_to_tokens(full)
 
 
+@pytest.mark.slow
 def test_smollm2_chat_template(both):
     name, ours, ref = both
     if name != "smollm2":
@@ -243,6 +247,7 @@ print(json.dumps({"pairs": len(task), "he": tokenizer(" he").input_ids, "check":
 """
 
 
+@pytest.mark.slow
 def test_main_job_runs_without_torch():
     smollm2_path()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
@@ -255,6 +260,7 @@ def test_main_job_runs_without_torch():
     assert out["effect"] > 0  # the gates (all 1, cf head outputs) change the logits
 
 
+@pytest.mark.slow
 def test_a_converted_gguf_is_cached_and_loads_the_same(tmp_path, monkeypatch, strings):
     """The first load of a GGUF keeps its conversion (an HF folder in the cache, keyed by the file's SHA-256); the
     second reads it: the same parameters bit for bit and a tokenizer that encodes and decodes every string alike."""

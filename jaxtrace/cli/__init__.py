@@ -13,8 +13,8 @@ from pathlib import Path
 
 import jax
 
-import jaxtrace
 from jaxtrace.cli.options import add_options, from_args, given
+from jaxtrace.core.errors import one_line
 from jaxtrace.core.search import SearchConfig
 from jaxtrace.core.sites import MODEL_SITES, gate_shape
 from jaxtrace.engine.mesh import MeshSpec, is_writer
@@ -33,6 +33,7 @@ from jaxtrace.runs.plan import PlanConfig, TaskShape, format_plan, plan
 from jaxtrace.runs.stability import StabilityConfig, stability_run, summary
 from jaxtrace.runs.trace import trace
 from jaxtrace.tasks import TASK_LOADERS, TaskSpec
+from jaxtrace.version import __version__
 
 log = logging.getLogger("jaxtrace")
 GROUP_TITLES = {ModelSpec: "model", TaskSpec: "task", ObjectiveConfig: "objective", SearchConfig: "search (PGB-CT)",
@@ -274,7 +275,7 @@ class _Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxtrace", description=__doc__)
-    parser.add_argument("--version", action="version", version=jaxtrace.__version__)
+    parser.add_argument("--version", action="version", version=__version__)
     commands = parser.add_subparsers(dest="command", required=True)
 
     def command(name: str, run, help: str, groups=(ModelSpec, TaskSpec, ObjectiveConfig, MeshSpec),
@@ -393,19 +394,8 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as error:  # every failure is one line; JAXTRACE_DEBUG=1 shows the traceback
             if os.environ.get("JAXTRACE_DEBUG"):
                 raise
-            print(f"jaxtrace: error: {error_line(error)}", file=sys.stderr)
+            print(f"jaxtrace: error: {one_line(error)}", file=sys.stderr)
             return 2
     return 0
-
-
-def error_line(error: BaseException) -> str:
-    """One line saying what went wrong: the message of an error we raise, or a summary of a library's."""
-    expected = (ValueError, FileNotFoundError, FileExistsError, FloatingPointError, MemoryError, RuntimeError)
-    first = (str(error).strip().splitlines() or [""])[0]
-    if isinstance(error, OSError) and error.filename is not None:
-        return f"{error.filename}: {error.strerror or first}"
-    if first and (isinstance(error, expected) or type(error).__module__.startswith("jaxtrace")):
-        return first
-    return f"{type(error).__name__}: {first[:300]}" if first else type(error).__name__
 
 

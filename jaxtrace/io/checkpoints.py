@@ -9,6 +9,8 @@ from typing import Any
 
 import orbax.checkpoint as ocp
 
+from jaxtrace.core.errors import typed_line
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, cannot be read or cannot be written (a one-line message naming it)."""
@@ -16,12 +18,6 @@ class CheckpointError(RuntimeError):
 
 # What Orbax's synchronous and asynchronous paths raise (asyncio's CancelledError is not an Exception).
 _ERRORS = (Exception, asyncio.CancelledError)
-
-
-def _summary(error: BaseException) -> str:
-    """An Orbax (or asyncio, tensorstore, OS) error in one short line."""
-    first = (str(error).strip().splitlines() or [""])[0]
-    return f"{type(error).__name__}: {first[:200]}" if first else type(error).__name__
 
 
 class EpochCheckpoints:
@@ -34,7 +30,7 @@ class EpochCheckpoints:
             self.manager = ocp.CheckpointManager(
                 self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=None, create=True))
         except _ERRORS as error:  # Orbax raises many types (OSError, ValueError, ...)
-            raise CheckpointError(f"cannot open the checkpoints in {self.directory} ({_summary(error)})") from error
+            raise CheckpointError(f"cannot open the checkpoints in {self.directory} ({typed_line(error)})") from error
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
@@ -51,7 +47,7 @@ class EpochCheckpoints:
                 done = [s for s in self.steps() if s < epochs_done]
             kept = f"; the checkpoints {done} are intact" if done else ""
             raise CheckpointError(f"cannot save checkpoint {self.directory / str(epochs_done)} "
-                                  f"({_summary(error)}){kept}") from error
+                                  f"({typed_line(error)}){kept}") from error
 
     def restore(self, abstract_state: Any, epochs_done: int | None = None) -> tuple[Any, dict]:
         """(state, meta) of a step (default: the latest), or a CheckpointError saying what is left intact."""
@@ -68,7 +64,7 @@ class EpochCheckpoints:
                     f"from epoch {earlier[-1]}" if earlier else "no earlier checkpoint exists: --overwrite starts "
                     "the run again")
             raise CheckpointError(f"checkpoint {self.directory / str(step)} cannot be read "
-                                  f"({_summary(error)}); {hint}") from error
+                                  f"({typed_line(error)}); {hint}") from error
         return restored.state, restored.meta
 
     def close(self, quiet: bool = False) -> None:
@@ -78,7 +74,7 @@ class EpochCheckpoints:
         except _ERRORS as error:
             if not quiet:
                 raise CheckpointError(f"cannot finish writing the checkpoints in {self.directory} "
-                                      f"({_summary(error)})") from error
+                                      f"({typed_line(error)})") from error
 
 
 def save_tree(path: str | Path, tree: Any) -> None:
@@ -90,7 +86,7 @@ def save_tree(path: str | Path, tree: Any) -> None:
     except _ERRORS as error:
         with contextlib.suppress(*_ERRORS):
             checkpointer.close()
-        raise CheckpointError(f"cannot write {Path(path).absolute()} ({_summary(error)})") from error
+        raise CheckpointError(f"cannot write {Path(path).absolute()} ({typed_line(error)})") from error
     checkpointer.close()
 
 

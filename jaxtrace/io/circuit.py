@@ -12,10 +12,10 @@ from typing import Any
 
 import numpy as np
 
-import jaxtrace
 from jaxtrace.core.models.config import ModelConfig
 from jaxtrace.core.sites import SITES, get_site
 from jaxtrace.io.files import write_json
+from jaxtrace.version import __version__
 
 @dataclasses.dataclass(frozen=True)
 class Circuit:
@@ -50,7 +50,7 @@ class Circuit:
     single_effects: list[list[float]] | None = None
     scores: list[list[float]] | None = None
     score_correlation: float | None = None
-    jaxtrace_version: str = jaxtrace.__version__
+    jaxtrace_version: str = __version__
 
     @property
     def n_selected(self) -> int:

@@ -27,6 +27,7 @@ from typing import Callable
 
 import jax
 
+from jaxtrace.core.errors import first_line
 from jaxtrace.engine.mesh import is_writer
 from jaxtrace.io.files import read_json, write_json
 
@@ -219,7 +220,7 @@ class ResultFolder:
                 try:
                     write(self.path / name)
                 except Exception as error:  # e.g. Orbax's one-line CheckpointError, on a full disk
-                    raise ResultFolderError(f"{(str(error).strip().splitlines() or [name])[0]}; "
+                    raise ResultFolderError(f"{first_line(error) or name}; "
                                             f"{self.path} holds no finished result{self._advice}") from error
             if not is_writer():
                 return

@@ -19,18 +19,18 @@ from typing import Callable
 import numpy as np
 from jax.sharding import Mesh
 
-import jaxtrace
 from jaxtrace.core.search import SearchConfig
 from jaxtrace.engine.mesh import is_writer
 from jaxtrace.engine.objective import ObjectiveConfig
 from jaxtrace.io.circuit import Circuit
 from jaxtrace.io.files import write_json, write_text
-from jaxtrace.io.loading import MODEL_REGISTRY, resolve_model_path
+from jaxtrace.io.loading import MODEL_REGISTRY, load_model, resolve_model_path
 from jaxtrace.io.plots import plot_effect_vs_size, plot_relative_depth
 from jaxtrace.io.results import ResultFolder
 from jaxtrace.runs.common import Provenance
 from jaxtrace.runs.trace import trace
 from jaxtrace.tasks import TaskSpec
+from jaxtrace.version import __version__
 
 
 def model_slugs(models: list[str]) -> dict[str, str]:
@@ -53,7 +53,8 @@ def _has_checkpoints(folder: Path) -> bool:
 
 
 def sweep_models(models: list[str], tasks: list[TaskSpec], objective: ObjectiveConfig | str, out: str | Path,
-                 config: SearchConfig = SearchConfig(), *, progress: bool = True, load: Callable = jaxtrace.load_model, mesh: Mesh | None = None,
+                 config: SearchConfig = SearchConfig(), *, progress: bool = True, load: Callable = load_model,
+                 mesh: Mesh | None = None,
                  overwrite: bool = False) -> dict:
     """Trace every (model, task) pair into `out/<model slug>/<task>/`, then write `out/report.md`.
 
@@ -84,7 +85,7 @@ def sweep_models(models: list[str], tasks: list[TaskSpec], objective: ObjectiveC
                  for spec in models for task in tasks]
         for pair in pairs:
             pair["status"] = "done" if (out / pair["folder"] / "circuit.json").is_file() else "pending"
-        manifest = {"jaxtrace_version": jaxtrace.__version__, **identity, "search": dataclasses.asdict(config),
+        manifest = {"jaxtrace_version": __version__, **identity, "search": dataclasses.asdict(config),
                     "pairs": pairs}
 
         def save() -> None:

@@ -26,6 +26,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from jaxtrace.core.errors import first_line, typed_line
 from jaxtrace.core.models import ModelConfig
 from jaxtrace.core.options import option
 from jaxtrace.core.records import TaskArrays
@@ -207,10 +208,10 @@ def format_plan(report: PlanReport) -> str:
 
 
 def _error_line(error: BaseException) -> str:
-    first = (str(error).strip().splitlines() or [""])[0]
+    first = first_line(error)
     if isinstance(error, (ValueError, FileNotFoundError, MemoryError, RuntimeError)) and first:
         return first
-    return f"{type(error).__name__}: {first[:300]}" if first else type(error).__name__
+    return typed_line(error, 300)
 
 
 def main(request_path: str, out_path: str) -> int:

@@ -10,6 +10,7 @@ from typing import Callable
 
 import numpy as np
 
+from jaxtrace.core.errors import first_line
 from jaxtrace.core.models import GatedLM, ModelConfig
 from jaxtrace.core.models.config import DTYPES
 from jaxtrace.core.options import option
@@ -220,8 +221,8 @@ def load_tokenizer(folder: str | Path):
     try:
         return AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except Exception as error:  # transformers and tokenizers raise many types for damaged files
-        first = (str(error).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"{folder}: cannot load the tokenizer ({type(error).__name__}: {first})") from None
+        raise ValueError(f"{folder}: cannot load the tokenizer ({type(error).__name__}: {first_line(error)[:200]})") \
+            from None
 
 
 def weights_digest(spec: str | Path) -> str:

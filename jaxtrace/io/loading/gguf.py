@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING, Any
 import gguf
 import numpy as np
 
+from jaxtrace.core.errors import first_line
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
@@ -158,9 +160,8 @@ def open_gguf(path: str | os.PathLike) -> gguf.GGUFReader:
     try:
         reader = gguf.GGUFReader(path)
     except (ValueError, IndexError, KeyError, TypeError, OverflowError, EOFError) as error:
-        first = (str(error).strip().splitlines() or [""])[0][:200]
-        raise ValueError(f"{path} is truncated or damaged ({size:,} bytes; the GGUF reader failed: {first})") \
-            from None
+        raise ValueError(f"{path} is truncated or damaged ({size:,} bytes; the GGUF reader failed: "
+                         f"{first_line(error)[:200]})") from None
     _check_tensor_bytes(reader, path, size)
     return reader
 
