@@ -24,9 +24,10 @@ def trace(model: GatedLM, task: EncodedTask, site: str = "attn_pattern", config:
           attention: str = "auto", out: str | Path | None = None, resume: bool = False, overwrite: bool = False,
           target_size: int | None = None, progress: bool = True, provenance: Provenance = Provenance()) -> Circuit:
     """Run PGB-CT on `task` at `site` and return the circuit; with `out`, checkpoint every epoch and write the
-    result folder there (see `trace_objective`). `metric` defaults to the task's (`TaskSpec.default_metric`)."""
+    result folder there (see `trace_objective`). `metric` defaults to the task's (`EncodedTask.default_metric`: its
+    spec's, as the command line's)."""
     if metric is None:
-        metric = "probability_ratio" if provenance.task is None else provenance.task.default_metric
+        metric = task.default_metric
     objective = build_objective(model, task, site, batch_size, metric=metric, mesh=mesh, attention=attention)
     return trace_objective(objective, config, out=out, resume=resume, overwrite=overwrite, target_size=target_size,
                            progress=progress, provenance=provenance)
