@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from jaxtrace.core.records import TaskArrays
-from jaxtrace.tasks.loaders import PromptPair
+from jaxtrace.tasks.pairs import PromptPair
+
+if TYPE_CHECKING:
+    from jaxtrace.tasks.spec import TaskSpec
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,9 +40,11 @@ class EncodedTask:
     """A task's pairs as token arrays (`arrays`), with what is needed to read them.
 
     Base and counterfactual prompts have the same length (pairs whose lengths differ are in `skipped`, since every
-    site mixes position by position); the data lines the loader dropped are in `dropped` (`loaders.Pairs`). Gates
+    site mixes position by position); the data lines the loader dropped are in `dropped` (`pairs.Pairs`). Gates
     apply at `arrays.gate_mask` (prompt positions: all, the last, or the subject's). With `noise` the
-    counterfactual is the base prompt with noisy input embeddings at `arrays.noise_mask`.
+    counterfactual is the base prompt with noisy input embeddings at `arrays.noise_mask`. `spec` is the `TaskSpec`
+    that built it (None for pairs encoded directly with `encode_pairs`); it gives the task's `default_metric` and is
+    no part of the task's digest or of a run's identity.
     """
 
     pairs: tuple[PromptPair, ...]
@@ -48,12 +53,7 @@ class EncodedTask:
     pad_id: int                           # the tokenizer's pad id (else EOS) that pads every array of token ids
     arrays: TaskArrays
     dropped: tuple[tuple[str, str], ...] = ()  # ("file:lines", reason): data lines the loader left out
-    spec: "TaskSpec | None" = None  # noqa: F821  the spec that built it (None: pairs encoded directly)
-
-    @property
-    def default_metric(self) -> str:
-        """The metric a run on this task measures unless told otherwise: its task's own."""
-        return "probability_ratio" if self.spec is None else self.spec.default_metric
+    spec: TaskSpec | None = dataclasses.field(default=None, compare=False, repr=False)  # what built it
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -62,6 +62,11 @@ class EncodedTask:
     def corruption(self) -> str:
         """"prompt" (the counterfactual is another prompt) or "noise"."""
         return "prompt" if self.noise is None else "noise"
+
+    @property
+    def default_metric(self) -> str:
+        """The metric the task is scored with unless told otherwise: its spec's ("probability_ratio" without one)."""
+        return "probability_ratio" if self.spec is None else self.spec.default_metric
 
     @property
     def labels(self) -> list[str]:
@@ -121,7 +126,7 @@ def encode_pairs(pairs: Sequence[PromptPair], tokenizer, positions: str = "promp
                  noise: Noise | None = None) -> EncodedTask:
     """Tokenise prompts (with the tokenizer's special tokens) and targets (without), skipping pairs that cannot be
     aligned: different base and counterfactual lengths, a target with no tokens, a subject not found. The lines the
-    loader dropped (`pairs.dropped`, when `pairs` is a `loaders.Pairs`) are kept in the task's `dropped`.
+    loader dropped (`pairs.dropped`, when `pairs` is a `pairs.Pairs`) are kept in the task's `dropped`.
 
     positions: where gates apply ("prompt": every prompt token; "last"; "subject"). noise: None (the counterfactual
     is the pair's counterfactual prompt) or the noise that corrupts the base prompt's embeddings instead.

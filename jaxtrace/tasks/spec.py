@@ -3,6 +3,10 @@
 The record is what the command line sets (`--task`, `--data`, and the task's own options), what a result folder
 stores (`circuit.json`'s "task", "data" and "task_options"), what a resumed run is compared with and what
 `evaluate --circuit` rebuilds the task from.
+
+Its fields are `task`, `data` and `positions`, and every registered task's options (`jaxtrace.tasks.registry`),
+taken from the tasks' options records when this module is imported; the task's own record checks them and makes
+its loader's arguments.
 """
 
 from __future__ import annotations
@@ -10,91 +14,94 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 
 from jaxtrace.core.options import option
+from jaxtrace.tasks import library  # noqa: F401  (registers the built-in tasks before TaskSpec takes their options)
 from jaxtrace.tasks.encode import POSITIONS, EncodedTask, Noise, encode_pairs
-from jaxtrace.tasks.loaders import GENERATED_TASKS, IOI_NAMES, IOI_NAMES_PER_PAIR, TASK_LOADERS, load_pairs
+from jaxtrace.tasks.library.common import comma_tuple, int_range  # noqa: F401  (importable from here as before)
+from jaxtrace.tasks.library.ioi import single_token_names  # noqa: F401  (importable from here as before)
+from jaxtrace.tasks.registry import (
+    TASK_LOADERS,
+    TaskKind,
+    TaskOptions,
+    flag_of,
+    load_pairs,
+    spec_options,
+    task_kind,
+    tasks_with_option,
+)
 
-NOISE_TASKS = ("counterfact",)  # tasks whose counterfactual is the base prompt with noisy embeddings
-DEFAULT_METRICS = {"binding": "accuracy", "ioi": "logit_difference"}  # a task's metric unless told otherwise
+# The order of TaskSpec's fields, hence of the task flags in `--help`: as it has always been. The options of tasks
+# not named here follow, in registration order.
+FIELD_ORDER = ("task", "data", "split", "stats", "reference_pronouns", "limit", "operands", "per_digit", "desiderata",
+               "task_seed", "ioi_prompts", "positions", "noise_on", "noise_std", "noise_scale", "noise_seed")
 
 
-def int_range(text: str) -> tuple[int, int]:
-    """"10-99" -> (10, 99)."""
-    low, _, high = text.partition("-")
-    try:
-        return int(low), int(high)
-    except ValueError:
-        raise ValueError(f"expected a range LOW-HIGH such as 10-99, got {text!r}") from None
+def _with_task_options(cls):
+    """`cls` (declaring TaskSpec's own fields) as a frozen dataclass with every registered task option as a field
+    too, declared as the tasks declare it (`option`'s `tasks`: the tasks that take it)."""
+    own = dict(cls.__dict__.get("__annotations__", {}))
+    declared = spec_options()
+    names = [name for name in FIELD_ORDER if name in own or name in declared]
+    names += [name for name in [*own, *declared] if name not in names]
+    annotations = {}
+    for name in names:
+        if name in own:
+            annotations[name] = own[name]
+        else:
+            annotations[name] = declared[name].type
+            setattr(cls, name, declared[name].field())
+    cls.__annotations__ = annotations
+    return dataclasses.dataclass(frozen=True)(cls)
 
 
-def comma_tuple(text: str) -> tuple[str, ...]:
-    return tuple(item.strip() for item in text.split(",") if item.strip())
-
-
-@dataclasses.dataclass(frozen=True)
+@_with_task_options
 class TaskSpec:
-    """A task, its data and its options; options of other tasks must keep their defaults."""
+    """A task, its data and its options; options of other tasks must keep their defaults.
+
+    Besides the fields below, every registered task's options are fields (`split`, `stats`, `reference_pronouns`,
+    `limit`, `operands`, `per_digit`, `desiderata`, `task_seed`, `ioi_prompts`, `noise_on`, `noise_std`,
+    `noise_scale`, `noise_seed` for the built-in tasks)."""
 
     task: str = option(None, "the task", choices=tuple(TASK_LOADERS))
     data: str | None = option(None, "data folder (the file for custom and counterfact); generated tasks need none")
-    split: str = option("dev", "winobias split", choices=("dev", "test"), tasks=("winobias",))
-    stats: str = option("bergsma", "winogender occupation statistics", choices=("bergsma", "bls"),
-                        tasks=("winogender",))
-    reference_pronouns: bool = option(False, "she/he even in possessive examples, as the reference (default: "
-                                      "her/his)", tasks=("winobias", "winogender"))
-    limit: int | None = option(None, "counterfact: the first N records", tasks=("counterfact",))
-    operands: tuple[int, int] = option((10, 99), "binding: operand range LOW-HIGH (the reference's 10-99; small "
-                                       "models: 1-9)", parse=int_range, tasks=("binding",))
-    per_digit: int = option(5, "binding: pairs per answer first digit and desideratum", tasks=("binding",))
-    desiderata: tuple[str, ...] = option(("value", "task"), "binding: value and/or task switch pairs",
-                                         parse=comma_tuple, tasks=("binding",))
-    task_seed: int = option(1234, "binding, ioi: prompt generation seed", tasks=("binding", "ioi"))
-    ioi_prompts: int = option(100, "ioi: prompts generated (ABBA and BABA alternating)", tasks=("ioi",))
     positions: str = option("prompt", "where gates apply: every prompt token, the last, or the subject's tokens",
                             choices=POSITIONS)
-    noise_on: str = option("prompt", "counterfact: noise on every prompt token (reference) or the subject's (ROME)",
-                           choices=("prompt", "subject"), tasks=NOISE_TASKS)
-    noise_std: float | None = option(None, "counterfact: absolute noise std", tasks=NOISE_TASKS)
-    noise_scale: float = option(3.0, "counterfact: noise std as a multiple of the token embeddings' std",
-                                tasks=NOISE_TASKS)
-    noise_seed: int = option(0, "counterfact: noise seed", tasks=NOISE_TASKS)
 
     def __post_init__(self):
-        if self.task not in TASK_LOADERS:
-            raise ValueError(f"unknown task {self.task!r}; known tasks: {', '.join(TASK_LOADERS)}")
-        if self.data is None and self.task not in GENERATED_TASKS:
+        kind = task_kind(self.task)
+        if self.data is None and not kind.generated:
             raise ValueError(f"task {self.task!r} reads its pairs from files: give the data path (--data)")
         for field in dataclasses.fields(self):
-            tasks = field.metadata["tasks"]
-            if tasks and self.task not in tasks and getattr(self, field.name) != field.default:
-                raise ValueError(f"--{field.name.replace('_', '-')} applies to {', '.join(tasks)} only, "
-                                 f"not to {self.task}")
-            choices = field.metadata["choices"]
-            if choices and getattr(self, field.name) not in choices:
-                raise ValueError(f"--{field.name.replace('_', '-')} must be one of {', '.join(choices)}, "
-                                 f"got {getattr(self, field.name)!r}")
-        for name in ("limit", "per_digit", "ioi_prompts"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        for name in ("noise_std", "noise_scale"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value >= 0):
-                raise ValueError(f"--{name.replace('_', '-')} must be a finite number >= 0, got {value}")
-        low, high = self.operands
-        if not 0 <= low <= high:
-            raise ValueError(f"--operands takes a range LOW-HIGH with 0 <= LOW <= HIGH, got {low}-{high}")
+            value = getattr(self, field.name)
+            if field.metadata["tasks"] is not None:  # a task option: another task's must keep its default
+                tasks = tasks_with_option(field.name)
+                if self.task not in tasks and value != field.default:
+                    raise ValueError(f"{flag_of(field)} applies to {', '.join(tasks)} only, not to {self.task}")
+            elif field.name != "task" and field.metadata["choices"] and value not in field.metadata["choices"]:
+                raise ValueError(f"{flag_of(field)} must be one of {', '.join(field.metadata['choices'])}, "
+                                 f"got {value!r}")
+        self.task_options()  # the task's own checks
+
+    @property
+    def kind(self) -> TaskKind:
+        """The registered task."""
+        return task_kind(self.task)
 
     @property
     def default_metric(self) -> str:
-        return DEFAULT_METRICS.get(self.task, "probability_ratio")
+        return self.kind.default_metric
+
+    def task_options(self) -> TaskOptions:
+        """The task's options record (`TaskKind.options`) with this spec's values."""
+        record = self.kind.options
+        return record(**{field.name: getattr(self, field.name) for field in dataclasses.fields(record)})
 
     def options(self) -> dict:
         """The options that apply to this task (with their values): exactly what rebuilds it with `data`."""
+        mine = self.kind.option_names
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
-                if f.name not in ("task", "data") and (f.metadata["tasks"] is None or self.task in f.metadata["tasks"])}
+                if f.name not in ("task", "data") and (f.metadata["tasks"] is None or f.name in mine)}
 
     @classmethod
     def from_record(cls, task: str, data: str | None, options: dict) -> TaskSpec:
@@ -106,40 +113,19 @@ class TaskSpec:
         return cls(task, data, **{k: tuple(v) if isinstance(v, list) else v for k, v in options.items()})
 
     def noise(self) -> Noise | None:
-        if self.task not in NOISE_TASKS:
-            return None
-        return Noise(self.noise_on, self.noise_std, self.noise_scale, self.noise_seed)
+        """The noise that corrupts the base prompt, for a task whose counterfactual is noise; else None."""
+        return self.task_options().noise() if self.kind.noise else None
 
-    def loader_options(self) -> dict:
-        """The keyword arguments of the task's loader (`jaxtrace.tasks.loaders`)."""
-        return {
-            "winobias": {"split": self.split, "fix_possessive": not self.reference_pronouns},
-            "winogender": {"stats": self.stats, "fix_possessive": not self.reference_pronouns},
-            "counterfact": {"limit": self.limit},
-            "binding": {"operands": self.operands, "per_digit": self.per_digit, "seed": self.task_seed,
-                        "desiderata": self.desiderata},
-            "ioi": {"n": self.ioi_prompts, "seed": self.task_seed},
-        }.get(self.task, {})
+    def loader_options(self, tokenizer=None) -> dict:
+        """The keyword arguments of the task's loader (for the pairs `tokenizer` will encode, when given)."""
+        return self.task_options().loader_options(tokenizer)
 
     def build(self, tokenizer) -> EncodedTask:
-        """Load the pairs and tokenise them."""
+        """Load the pairs and tokenise them; the encoded task remembers this spec."""
         if tokenizer is None:
             raise ValueError("this model has no tokenizer: pass one (--tokenizer FOLDER)")
-        options = self.loader_options()
-        if self.task == "ioi":
-            options["names"] = single_token_names(tokenizer)
-        encoded = encode_pairs(load_pairs(self.task, self.data, **options), tokenizer, self.positions, self.noise())
-        return dataclasses.replace(encoded, spec=self)
-
-
-def single_token_names(tokenizer, names=IOI_NAMES, needed: int = IOI_NAMES_PER_PAIR) -> tuple[str, ...]:
-    """The names that `tokenizer` encodes with a leading space (as the IOI prompts hold them) as one token; refused
-    when fewer than `needed` remain."""
-    kept = tuple(name for name in names if len(tokenizer(" " + name, add_special_tokens=False)["input_ids"]) == 1)
-    if len(kept) < needed:
-        raise ValueError(f"ioi needs {needed} names that are single tokens with a leading space; this tokenizer "
-                         f"keeps {len(kept)} of {len(names)}")
-    return kept
+        pairs = load_pairs(self.task, self.data, **self.loader_options(tokenizer))
+        return dataclasses.replace(encode_pairs(pairs, tokenizer, self.positions, self.noise()), spec=self)
 
 
 def build_task(task: str, data, tokenizer, **options) -> EncodedTask:
