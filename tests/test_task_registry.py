@@ -10,8 +10,7 @@ import pytest
 
 from jaxtrace.cli import build_parser
 from jaxtrace.core.options import option
-from jaxtrace.runs import trace as trace_module
-from jaxtrace.runs.common import Provenance
+from jaxtrace.engine.objective import ObjectiveConfig, build_objective
 from jaxtrace.tasks import (
     GENERATED_TASKS,
     TASK_LOADERS,
@@ -86,25 +85,16 @@ def test_default_metrics_of_the_built_in_tasks():
 
 
 @pytest.mark.parametrize("name, metric", [("ioi", "logit_difference"), ("binding", "accuracy")])
-def test_trace_defaults_to_the_encoded_tasks_metric(name, metric, small_specs, tokenizer, monkeypatch):
+def test_every_entry_point_defaults_to_the_encoded_tasks_metric(name, metric, small_specs, tiny_gpt2):
     """Bug (d): `jaxtrace.trace` took the metric from the provenance, so the API scored IOI with probability_ratio
-    where the command line used logit_difference."""
-    chosen = []
-
-    def build_objective(model, task, site, batch_size, metric=None, **kwargs):
-        chosen.append(metric)
-        raise StopIteration
-
-    monkeypatch.setattr(trace_module, "build_objective", build_objective)
+    where the command line used logit_difference. Every entry point (trace, baseline, compare, stability, evaluate,
+    plan, sweep) builds its objective with `build_objective`, which takes the encoded task's own."""
+    _, model, tokenizer = tiny_gpt2
     task = small_specs[name].build(tokenizer)
-    for provenance in (Provenance(), Provenance(task=small_specs[name])):
-        with pytest.raises(StopIteration):
-            trace_module.trace(None, task, provenance=provenance)
-    with pytest.raises(StopIteration):
-        trace_module.trace(None, task, metric="kl_divergence")
-    with pytest.raises(StopIteration):
-        trace_module.trace(None, dataclasses.replace(task, spec=None))
-    assert chosen == [metric, metric, "kl_divergence", "probability_ratio"]
+    assert build_objective(model, task, "head_out").metric.name == metric
+    assert build_objective(model.config, task, ObjectiveConfig("head_out")).metric.name == metric  # plan's
+    assert build_objective(model, task, "head_out", metric="kl_divergence").metric.name == "kl_divergence"
+    assert build_objective(model, dataclasses.replace(task, spec=None), "head_out").metric.name == "probability_ratio"
 
 
 def test_spec_options_are_the_records_fields():
