@@ -6,6 +6,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
+from jaxtrace.core.intervention import Intervention
 from jaxtrace.core.sites import expand_gates, gate_shape
 from jaxtrace.engine.objective import build_objective
 from jaxtrace.core.search import SearchConfig
@@ -119,4 +120,4 @@ def test_heads_mlp_search_cache_and_circuit_names(tiny_gpt2, binding_task):
     with pytest.raises(ValueError, match="invariance pairs"):
         build_objective(model, binding_task, "heads_mlp", metric="probability_ratio")
     with pytest.raises(ValueError, match="expand_gates"):
-        model(binding_task.arrays.ids[:1, 0], gates={"heads_mlp": z}, source={"heads_mlp": z})
+        model(binding_task.arrays.ids[:1, 0], Intervention({"heads_mlp": z}, {"heads_mlp": z}))

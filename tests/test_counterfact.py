@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 from jaxtrace.core import objective as core
+from jaxtrace.core.intervention import Intervention
+from jaxtrace.core.records import Tokens
 from jaxtrace.engine.objective import build_objective
 from jaxtrace.core.search import SearchConfig
 from jaxtrace.tasks import load_counterfact
@@ -100,15 +102,15 @@ def test_one_target_effect_is_clean_over_gated_probability(tiny_gpt2, counterfac
     effects = objective.effects(ones)
     assert np.all(objective.effects(0 * ones) == 0)
     pairs = jax.tree.map(lambda a: a[0], objective.batcher.batch(np.arange(4)).pairs)
-    _, source = model.capture(pairs.cf_ids, pairs.cf_mask, sites=("mlp_out",),
-                              input_noise=core.noise(objective.spec, pairs))
+    _, source = model.capture(Tokens(pairs.cf_ids, pairs.cf_mask, noise=core.noise(objective.spec, pairs)),
+                              ("mlp_out",))
     for i in range(4):
         ids, valid = task.arrays.ids[i, 0], task.arrays.target_valid[i, 0] > 0
         pos, tok = task.arrays.target_pos[i, 0][valid], task.arrays.target_ids[i, 0][valid]
         clean = jax.nn.log_softmax(model(ids[None]), -1)[0, pos, tok].mean()
         row_source = {"mlp_out": source["mlp_out"][:, i: i + 1]}
-        gated = jax.nn.log_softmax(model(ids[None], gates={"mlp_out": ones}, source=row_source,
-                                         gate_positions=task.arrays.gate_mask[i][None] > 0), -1)[0, pos, tok].mean()
+        intervention = Intervention({"mlp_out": ones}, row_source, task.arrays.gate_mask[i][None] > 0)
+        gated = jax.nn.log_softmax(model(ids[None], intervention), -1)[0, pos, tok].mean()
         assert effects[i] == pytest.approx(float(jnp.exp(clean - gated)) - 1, rel=1e-4, abs=1e-6)
 
 

@@ -12,6 +12,7 @@ import torch
 import jaxtrace
 from jaxtrace.io.loading import CheckpointMismatchError, PickledCheckpointError
 from jaxtrace.io.loading.packaged import ChunkedFile, assembled_file
+from jaxtrace.core.intervention import Intervention
 from jaxtrace.core.models import ModelConfig, UnsupportedModelError
 from conftest import TINY_CONFIGS, build_hf_model
 
@@ -101,13 +102,13 @@ def test_pickled_checkpoint_refused_unless_opted_in(llama_folder, tmp_path):
 
 def test_bad_gates_are_reported(llama_folder):
     model, _ = jaxtrace.load_model(llama_folder)
-    _, source = model.capture(IDS, sites=("mlp_out",))
+    _, source = model.capture(IDS, ("mlp_out",))
     with pytest.raises(ValueError, match=r"expected \(2, 32\)"):
-        model(IDS, gates={"mlp_out": np.zeros((2, 5), np.float32)}, source=source)
+        model(IDS, Intervention({"mlp_out": np.zeros((2, 5), np.float32)}, source))
     with pytest.raises(ValueError, match="need a source"):
-        model(IDS, gates={"head_out": np.zeros((2, 4), np.float32)}, source=source)
+        model(IDS, Intervention({"head_out": np.zeros((2, 4), np.float32)}, source))
     with pytest.raises(ValueError, match="unknown site"):
-        model.capture(IDS, sites=("residual",))
+        model.capture(IDS, ("residual",))
 
 
 def test_gemma3_older_config_spellings_agree(tmp_path):

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from jaxtrace.core.metrics import ACCURACY, KL_DIVERGENCE, LOGIT_DIFFERENCE, METRICS, Metric, check_transform
-from jaxtrace.core.models import functional
+from jaxtrace.core.intervention import Intervention
+from jaxtrace.core.models import pure
+from jaxtrace.core.records import Tokens
 from jaxtrace.engine.objective import build_objective
 from jaxtrace.core.search import SearchConfig
 from jaxtrace.engine.loop import run_search
@@ -22,13 +24,13 @@ def task(tiny_gpt2):
 def _gated_outputs(model, task, z):
     """Plain per-pair computation of the gated and ungated next-token log-probs [N, V] at each pair's first target
     position, via the public model API (one jitted forward per pair)."""
-    apply, params = functional(model)
+    lm, params = pure(model)
 
     @jax.jit
     def outputs(ids, mask, cf_ids, cf_mask, where):
-        _, source = apply(params, cf_ids, cf_mask, method="capture", sites=("mlp_out",))
-        gated = apply(params, ids, mask, gates={"mlp_out": z}, source=source, gate_positions=where)
-        return jax.nn.log_softmax(gated, -1)[0], jax.nn.log_softmax(apply(params, ids, mask), -1)[0]
+        _, source = lm.capture(params, Tokens(cf_ids, cf_mask), ("mlp_out",))
+        gated = lm.logits(params, Tokens(ids, mask), Intervention({"mlp_out": z}, source, where))
+        return jax.nn.log_softmax(gated, -1)[0], jax.nn.log_softmax(lm.logits(params, Tokens(ids, mask)), -1)[0]
 
     gated, base = [], []
     for i in range(len(task)):

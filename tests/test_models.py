@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import jaxtrace
+from jaxtrace.core.intervention import Intervention
+from jaxtrace.core.records import Tokens
 from jaxtrace.core.sites import MODEL_SITES, REGISTRY, full_gates, gate_shape
 from torch_reference import gated
 
@@ -37,7 +39,7 @@ def test_logits_match_transformers(loaded, padded):
     mask = mask if padded else np.ones_like(mask)
     with torch.no_grad():
         expected = hf_model(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
-    logits = model(ids, mask)
+    logits = model(Tokens(ids, mask))
     assert logits.dtype == jnp.float32 and logits.shape == expected.shape
     valid = mask.astype(bool)  # padded query rows are undefined in both
     diff = np.abs(np.asarray(logits) - expected)[valid].max()
@@ -47,7 +49,7 @@ def test_logits_match_transformers(loaded, padded):
 def test_capture_matches_transformers(loaded):
     name, hf_model, model = loaded
     ids, _ = _inputs(model.config.vocab_size)
-    _, acts = model.capture(ids, sites=tuple(SITES))
+    _, acts = model.capture(ids, tuple(SITES))
     with torch.no_grad(), gated(hf_model, capture=tuple(SITES)) as captured:
         hf_model(torch.tensor(ids))
     for site in SITES:
@@ -63,13 +65,13 @@ def test_gate_gradients_match_torch_hooks(loaded, site):
     name, hf_model, model = loaded
     ids, _ = _inputs(model.config.vocab_size)
     source_ids, _ = _inputs(model.config.vocab_size, seed=1)
-    _, source = model.capture(source_ids, sites=(site,))
+    _, source = model.capture(source_ids, (site,))
     rng = np.random.RandomState(2)
     z = rng.uniform(0, 1, gate_shape(model.config, site)).astype(np.float32)
     weights = rng.normal(size=(BATCH, LENGTH, model.config.vocab_size)).astype(np.float32)
 
     def loss(gates):
-        return jnp.sum(model(ids, gates=gates, source=source) * weights)
+        return jnp.sum(model(ids, Intervention(gates, source)) * weights)
 
     value, grad = jax.value_and_grad(loss)({site: jnp.asarray(z)})
 
@@ -91,25 +93,25 @@ def test_gate_gradients_match_torch_hooks(loaded, site):
 def test_zero_gates_and_self_source_are_exact(loaded):
     _, _, model = loaded
     ids, mask = _inputs(model.config.vocab_size)
-    plain, acts = model.capture(ids, mask, sites=tuple(SITES))
+    plain, acts = model.capture(Tokens(ids, mask), tuple(SITES))
     zeros = full_gates(model.config, SITES, 0.0)
-    assert jnp.array_equal(model(ids, mask, gates=zeros, source=acts), plain)
+    assert jnp.array_equal(model(Tokens(ids, mask), Intervention(zeros, acts)), plain)
     halves = full_gates(model.config, SITES, 0.5)
-    assert jnp.array_equal(model(ids, mask, gates=halves, source=acts), plain)
+    assert jnp.array_equal(model(Tokens(ids, mask), Intervention(halves, acts)), plain)
 
 
 def test_gate_positions_restrict_mixing(loaded):
     _, _, model = loaded
     ids, _ = _inputs(model.config.vocab_size)
     other, _ = _inputs(model.config.vocab_size, seed=3)
-    _, source = model.capture(other, sites=("mlp_out",))
+    _, source = model.capture(other, ("mlp_out",))
     ones = full_gates(model.config, ["mlp_out"], 1.0)
     plain = model(ids)
-    nowhere = model(ids, gates=ones, source=source, gate_positions=np.zeros(ids.shape, bool))
+    nowhere = model(ids, Intervention(ones, source, positions=np.zeros(ids.shape, bool)))
     assert jnp.array_equal(nowhere, plain)
     late = np.zeros(ids.shape, bool)
     late[:, 6:] = True
-    mixed = model(ids, gates=ones, source=source, gate_positions=late)
+    mixed = model(ids, Intervention(ones, source, positions=late))
     np.testing.assert_array_equal(np.asarray(mixed[:, :6]), np.asarray(plain[:, :6]))  # causal: earlier rows untouched
     assert not np.allclose(np.asarray(mixed[:, 6:]), np.asarray(plain[:, 6:]))
 
@@ -124,7 +126,7 @@ def test_packed_sequences_match_separate_forwards(loaded):
     positions = np.concatenate([np.arange(n) for n in lengths] + [np.zeros(2, int)])
     ids = np.concatenate(seqs + [np.zeros(2, int)])
     visible = (segment[:, None] == segment[None, :]) & (positions[None, :] <= positions[:, None]) & (segment >= 0)
-    packed = np.asarray(model(ids[None], visible[None], position_ids=positions[None]))[0]
+    packed = np.asarray(model(Tokens(ids[None], visible[None], positions[None])))[0]
     start = 0
     for seq in seqs:
         alone = np.asarray(model(seq[None]))[0]
@@ -135,10 +137,10 @@ def test_packed_sequences_match_separate_forwards(loaded):
 def test_shorter_source_mixes_only_its_positions(loaded):
     _, _, model = loaded
     ids, _ = _inputs(model.config.vocab_size)
-    _, source = model.capture(ids[:, :7], sites=("attn_pattern",))
+    _, source = model.capture(ids[:, :7], ("attn_pattern",))
     ones = full_gates(model.config, ["attn_pattern"], 1.0)
     # The prefix's own patterns fed back over its 7 positions leave the whole forward unchanged.
-    np.testing.assert_allclose(np.asarray(model(ids, gates=ones, source=source)), np.asarray(model(ids)), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(model(ids, Intervention(ones, source))), np.asarray(model(ids)), atol=1e-5)
 
 
 def test_bfloat16_runs_close_to_float32(hf_family):

@@ -16,7 +16,9 @@ import pytest
 from jaxtrace.engine import mesh as parallel
 from jaxtrace.runs.trace import trace
 from jaxtrace.tasks import build_task
-from jaxtrace.core.models import functional
+from jaxtrace.core.intervention import Intervention
+from jaxtrace.core.models import pure
+from jaxtrace.core.records import Tokens
 from jaxtrace.core.sites import gate_shape, source_bytes_per_pair
 from jaxtrace.io import results
 from conftest import SHARED, build_hf_model
@@ -144,13 +146,13 @@ def test_parse_mesh_fills_and_checks_the_device_count():
 
 def _step_memory(model, site: str, length: int) -> tuple[int, int]:
     """(source argument bytes, temporary bytes) of the compiled gated forward + backward on 4 rows of `length`."""
-    apply, params = functional(model)
+    lm, params = pure(model)
     ids = jnp.zeros((4, length), jnp.int32)
-    _, source = jax.eval_shape(lambda p, x: apply(p, x, method="capture", sites=(site,)), params, ids)
+    _, source = jax.eval_shape(lambda p, x: lm.capture(p, Tokens(x), (site,)), params, ids)
     z = jnp.zeros(gate_shape(model.config, site))
 
     def loss(z, params, ids, source):
-        return apply(params, ids, gates={site: z}, source=source, method="hidden_states")[0].sum()
+        return lm.hidden_states(params, Tokens(ids), Intervention({site: z}, source))[0].sum()
 
     memory = jax.jit(jax.grad(loss)).lower(z, params, ids, source).compile().memory_analysis()
     source_bytes = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(source))

@@ -13,7 +13,9 @@ import pytest
 
 from jaxtrace.io.checkpoints import CheckpointError
 from jaxtrace.core.metrics import TRANSFORMS
-from jaxtrace.core.models import functional
+from jaxtrace.core.intervention import Intervention
+from jaxtrace.core.models import pure
+from jaxtrace.core.records import Tokens
 from jaxtrace.engine.objective import MetricNaNError, Programs, build_objective
 from jaxtrace.core.objective import batch_effects
 from jaxtrace.core.search import SearchConfig, penalty, select
@@ -60,10 +62,10 @@ def test_packed_objective_equals_per_pair_forwards(tiny_gpt2, small_task, site):
     objective = build_objective(model, task, site, batch_size=16)
     assert objective.batcher.packer.sizes(np.arange(16))[0] < 8  # 16 pairs share fewer than 8 rows
     z = np.random.RandomState(0).uniform(size=objective.shape).astype(np.float32)
-    apply, params = functional(model)
-    capture = jax.jit(lambda p, ids, mask: apply(p, ids, mask, method="capture", sites=(site,))[1])
+    lm, params = pure(model)
+    capture = jax.jit(lambda p, ids, mask: lm.capture(p, Tokens(ids, mask), (site,))[1])
     forward = jax.jit(lambda p, ids, mask, gates, source, where: jax.nn.log_softmax(
-        apply(p, ids, mask, gates=gates, source=source, gate_positions=where), -1))
+        lm.logits(p, Tokens(ids, mask), Intervention(gates, source, where)), -1))
     expected = []
     for i in range(len(task)):
         source = capture(params, np.repeat(task.arrays.cf_ids[i: i + 1], 2, 0), np.repeat(task.arrays.cf_mask[i: i + 1], 2, 0))
@@ -85,7 +87,7 @@ def test_zero_gates_give_zero_effect_and_targets_are_scored(tiny_gpt2, winobias)
     # Base log-odds against a direct computation of the geometric-mean probabilities for pair 0.
     pair, row = winobias.pairs[0], 0
     ids = winobias.arrays.ids[row]
-    logp = jax.nn.log_softmax(model(ids, winobias.arrays.mask[row]), axis=-1)
+    logp = jax.nn.log_softmax(model(Tokens(ids, winobias.arrays.mask[row])), axis=-1)
     scores = []
     for k in range(2):
         valid = winobias.arrays.target_valid[row, k].astype(bool)

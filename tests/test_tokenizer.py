@@ -233,13 +233,14 @@ sys.modules["torch"] = None  # `import torch` now fails, as on a machine without
 import json
 import numpy as np
 import jaxtrace
+from jaxtrace.core.intervention import Intervention
 from jaxtrace.tasks import build_task
 
 model, tokenizer = jaxtrace.load_model("smollm2-135m")
 task = build_task("winobias", sys.argv[1], tokenizer, split="dev")
 ids, cf_ids = task.arrays.ids[:2, 0], task.arrays.cf_ids[:2]
-_, source = model.capture(cf_ids, sites=("head_out",))
-gated = np.asarray(model(ids, gates=jaxtrace.full_gates(model.config, ["head_out"], 1.0), source=source))
+_, source = model.capture(cf_ids, ("head_out",))
+gated = np.asarray(model(ids, Intervention(jaxtrace.full_gates(model.config, ["head_out"], 1.0), source)))
 plain = np.asarray(model(ids))
 assert sys.modules["torch"] is None and np.isfinite(gated).all()
 print(json.dumps({"pairs": len(task), "he": tokenizer(" he").input_ids, "check": float(gated[:, -1].mean()),

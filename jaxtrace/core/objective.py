@@ -20,45 +20,55 @@ data group (arrays without the leading G axis) unless they say otherwise.
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
 
 from jaxtrace.core import packing
+from jaxtrace.core.intervention import Capture, Intervention
 from jaxtrace.core.metrics import Metric
-from jaxtrace.core.models.config import ModelConfig
-from jaxtrace.core.records import Batch, Cache, KeysValues, Outputs, PairArrays, PackedRows
-from jaxtrace.core.sites import expand_gates, model_sites
+from jaxtrace.core.models import ModelConfig, PureLM
+from jaxtrace.core.records import Batch, Cache, KeysValues, Memory, Outputs, PairArrays, PackedRows, Tokens
+from jaxtrace.core.sites import AttentionForm, expand_gates, model_sites
 
 
 @dataclasses.dataclass(frozen=True)
 class ObjectiveSpec:
-    """What a compiled objective is specialised on (static under `jit`): the model's pure apply function and config
-    (`jaxtrace.core.models.functional`), the gate site, the metric, the counterfactual noise (std already measured,
-    and seed; None: the counterfactual is a prompt), X, the longest shared prefix (0: none is cached), and the
-    attention: "explicit" patterns or "fused" (`jax.nn.dot_product_attention`; `attn_pattern` in its fused form), and
-    how many layers each iteration of the layer scan runs (`unroll`; XLA's cost analysis counts a loop's body once,
-    so `jaxtrace plan` compares programs at two unrolls)."""
+    """What a compiled objective is specialised on (static under `jit`): the model's pure functions
+    (`jaxtrace.core.models.pure`), the gate site, the metric, the counterfactual noise (std already measured, and
+    seed; None: the counterfactual is a prompt), X, the longest shared prefix (0: none is cached), the attention
+    form (explicit patterns, or fused: `jax.nn.dot_product_attention`, `attn_pattern` in its fused form), and how
+    many layers each iteration of the layer scan runs (`unroll`; XLA's cost analysis counts a loop's body once, so
+    `jaxtrace plan` compares programs at two unrolls)."""
 
-    apply: Callable
-    config: ModelConfig
+    model: PureLM
     site: str
     metric: Metric
     noise_std: float | None = None
     noise_seed: int = 0
     prefix_length: int = 0
-    attention: str = "explicit"
+    attention: AttentionForm = AttentionForm.EXPLICIT
     unroll: int = 1
+
+    def __post_init__(self):
+        object.__setattr__(self, "attention", AttentionForm(self.attention))
+
+    @property
+    def config(self) -> ModelConfig:
+        return self.model.config
 
     @property
     def fused(self) -> bool:
-        return self.attention == "fused"
+        return self.attention is AttentionForm.FUSED
 
     @property
     def sites(self) -> tuple[str, ...]:
         """The model sites the gates mix."""
-        return model_sites(self.site, "fused" if self.fused else "explicit")
+        return model_sites(self.site, self.attention)
+
+    def intervention(self, gates=None, sources=None, positions=None, memory: Memory | None = None) -> Intervention:
+        """An intervention in this objective's attention form."""
+        return Intervention(gates or {}, sources or {}, positions, memory, self.attention)
 
 
 def noise(spec: ObjectiveSpec, pairs: PairArrays) -> jax.Array:
@@ -72,9 +82,8 @@ def noise(spec: ObjectiveSpec, pairs: PairArrays) -> jax.Array:
 def counterfactual_sources(spec: ObjectiveSpec, params, pairs: PairArrays) -> dict[str, jax.Array]:
     """{model site: [L, B, P, ...]} the counterfactual prompts' activations."""
     input_noise = None if spec.noise_std is None else noise(spec, pairs)
-    _, acts = spec.apply(params, pairs.cf_ids, pairs.cf_mask, method="capture", sites=spec.sites,
-                         input_noise=input_noise, fused=spec.fused)
-    return acts
+    tokens = Tokens(pairs.cf_ids, pairs.cf_mask, noise=input_noise)
+    return spec.model.capture(params, tokens, Capture(spec.sites), spec.intervention())[1]
 
 
 def prefix_keys_values(spec: ObjectiveSpec, params, pairs: PairArrays) -> KeysValues | None:
@@ -84,8 +93,8 @@ def prefix_keys_values(spec: ObjectiveSpec, params, pairs: PairArrays) -> KeysVa
     if not spec.prefix_length:
         return None
     prefix = slice(0, spec.prefix_length)
-    _, acts = spec.apply(params, pairs.prompt_ids[:, prefix], pairs.cf_mask[:, prefix], method="capture",
-                         sites=("attn_keys", "attn_values"), fused=spec.fused)
+    tokens = Tokens(pairs.prompt_ids[:, prefix], pairs.cf_mask[:, prefix])
+    _, acts = spec.model.capture(params, tokens, Capture(("attn_keys", "attn_values")), spec.intervention())
     return KeysValues(acts["attn_keys"], acts["attn_values"])
 
 
@@ -97,10 +106,10 @@ def _forward(spec: ObjectiveSpec, params, batch: Batch, prefix: KeysValues | Non
     if gates is not None:
         packed_source = {site: packing.pack_source(site, acts, rows) for site, acts in source.items()}
     memory = None if prefix is None else packing.pack_memory(prefix, rows)
-    hidden, _ = spec.apply(params, rows.tokens, packing.visibility(rows), gates=gates, source=packed_source,
-                           gate_positions=rows.gate > 0, position_ids=rows.positions, memory=memory,
-                           method="hidden_states", fused=spec.fused, layer_range=layer_range, initial=initial,
-                           unroll=spec.unroll)
+    tokens = Tokens(rows.tokens, packing.visibility(rows), rows.positions)
+    intervention = spec.intervention(gates, packed_source, rows.gate > 0, memory)
+    hidden, _ = spec.model.hidden_states(params, tokens, intervention, layer_range=layer_range, initial=initial,
+                                         unroll=spec.unroll)
     return hidden
 
 
@@ -114,7 +123,7 @@ def outputs(spec: ObjectiveSpec, params, batch: Batch, prefix: KeysValues | None
     layer_range = (start_layer, spec.config.n_layers) if start_layer else None
     hidden = _forward(spec, params, batch, prefix, gates, source, layer_range, initial)
     hidden = hidden.reshape(-1, hidden.shape[-1])[rows.logit_index]
-    logits = spec.apply(params, hidden, method="unembed")  # [Q, V]
+    logits = spec.model.unembed(params, hidden)  # [Q, V]
     norm = jax.nn.logsumexp(logits, axis=-1)  # [Q]
     token_logp = logits[rows.target_slot, pairs.target_ids] - norm[rows.target_slot]  # [B, Y, U]
     valid = pairs.target_valid

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtrace.core.records import KeysValues, PackedRows, TaskArrays
+from jaxtrace.core.records import KeysValues, Memory, PackedRows, TaskArrays
 from jaxtrace.core.sites import REGISTRY
 
 
@@ -154,13 +154,12 @@ def visibility(rows: PackedRows) -> jax.Array:
     return same_pair & causal & shared
 
 
-def pack_memory(prefix: KeysValues, rows: PackedRows) -> dict[str, jax.Array]:
-    """Per-pair prefix keys and values ([L, B, X, K, Dh] each) -> the rows' attention memory
-    {"keys", "values": [L, W, E, K, Dh], "positions": [W, E]} (empty slots hold pair 0's first token, unseen)."""
+def pack_memory(prefix: KeysValues, rows: PackedRows) -> Memory:
+    """Per-pair prefix keys and values ([L, B, X, K, Dh] each) -> the rows' attention memory: keys and values
+    [L, W, E, K, Dh], positions [W, E] (empty slots hold pair 0's first token, unseen)."""
     pair = jnp.maximum(rows.memory_pair, 0)
     pos = jnp.minimum(rows.memory_positions, prefix.keys.shape[2] - 1)
-    return {"keys": prefix.keys[:, pair, pos], "values": prefix.values[:, pair, pos],
-            "positions": rows.memory_positions}
+    return Memory(prefix.keys[:, pair, pos], prefix.values[:, pair, pos], rows.memory_positions)
 
 
 def pack_source(site: str, source: jax.Array, rows: PackedRows) -> jax.Array:

@@ -105,3 +105,25 @@ class Cache:
     def take(self, index: np.ndarray) -> Cache:
         """The cache of the pairs at `index` (any shape, e.g. [G, B]), on the host."""
         return jax.tree.map(lambda a: np.asarray(a)[index], self)
+
+
+@record
+class Tokens:
+    """What a forward reads: token ids [B, T]; `mask` [B, T] (1 = real token, causal attention) or [B, T, E + T]
+    (which keys each query sees, for packed rows whose E memory slots come first; None: every token real);
+    `positions` [B, T] position ids (None: 0..T-1); `noise` [B, T, D] added to the input embeddings (None: none)."""
+
+    ids: np.ndarray
+    mask: np.ndarray | None = None
+    positions: np.ndarray | None = None
+    noise: np.ndarray | None = None
+
+
+@record
+class Memory:
+    """Cached tokens every query may attend to before its own row's keys (a packed row's shared prefixes): keys and
+    values [L, B, E, K, Dh] after RoPE, and their positions [B, E]."""
+
+    keys: np.ndarray
+    values: np.ndarray
+    positions: np.ndarray

@@ -1,9 +1,10 @@
 """Gate sites: where a gated forward mixes live and source activations, and everything else the library needs to
-know about each one. Every module asks this registry; adding a site is one `Site` entry plus its mixing code in
-`jaxtrace.core.models.layers` (the `Intervention` weight and the call in the block).
+know about each one. Every module asks this registry; adding a site is one `Site` entry (its gate width, source
+shape and mixing weight) plus its call point in each family's block (`mixer("site", value)`).
 
-At a model site the forward computes `live + z * (source - live)` (= `(1 - z) * live + z * source`, written so that
-z = 0, or a source equal to the live activation, gives the live value bit for bit). Gates carry a leading layer axis.
+At a model site the forward computes `live + w * (source - live)` (= `(1 - w) * live + w * source`, written so that
+w = 0, or a source equal to the live activation, gives the live value bit for bit), where w is the site's `weight`
+of the layer's gates z [C] and the positions where gates apply. Gates carry a leading layer axis.
 
 | site          | gate    | source per layer | what is mixed                                                    |
 |---------------|---------|------------------|------------------------------------------------------------------|
@@ -14,9 +15,9 @@ z = 0, or a source equal to the live activation, gives the live value bit for bi
 | mlp_hidden    | [L, F]  | [B, T, F]        | the MLP's intermediate neurons (input of the down projection)   |
 | heads_mlp     | [L, H+1]| (set)            | `head_out` gates z[:, :H], `mlp_out` gates z[:, H] over all of D |
 
-`attn_pattern` has two forms with the same effects and gradients. The explicit one caches the counterfactual's
-pattern (H·T² floats per layer and pair) and mixes it into the live pattern. The fused one (model site
-`attn_pattern_qk`) uses that mixing is linear in the pattern: ((1 − z)·A_live + z·A_cf)·V =
+`attn_pattern` has two forms (`AttentionForm`) with the same effects and gradients. The explicit one caches the
+counterfactual's pattern (H·T² floats per layer and pair) and mixes it into the live pattern. The fused one (model
+site `attn_pattern_qk`) uses that mixing is linear in the pattern: ((1 − z)·A_live + z·A_cf)·V =
 (1 − z)·attention(q, k, V) + z·attention(q_cf, k_cf, V), so it caches the counterfactual's post-RoPE queries and keys
 ((H + K)·T·Dh floats, source [B, T, H + K, Dh]) and mixes the two attention outputs; no T×T tensor is kept, and the
 attention can be a fused kernel (`jax.nn.dot_product_attention`).
@@ -29,6 +30,7 @@ Axis letters are those of `jaxtrace.core`.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from typing import Callable, Mapping
 
 import jax
@@ -40,28 +42,70 @@ Gates = Mapping[str, jax.Array]        # site -> [L, C]
 Activations = Mapping[str, jax.Array]  # site -> [L, B, ...]
 
 
+class SiteKind(enum.StrEnum):
+    """A site the forward gates (`model`), a set of model sites gated under one array (`set`), or a site that can
+    only be captured (`capture`)."""
+
+    MODEL = "model"
+    SET = "set"
+    CAPTURE = "capture"
+
+
+class AttentionForm(enum.StrEnum):
+    """Attention with explicit patterns, or through `jax.nn.dot_product_attention` (fused kernels on GPU and TPU;
+    `attn_pattern` then gated in its fused form, `attn_pattern_qk`)."""
+
+    EXPLICIT = "explicit"
+    FUSED = "fused"
+
+
+# How a layer's gates z [C] (float32) and the position weight [B, T] broadcast against a site's live activation.
+def _query_rows(z, where):  # [B, H, Tq, Tk]
+    return z[None, :, None, None] * where[:, None, :, None]
+
+
+def _per_head(z, where):  # [B, T, H, Dh]
+    return z[None, None, :, None] * where[:, :, None, None]
+
+
+def _per_unit(z, where):  # [B, T, C]
+    return z[None, None, :] * where[:, :, None]
+
+
+def _heads_and_blocks(config: ModelConfig, z: jax.Array) -> dict[str, jax.Array]:
+    """`heads_mlp` gates [L, H + 1] as `head_out` [L, H] and `mlp_out` [L, D] gates."""
+    heads = config.n_heads
+    return {"head_out": z[:, :heads], "mlp_out": jnp.broadcast_to(z[:, heads:], (config.n_layers, config.d_model))}
+
+
 @dataclasses.dataclass(frozen=True)
 class Site:
-    """A gate site, a component set (`parts`: the model sites it gates under one array) or a capture-only site.
+    """A gate site, a component set (`parts`: the model sites it gates under one array, `expand` maps its gates to
+    theirs) or a capture-only site.
 
-    `width(config)` is C, the components per layer. `heads`: the first H components are query heads; `blocks`: the
-    last component of a layer is its whole MLP block; otherwise components are units of a vector. `lr` is the
-    default Adam learning rate (the reference's 0.1 for heads, 0.5 for MLP units). `query_axis`/`key_axis`: the token
-    axes of one layer's source [B, ...] (`key_axis` only for attention patterns). `source_floats(config, P)`: floats
-    one pair's source takes per layer for a prompt of P tokens.
+    `width(config)` is C, the components per layer. `weight(z [C], where [B, T])`: how a model site's gates broadcast
+    against its live activation [B, ...]. `heads`: the first H components are query heads; `blocks`: the last
+    component of a layer is its whole MLP block; otherwise components are units of a vector. `lr` is the default
+    Adam learning rate (the reference's 0.1 for heads, 0.5 for MLP units). `query_axis`/`key_axis`: the token axes
+    of one layer's source [B, ...] (`key_axis` only for attention patterns). `source_floats(config, P)`: floats one
+    pair's source takes per layer for a prompt of P tokens. `fused`: the model site that gates this one in the fused
+    attention form.
     """
 
     name: str
     description: str
     width: Callable[[ModelConfig], int]
-    kind: str = "model"  # "model" | "set" | "capture"
+    kind: SiteKind = SiteKind.MODEL
+    weight: Callable[[jax.Array, jax.Array], jax.Array] | None = None
     heads: bool = False
     blocks: bool = False
     lr: float = 0.5
     parts: tuple[str, ...] = ()
+    expand: Callable[[ModelConfig, jax.Array], dict[str, jax.Array]] | None = None
     query_axis: int = 1
     key_axis: int | None = None
     source_floats: Callable[[ModelConfig, int], int] | None = None
+    fused: str | None = None
     internal: bool = False  # a form of another site, not offered as a site of its own
 
     def component_label(self, config: ModelConfig, layer: int, index: int) -> str:
@@ -72,42 +116,44 @@ class Site:
 
 
 _ENTRIES = (
-    Site("attn_pattern", "post-softmax attention probabilities per query head", lambda c: c.n_heads, heads=True,
-         lr=0.1, query_axis=2, key_axis=3, source_floats=lambda c, p: c.n_heads * p * p),
+    Site("attn_pattern", "post-softmax attention probabilities per query head", lambda c: c.n_heads,
+         weight=_query_rows, heads=True, lr=0.1, query_axis=2, key_axis=3,
+         source_floats=lambda c, p: c.n_heads * p * p, fused="attn_pattern_qk"),
     Site("attn_pattern_qk", "attn_pattern in the fused form: the counterfactual's queries and keys", lambda c: c.n_heads,
-         heads=True, lr=0.1, source_floats=lambda c, p: p * (c.n_heads + c.n_kv_heads) * c.head_dim, internal=True),
-    Site("head_out", "per-head attention output before the output projection", lambda c: c.n_heads, heads=True,
-         lr=0.1, source_floats=lambda c, p: p * c.n_heads * c.head_dim),
-    Site("mlp_out", "MLP block output, one gate per residual dimension", lambda c: c.d_model,
+         weight=_per_head, heads=True, lr=0.1, source_floats=lambda c, p: p * (c.n_heads + c.n_kv_heads) * c.head_dim,
+         internal=True),  # mixes the attention outputs [B, T, H, Dh] of the live and the counterfactual's q, k
+    Site("head_out", "per-head attention output before the output projection", lambda c: c.n_heads,
+         weight=_per_head, heads=True, lr=0.1, source_floats=lambda c, p: p * c.n_heads * c.head_dim),
+    Site("mlp_out", "MLP block output, one gate per residual dimension", lambda c: c.d_model, weight=_per_unit,
          source_floats=lambda c, p: p * c.d_model),
-    Site("mlp_hidden", "MLP intermediate neurons", lambda c: c.d_ff, source_floats=lambda c, p: p * c.d_ff),
+    Site("mlp_hidden", "MLP intermediate neurons", lambda c: c.d_ff, weight=_per_unit,
+         source_floats=lambda c, p: p * c.d_ff),
     Site("heads_mlp", "one gate per attention head (head_out) and one per whole MLP block (mlp_out), per layer",
-         lambda c: c.n_heads + 1, kind="set", heads=True, blocks=True, lr=0.1, parts=("head_out", "mlp_out")),
-    Site("attn_keys", "attention keys after RoPE", lambda c: c.n_kv_heads, kind="capture"),
-    Site("attn_values", "attention values", lambda c: c.n_kv_heads, kind="capture"),
+         lambda c: c.n_heads + 1, kind=SiteKind.SET, heads=True, blocks=True, lr=0.1, parts=("head_out", "mlp_out"),
+         expand=_heads_and_blocks),
+    Site("attn_keys", "attention keys after RoPE", lambda c: c.n_kv_heads, kind=SiteKind.CAPTURE),
+    Site("attn_values", "attention values", lambda c: c.n_kv_heads, kind=SiteKind.CAPTURE),
 )
 REGISTRY: dict[str, Site] = {entry.name: entry for entry in _ENTRIES}
-SITES: dict[str, str] = {s.name: s.description for s in _ENTRIES if s.kind != "capture" and not s.internal}  # searched
-MODEL_SITES: tuple[str, ...] = tuple(s.name for s in _ENTRIES if s.kind == "model")       # what the forward gates
-CAPTURE_SITES: tuple[str, ...] = tuple(s.name for s in _ENTRIES if s.kind != "set")      # what it can capture
+SITES: dict[str, str] = {s.name: s.description for s in _ENTRIES
+                         if s.kind is not SiteKind.CAPTURE and not s.internal}                     # searched
+MODEL_SITES: tuple[str, ...] = tuple(s.name for s in _ENTRIES if s.kind is SiteKind.MODEL)         # what is gated
+CAPTURE_SITES: tuple[str, ...] = tuple(s.name for s in _ENTRIES if s.kind is not SiteKind.SET)     # captured
 
 
 def get_site(name: str) -> Site:
     """The registry entry of a gated site or component set; a one-line error naming the known ones otherwise."""
     site = REGISTRY.get(name)
-    if site is None or site.kind == "capture":
+    if site is None or site.kind is SiteKind.CAPTURE:
         raise ValueError(f"unknown site {name!r}; known sites: {', '.join(SITES)}")
     return site
 
 
-PATTERN_FORMS = ("explicit", "fused")
-
-
-def model_sites(name: str, pattern_form: str = "explicit") -> tuple[str, ...]:
-    """The model sites a site or component set gates (`attn_pattern` in the explicit or the fused form)."""
+def model_sites(name: str, attention: AttentionForm = AttentionForm.EXPLICIT) -> tuple[str, ...]:
+    """The model sites a site or component set gates under the attention form (`attn_pattern` in either form)."""
     site = get_site(name)
-    if name == "attn_pattern" and pattern_form == "fused":
-        return ("attn_pattern_qk",)
+    if site.fused is not None and AttentionForm(attention) is AttentionForm.FUSED:
+        return (site.fused,)
     return site.parts or (site.name,)
 
 
@@ -116,12 +162,13 @@ def gate_shape(config: ModelConfig, name: str) -> tuple[int, int]:
     return config.n_layers, get_site(name).width(config)
 
 
-def expand_gates(config: ModelConfig, name: str, z: jax.Array, pattern_form: str = "explicit") -> dict[str, jax.Array]:
+def expand_gates(config: ModelConfig, name: str, z: jax.Array,
+                 attention: AttentionForm = AttentionForm.EXPLICIT) -> dict[str, jax.Array]:
     """Model-site gates {site: [L, C_site]} of gates z [L, C] at a site or component set."""
-    if name == "heads_mlp":
-        heads = config.n_heads
-        return {"head_out": z[:, :heads], "mlp_out": jnp.broadcast_to(z[:, heads:], (config.n_layers, config.d_model))}
-    return {model_sites(name, pattern_form)[0]: z}
+    site = get_site(name)
+    if site.expand is not None:
+        return site.expand(config, z)
+    return {model_sites(name, attention)[0]: z}
 
 
 def component_labels(config: ModelConfig, name: str) -> list[str]:
@@ -132,10 +179,10 @@ def component_labels(config: ModelConfig, name: str) -> list[str]:
 
 
 def source_bytes_per_pair(config: ModelConfig, name: str, prompt_length: int, prefix_length: int = 0,
-                          pattern_form: str = "explicit") -> int:
+                          attention: AttentionForm = AttentionForm.EXPLICIT) -> int:
     """Float32 bytes one pair's cached sources take (every model site `name` gates, over all layers), plus the
     keys and values of its `prefix_length` shared-prefix tokens."""
-    floats = sum(REGISTRY[part].source_floats(config, prompt_length) for part in model_sites(name, pattern_form))
+    floats = sum(REGISTRY[part].source_floats(config, prompt_length) for part in model_sites(name, attention))
     keys_values = 2 * prefix_length * config.n_kv_heads * config.head_dim
     return 4 * config.n_layers * (floats + keys_values)
 

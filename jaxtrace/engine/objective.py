@@ -19,11 +19,11 @@ from jax.sharding import Mesh
 
 from jaxtrace.core import objective as core
 from jaxtrace.core.metrics import METRICS, Metric, get_metric
-from jaxtrace.core.models import GatedLM, ModelConfig, functional, init_model
+from jaxtrace.core.models import GatedLM, ModelConfig, init_model, pure
 from jaxtrace.core.options import option
 from jaxtrace.core.records import Batch, Cache
 from jaxtrace.core.search import SearchConfig, pgbct
-from jaxtrace.core.sites import SITES, gate_shape, get_site, source_bytes_per_pair
+from jaxtrace.core.sites import SITES, AttentionForm, gate_shape, get_site, source_bytes_per_pair
 from jaxtrace.engine import mesh as meshes
 from jaxtrace.engine.batcher import Batcher, PackShape
 from jaxtrace.tasks import EncodedTask
@@ -33,15 +33,16 @@ class MetricNaNError(FloatingPointError):
     """The metric is not finite for some examples."""
 
 
-ATTENTION = ("auto", "explicit", "fused")
+ATTENTION = ("auto", *(form.value for form in AttentionForm))
 
 
-def resolve_attention(attention: str) -> str:
-    """"auto": explicit patterns on CPU (where XLA's fused attention is no faster at these lengths), fused attention on
-    GPU and TPU (flash kernels; no T×T tensor cached)."""
+def resolve_attention(attention: str) -> AttentionForm:
+    """The attention form of `--attention`: "auto" is explicit patterns on CPU (where XLA's fused attention is no
+    faster at these lengths), fused attention on GPU and TPU (flash kernels; no T×T tensor cached)."""
     if attention != "auto":
-        return attention
-    return "fused" if jax.default_backend() in ("gpu", "cuda", "rocm", "tpu") else "explicit"
+        return AttentionForm(attention)
+    on_accelerator = jax.default_backend() in ("gpu", "cuda", "rocm", "tpu")
+    return AttentionForm.FUSED if on_accelerator else AttentionForm.EXPLICIT
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +254,7 @@ def build_objective(model: GatedLM | ModelConfig, task: EncodedTask, config: Obj
     if isinstance(config, str):
         config = ObjectiveConfig(site=config)
     overrides = {"batch_size": batch_size, "attention": attention,
-                 "metric": metric.name if isinstance(metric, Metric) else metric}
+                 "metric": None if isinstance(metric, Metric) else metric}  # a Metric object is used as given
     config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
     abstract = isinstance(model, ModelConfig)
     model_config = model if abstract else model.config
@@ -266,10 +267,10 @@ def build_objective(model: GatedLM | ModelConfig, task: EncodedTask, config: Obj
         noise_std = (task.noise.std if task.noise.std is not None else task.noise.scale if abstract else
                      task.noise.scale * float(jnp.std(model.embed_tokens[...].astype(jnp.float32))))
     batcher = Batcher(task, config.batch_size, mesh, row_width, share_prefix)
-    apply, params = functional(nnx.eval_shape(lambda: init_model(model_config)) if abstract else model)
+    pure_model, params = pure(nnx.eval_shape(lambda: init_model(model_config)) if abstract else model)
     params = meshes.abstract_params(params, mesh) if abstract else \
         params if mesh is None else meshes.shard_params(params, mesh)
-    spec = core.ObjectiveSpec(apply, model_config, site, metric, noise_std,
+    spec = core.ObjectiveSpec(pure_model, site, metric, noise_std,
                               0 if task.noise is None else task.noise.seed, batcher.prefix_length,
                               resolve_attention(config.attention))
     budget = config.memory_budget if memory_budget is None else memory_budget

@@ -8,7 +8,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxtrace.core.models import GatedLM, functional
+from jaxtrace.core.intervention import Capture, Intervention
+from jaxtrace.core.models import GatedLM, pure
+from jaxtrace.core.records import Tokens
 from jaxtrace.core.sites import SITES, full_gates, gate_shape
 
 
@@ -36,16 +38,16 @@ def next_tokens(model: GatedLM, tokenizer, prompt: str, top: int = 5) -> str:
 def time_gated_step(model: GatedLM, site: str = "attn_pattern", batch: int = 32, length: int = 16,
                     steps: int = 3) -> tuple[float, float]:
     """(compile seconds, median step seconds) of a jitted gated forward+backward w.r.t. one site's gates."""
-    apply, params = functional(model)
+    lm, params = pure(model)
     rng = np.random.RandomState(0)
     ids = jnp.asarray(rng.randint(0, model.config.vocab_size, (batch, length)))
     source_ids = jnp.asarray(rng.randint(0, model.config.vocab_size, (batch, length)))
-    _, source = jax.jit(lambda p, x: apply(p, x, method="capture", sites=(site,)))(params, source_ids)
+    _, source = jax.jit(lambda p, x: lm.capture(p, Tokens(x), Capture((site,))))(params, source_ids)
 
     @jax.jit
     def step(gates, params, ids, source):
         def loss(gates):
-            logits = apply(params, ids, gates=gates, source=source)
+            logits = lm.logits(params, Tokens(ids), Intervention(gates, source))
             return jax.nn.log_softmax(logits[:, -1]).mean()
         return jax.value_and_grad(loss)(gates)
 

@@ -2,7 +2,7 @@
 
 from flax import nnx
 
-from jaxtrace.core.models.base import GatedLM, functional
+from jaxtrace.core.models.base import GatedLM, PureLM, pure
 from jaxtrace.core.models.config import FAMILIES, ModelConfig, UnsupportedModelError
 from jaxtrace.core.models.gemma import Gemma
 from jaxtrace.core.models.gpt2 import GPT2
@@ -17,4 +17,4 @@ def init_model(config: ModelConfig, seed: int = 0) -> GatedLM:
 
 
 __all__ = ["FAMILIES", "GPT2", "Gemma", "GatedLM", "Llama", "MODEL_CLASSES", "ModelConfig", "UnsupportedModelError",
-           "functional", "init_model"]
+           "PureLM", "init_model", "pure"]

@@ -30,9 +30,9 @@ class Gemma(Llama):
         # HF keeps sqrt(D) as a float32 tensor cast to the embedding dtype (sqrt(2304) = 55.5 in bfloat16)
         return table[input_ids] * jnp.asarray(jnp.float32(self.config.d_model ** 0.5), table.dtype)
 
-    def block(self, p: dict, x: jax.Array, context: dict, iv: layers.Intervention) -> jax.Array:
-        x = x + self.norm(self.attention(p, self.norm(x, p["attn_norm"]), context, iv), p["post_attn_norm"])
-        return x + self.norm(iv("mlp_out", self.mlp(p, self.norm(x, p["mlp_norm"]), iv)), p["post_mlp_norm"])
+    def block(self, p: dict, x: jax.Array, context: dict, mixer: layers.Mixer) -> jax.Array:
+        x = x + self.norm(self.attention(p, self.norm(x, p["attn_norm"]), context, mixer), p["post_attn_norm"])
+        return x + self.norm(mixer("mlp_out", self.mlp(p, self.norm(x, p["mlp_norm"]), mixer)), p["post_mlp_norm"])
 
     def unembed(self, x: jax.Array) -> jax.Array:
         return layers.softcap(super().unembed(x), self.config.final_logit_softcap)

@@ -54,15 +54,16 @@ class GPT2(GatedLM):
     def embed(self, input_ids: jax.Array, position_ids: jax.Array) -> jax.Array:
         return self.embed_tokens[...][input_ids] + self.embed_positions[...][position_ids]
 
-    def block(self, p: dict, x: jax.Array, context: dict, iv: layers.Intervention) -> jax.Array:
+    def block(self, p: dict, x: jax.Array, context: dict, mixer: layers.Mixer) -> jax.Array:
         eps = self.config.norm_eps
         h = layers.layer_norm(x, p["attn_norm"], p["attn_norm_bias"], eps)
         q, k, v = (layers.add_bias(jnp.einsum("btd,dhk->bthk", h, p[n]), p[f"{n}_bias"]) for n in "qkv")
-        heads = layers.gated_attention(q, k, v, context["bias"], iv)
+        heads = layers.gated_attention(q, k, v, context["bias"], mixer)
         x = x + layers.add_bias(jnp.einsum("bthk,hkd->btd", heads, p["o"]), p["o_bias"])
         h = layers.layer_norm(x, p["mlp_norm"], p["mlp_norm_bias"], eps)
-        hidden = iv("mlp_hidden", layers.activation(self.config.activation)(layers.add_bias(h @ p["up"], p["up_bias"])))
-        return x + iv("mlp_out", layers.add_bias(hidden @ p["down"], p["down_bias"]))
+        act = layers.activation(self.config.activation)
+        hidden = mixer("mlp_hidden", act(layers.add_bias(h @ p["up"], p["up_bias"])))
+        return x + mixer("mlp_out", layers.add_bias(hidden @ p["down"], p["down_bias"]))
 
     def unembed(self, x: jax.Array) -> jax.Array:
         x = layers.layer_norm(x, self.final_norm[...], self.final_norm_bias[...], self.config.norm_eps)

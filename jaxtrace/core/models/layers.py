@@ -1,4 +1,4 @@
-"""Building blocks shared by the model families: norms, RoPE, masks, gated attention and the site interchange."""
+"""Building blocks shared by the model families: norms, RoPE, masks, gated attention and the per-layer mixer."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtrace.core.intervention import Capture
 from jaxtrace.core.models.config import ModelConfig
+from jaxtrace.core.sites import REGISTRY
 
 F32 = jnp.float32
 NEG_INF = float(jnp.finfo(F32).min)
@@ -131,32 +133,24 @@ def attention_bias(attention_mask: jax.Array | None, position_ids: jax.Array, sl
     return jnp.where(allowed, 0.0, NEG_INF).astype(F32)[:, None]
 
 
-# How a gate [N] and a position weight [B, T] broadcast against each site's live activation.
-_SITE_WEIGHT = {
-    "attn_pattern": lambda z, w: z[None, :, None, None] * w[:, None, :, None],  # [B, H, Tq, Tk]
-    "head_out": lambda z, w: z[None, None, :, None] * w[:, :, None, None],      # [B, T, H, Dh]
-    "attn_pattern_qk": lambda z, w: z[None, None, :, None] * w[:, :, None, None],  # [B, T, H, Dh] head outputs
-    "mlp_out": lambda z, w: z[None, None, :] * w[:, :, None],                   # [B, T, D]
-    "mlp_hidden": lambda z, w: z[None, None, :] * w[:, :, None],                # [B, T, F]
-}
-
-
-class Intervention:
-    """One layer's gates, sources and captures, applied by the block at each named site, the layer's memory (keys and
-    values [B, E, K, Dh] of cached tokens that every query may attend to before its own row), and whether attention
-    runs as `jax.nn.dot_product_attention` (`fused`) or with explicit patterns."""
+class Mixer:
+    """One layer's view of the intervention inside the layer scan: its gates {site: [C]} and sources, the position
+    weight [B, T], the capture request, the layer's memory (keys and values [B, E, K, Dh] of cached tokens that
+    every query may attend to before its own row) and whether attention is fused. `mixer(site, value)` mixes where
+    gated and records where captured (`captured`: {site: value} of this layer)."""
 
     def __init__(self, gates: Mapping[str, jax.Array], source: Mapping[str, jax.Array], where: jax.Array,
-                 capture: Sequence[str], memory: Mapping[str, jax.Array] | None = None, fused: bool = False):
+                 capture: Capture, memory: Mapping[str, jax.Array] | None = None, fused: bool = False):
         self.gates, self.source, self.where, self.capture = gates, source, where, capture
         self.memory, self.fused = memory, fused
         self.captured: dict[str, jax.Array] = {}
 
     def __call__(self, site: str, live: jax.Array, source: jax.Array | None = None) -> jax.Array:
-        """Mix `live + z * (source - live)` where gated (in float32, whatever the activations' dtype; `source`: the
-        site's cached one unless given); record the (mixed) value where captured."""
+        """Mix `live + w * (source - live)` where gated, w the site's weight of its gates (`Site.weight`; in
+        float32, whatever the activations' dtype; `source`: the site's cached one unless given); record the (mixed)
+        value where captured."""
         if site in self.gates:
-            weight = _SITE_WEIGHT[site](self.gates[site].astype(F32), self.where)
+            weight = REGISTRY[site].weight(self.gates[site].astype(F32), self.where)
             live32 = live.astype(F32)
             source = self.source[site] if source is None else source
             live = (live32 + weight * (source.astype(F32) - live32)).astype(live.dtype)
@@ -166,13 +160,13 @@ class Intervention:
 
 
 def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, scale: float,
-           logit_softcap: float | None = None, fused: bool = False, iv: Intervention | None = None) -> jax.Array:
+           logit_softcap: float | None = None, fused: bool = False, mixer: Mixer | None = None) -> jax.Array:
     """Grouped-query attention outputs [B, T, H, Dh] of q [B, T, H, Dh] over k, v [B, S, K, Dh] with an additive
     bias [B, 1, T, S]: query head h reads KV head h // (H / K); scores are `softcap(scale * q . k, logit_softcap)`.
 
     `fused`: through `jax.nn.dot_product_attention` (XLA; cuDNN's fused kernels on GPU where they apply), unless
-    soft-capping needs the explicit scores. Otherwise the pattern is explicit and goes through `iv`'s `attn_pattern`
-    site.
+    soft-capping needs the explicit scores. Otherwise the pattern is explicit and goes through `mixer`'s
+    `attn_pattern` site.
     """
     batch, length, n_heads, head_dim = q.shape
     if fused and logit_softcap is None:
@@ -184,13 +178,13 @@ def attend(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, scale: flo
     qg = q.reshape(batch, length, n_kv, group, head_dim)
     scores = softcap(jnp.einsum("btkgd,bskd->bkgts", qg, k, preferred_element_type=F32) * scale, logit_softcap)
     probs = jax.nn.softmax(scores.reshape(batch, n_heads, length, n_keys) + bias, axis=-1)
-    if iv is not None:
-        probs = iv("attn_pattern", probs)
+    if mixer is not None:
+        probs = mixer("attn_pattern", probs)
     probs = probs.reshape(batch, n_kv, group, length, n_keys).astype(v.dtype)
     return jnp.einsum("bkgts,bskd->btkgd", probs, v).reshape(batch, length, n_heads, head_dim)
 
 
-def gated_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, iv: Intervention,
+def gated_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, mixer: Mixer,
                     scale: float | None = None, logit_softcap: float | None = None) -> jax.Array:
     """Grouped-query attention with the `attn_pattern` (explicit and fused) and `head_out` sites.
 
@@ -203,23 +197,23 @@ def gated_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, i
     """
     n_heads, head_dim = q.shape[2], q.shape[3]
     scale = head_dim**-0.5 if scale is None else scale
-    k, v = iv("attn_keys", k), iv("attn_values", v)
-    if "attn_pattern_qk" in iv.capture:
-        iv.captured["attn_pattern_qk"] = jnp.concatenate([q, k], axis=2)
+    k, v = mixer("attn_keys", k), mixer("attn_values", v)
+    if "attn_pattern_qk" in mixer.capture:
+        mixer.captured["attn_pattern_qk"] = jnp.concatenate([q, k], axis=2)
 
     def with_memory(keys_or_values: jax.Array, name: str) -> jax.Array:
-        if iv.memory is None:
+        if mixer.memory is None:
             return keys_or_values
-        return jnp.concatenate([iv.memory[name].astype(keys_or_values.dtype), keys_or_values], axis=1)
+        return jnp.concatenate([mixer.memory[name].astype(keys_or_values.dtype), keys_or_values], axis=1)
 
     values = with_memory(v, "values")
-    out = attend(q, with_memory(k, "keys"), values, bias, scale, logit_softcap, iv.fused, iv)
-    if "attn_pattern_qk" in iv.gates:
-        source = iv.source["attn_pattern_qk"].astype(q.dtype)
+    out = attend(q, with_memory(k, "keys"), values, bias, scale, logit_softcap, mixer.fused, mixer)
+    if "attn_pattern_qk" in mixer.gates:
+        source = mixer.source["attn_pattern_qk"].astype(q.dtype)
         q_cf, k_cf = source[:, :, :n_heads], source[:, :, n_heads:]
-        out_cf = attend(q_cf, with_memory(k_cf, "keys"), values, bias, scale, logit_softcap, iv.fused)
-        out = iv("attn_pattern_qk", out, out_cf)
-    return iv("head_out", out)
+        out_cf = attend(q_cf, with_memory(k_cf, "keys"), values, bias, scale, logit_softcap, mixer.fused)
+        out = mixer("attn_pattern_qk", out, out_cf)
+    return mixer("head_out", out)
 
 
 def dtype_of(config: ModelConfig) -> Any:

@@ -81,7 +81,7 @@ class Llama(GatedLM):
     def embed(self, input_ids: jax.Array, position_ids: jax.Array) -> jax.Array:
         return self.embed_tokens[...][input_ids]
 
-    def attention(self, p: dict, h: jax.Array, context: dict, iv: layers.Intervention) -> jax.Array:
+    def attention(self, p: dict, h: jax.Array, context: dict, mixer: layers.Mixer) -> jax.Array:
         """The attention output [B, T, D] (after the output projection) of normed inputs h [B, T, D]."""
         config = self.config
         q, k, v = (_linear(h, p, n, "btd,dhk->bthk") for n in "qkv")
@@ -89,18 +89,18 @@ class Llama(GatedLM):
             q, k = self.norm(q, p["q_norm"]), self.norm(k, p["k_norm"])
         q = layers.apply_rope(q, context["cos"], context["sin"])
         k = layers.apply_rope(k, context["cos"], context["sin"])
-        heads = layers.gated_attention(q, k, v, context["bias"], iv, config.attn_scale, config.attn_logit_softcap)
+        heads = layers.gated_attention(q, k, v, context["bias"], mixer, config.attn_scale, config.attn_logit_softcap)
         return _linear(heads, p, "o", "bthk,hkd->btd")
 
-    def mlp(self, p: dict, h: jax.Array, iv: layers.Intervention) -> jax.Array:
+    def mlp(self, p: dict, h: jax.Array, mixer: layers.Mixer) -> jax.Array:
         """The gated MLP's output [B, T, D] of normed inputs h [B, T, D], with the `mlp_hidden` site."""
         act = layers.activation(self.config.activation)
-        hidden = iv("mlp_hidden", act(_linear(h, p, "gate", "btd,df->btf")) * _linear(h, p, "up", "btd,df->btf"))
+        hidden = mixer("mlp_hidden", act(_linear(h, p, "gate", "btd,df->btf")) * _linear(h, p, "up", "btd,df->btf"))
         return _linear(hidden, p, "down", "btf,fd->btd")
 
-    def block(self, p: dict, x: jax.Array, context: dict, iv: layers.Intervention) -> jax.Array:
-        x = x + self.attention(p, self.norm(x, p["attn_norm"]), context, iv)
-        return x + iv("mlp_out", self.mlp(p, self.norm(x, p["mlp_norm"]), iv))
+    def block(self, p: dict, x: jax.Array, context: dict, mixer: layers.Mixer) -> jax.Array:
+        x = x + self.attention(p, self.norm(x, p["attn_norm"]), context, mixer)
+        return x + mixer("mlp_out", self.mlp(p, self.norm(x, p["mlp_norm"]), mixer))
 
     def unembed(self, x: jax.Array) -> jax.Array:
         x = self.norm(x, self.final_norm[...])
