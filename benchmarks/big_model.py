@@ -46,7 +46,7 @@ def cell(site: str, dtype: str, data: str, epochs: int) -> dict:
     search = jaxtrace.SearchConfig(epochs=epochs, patience=0)
     step, _ = loop.training_step(objective.fresh(), search)
     state = loop.initial_state(objective, [search])
-    state = objective.batcher.replicate(SearchState(state["z"], state["opt_state"]))
+    state = objective.batcher.replicate(SearchState(state.z, state.opt_state))
     lambdas = objective.batcher.replicate(tuple(np.array([lam], np.float32) for lam in search.lambdas(0)))
     orders = objective.batcher.epoch(jax.random.key(search.seed), 0)
     shape = objective.batcher.shape(orders)
@@ -63,12 +63,12 @@ def cell(site: str, dtype: str, data: str, epochs: int) -> dict:
     started = time.perf_counter()
     result = jaxtrace.run_search(objective, search)
     run_s = time.perf_counter() - started
-    epoch_s = result.history[-1]["seconds"] / len(result.history)
+    epoch_s = result.history[-1].seconds / len(result.history)
     return {"site": site, "dtype": dtype, "params_m": config.n_params / 1e6, "pairs": len(task),
             "init_s": init_s, "setup_s": setup_s, "compile_s": compile_s, "step_s": statistics.median(times[1:]),
             "epochs_run": len(result.history), "run_s": run_s, "epoch_s": epoch_s,
-            "run_15_s": setup_s + (run_s - result.history[-1]["seconds"]) + 15 * epoch_s,
-            "selected": int(result.mask.sum()), "effect": result.history[-1]["effect"],
+            "run_15_s": setup_s + (run_s - result.history[-1].seconds) + 15 * epoch_s,
+            "selected": int(result.mask.sum()), "effect": result.history[-1].effect,
             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
 
 

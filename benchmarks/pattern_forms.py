@@ -57,7 +57,7 @@ def measure(model, tokenizer, data: str, length: int, attention: str, steps: int
     config = jaxtrace.SearchConfig()
     step, _ = loop.training_step(objective.fresh(), config)
     state = loop.initial_state(objective, [config])
-    state = objective.batcher.replicate(SearchState(state["z"], state["opt_state"]))
+    state = objective.batcher.replicate(SearchState(state.z, state.opt_state))
     lambdas = objective.batcher.replicate(tuple(np.array([lam], np.float32) for lam in config.lambdas(0)))
     batch = loop.stacked_inputs(objective, [np.arange(len(task))])
     started = time.perf_counter()

@@ -269,7 +269,7 @@ def cell_jaxtrace(spec: Workload, plan: Plan, args) -> dict:
     full = [idx for order in orders for idx in order if len(idx) == BATCH]
     batches = [loop.stacked_inputs(objective, [idx], (rows, n_logits)) for idx in full[: plan.steps + 1]]
     state = loop.initial_state(objective, [config])
-    state = objective.batcher.replicate(SearchState(state["z"], state["opt_state"]))
+    state = objective.batcher.replicate(SearchState(state.z, state.opt_state))
     lambdas = objective.batcher.replicate(tuple(np.array([lam], np.float32) for lam in config.lambdas(0)))
     step_args = (state, objective.params, *batches[0], *lambdas)
     compiled, compile_s = timed(lambda: make_step().lower(*step_args).compile())
@@ -286,13 +286,13 @@ def cell_jaxtrace(spec: Workload, plan: Plan, args) -> dict:
     run: dict[str, Any] = {"epochs_measured": plan.run_epochs}
     if plan.run_epochs:
         result, wall = timed(lambda: jaxtrace.run_search(objective, config.replace(epochs=plan.run_epochs)))
-        epochs = epoch_durations(result.history)
+        epochs = epoch_durations([row.to_dict() for row in result.history])
         run.update(measured_s=setup_s + wall, epoch_s=epochs, selected=int(result.mask.sum()),
-                   effect=result.history[-1]["effect"])
+                   effect=result.history[-1].effect)
         if plan.run_epochs == EPOCHS:
             run["total_s"] = setup_s + wall
         else:
-            run["total_s"] = setup_s + extrapolate_epochs(epochs, overhead=wall - result.history[-1]["seconds"])
+            run["total_s"] = setup_s + extrapolate_epochs(epochs, overhead=wall - result.history[-1].seconds)
             run["how"] = f"extrapolated from {plan.run_epochs} epochs"
     peak = memory.read()
 

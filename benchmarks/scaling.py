@@ -41,7 +41,7 @@ def measure(model_spec: str, data: str, mesh_spec: str | None, steps: int) -> di
     config = jaxtrace.SearchConfig()
     step, _ = loop.training_step(objective.fresh(), config)
     state = loop.initial_state(objective, [config])
-    state = objective.batcher.replicate(SearchState(state["z"], state["opt_state"]))
+    state = objective.batcher.replicate(SearchState(state.z, state.opt_state))
     lambdas = objective.batcher.replicate(np.full(1, config.lambda1, np.float32))
     orders = [np.random.default_rng(i).permutation(len(task))[:32] for i in range(steps + 1)]
     rows, n_logits = objective.batcher.shape(orders)

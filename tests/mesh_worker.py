@@ -50,7 +50,7 @@ def main(folder: str, data: str, checkpoint_dir: str, out: str) -> None:
         query = nnx.to_pure_dict(objective.params)["blocks"]["q"]  # [L, D, H, Dh]
         batch, _ = objective.batcher.put(objective.inputs(np.arange(BATCH)))
         results["runs"][str(spec)] = {
-            "loss": [row["loss"] for row in result.steps], "z": result.z.tolist(), "mask": result.mask.tolist(),
+            "loss": [row.loss for row in result.steps], "z": result.z.tolist(), "mask": result.mask.tolist(),
             "ig": integrated_gradients(objective, 2).tolist(), "query": layout(query),
             "batch_tokens": layout(batch.rows.tokens)}
     first = build_objective(model, task, "attn_pattern", BATCH, mesh=parallel.parse_mesh("data=8"))

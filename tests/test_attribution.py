@@ -114,7 +114,7 @@ def test_warm_start_from_atp(objective):
     np.testing.assert_allclose(run_search(objective, config).z, expected, atol=1e-6)
     given = np.linspace(0.1, 0.9, objective.n_components).reshape(objective.shape)
     np.testing.assert_allclose(run_search(objective, config, z0=given).z, given, atol=1e-6)
-    np.testing.assert_array_equal(initial_state(objective, [config])["z"], np.full((1, *objective.shape), 0.5))
+    np.testing.assert_array_equal(initial_state(objective, [config]).z, np.full((1, *objective.shape), 0.5))
     with pytest.raises(ValueError, match="unknown warm start"):
         SearchConfig(warm_start="ig")
 

@@ -107,7 +107,7 @@ def test_sweep_equals_separate_runs(objective):
         alone = run_search(objective, config)
         np.testing.assert_allclose(result.z, alone.z, atol=1e-5)
         assert np.array_equal(result.mask, alone.mask)
-        assert [h["effect"] for h in result.history] == pytest.approx([h["effect"] for h in alone.history], abs=1e-6)
+        assert [h.effect for h in result.history] == pytest.approx([h.effect for h in alone.history], abs=1e-6)
     with pytest.raises(ValueError, match="differ only in"):
         run_searches(objective, [base, base.replace(lr=0.3)])
 

@@ -35,7 +35,7 @@ def test_plan_equals_the_compiled_programs(tmp_path, capsys):
     search = SearchConfig()
     step, _ = loop.training_step(objective.fresh(), search)
     state = loop.initial_state(objective, [search])
-    state = objective.batcher.replicate(SearchState(state["z"], state["opt_state"]))
+    state = objective.batcher.replicate(SearchState(state.z, state.opt_state))
     batch, cache = loop.stacked_inputs(objective, [objective.batcher.in_order[0]], training_shape(objective, search))
     lambdas = objective.batcher.replicate(tuple(np.array([lam], np.float32) for lam in search.lambdas(0)))
     compiled = step.lower(state, objective.params, batch, cache, *lambdas).compile()

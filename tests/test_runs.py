@@ -173,3 +173,85 @@ def test_cli_overwrite_and_refusal(tiny_gpt2, custom_data, tmp_path, capsys):
     assert (tmp_path / "circuit.json").read_bytes() == before
     assert main(args + ["--overwrite"]) == 0
     assert np.isfinite(json.loads((tmp_path / "circuit.json").read_text())["effect"])
+
+
+def test_search_config_resolves_once_per_run(tiny_gpt2, custom_data, tmp_path, monkeypatch):
+    """A run resolves its config once (`Runs.of`) and passes the resolved configs down: one `SearchConfig.resolve`
+    per trace (checkpointed, resumed or λ-searched) and per stability sweep; R per sweep of R configs."""
+    from jaxtrace.runs.stability import StabilityConfig, stability_run
+    from jaxtrace.runs.trace import trace_objective
+
+    _, model, tokenizer = tiny_gpt2
+    objective = jaxtrace.build_objective(model, TaskSpec("custom", str(custom_data)).build(tokenizer), "head_out",
+                                         batch_size=4)
+    calls = []
+    resolve = jaxtrace.SearchConfig.resolve
+
+    def counted(self, *args):
+        calls.append(self)
+        return resolve(self, *args)
+
+    monkeypatch.setattr(jaxtrace.SearchConfig, "resolve", counted)
+
+    def count(run) -> int:
+        calls.clear()
+        run()
+        return len(calls)
+
+    assert count(lambda: trace_objective(objective, CONFIG, progress=False)) == 1
+    assert count(lambda: trace_objective(objective, CONFIG, out=tmp_path / "run", progress=False)) == 1
+    assert count(lambda: trace_objective(objective, CONFIG.replace(epochs=2), out=tmp_path / "run", resume=True,
+                                         progress=False)) == 1
+    assert count(lambda: trace_objective(objective, CONFIG, target_size=2, progress=False)) == 1
+    assert count(lambda: stability_run(objective, CONFIG, StabilityConfig(seeds=2, resamples=0),
+                                       progress=False)) == 1
+    assert count(lambda: jaxtrace.run_searches(objective, [CONFIG, CONFIG.replace(seed=1)])) == 2
+    runs = loop.Runs.of(objective, CONFIG)
+    assert count(lambda: (loop.run_search(objective, runs), loop.initial_state(objective, runs),
+                          loop.training_step(objective, runs))) == 0
+    with pytest.raises(ValueError, match="may differ only in"):
+        runs.sweep([{"lr": 0.3}])
+
+
+def test_typed_records_convert_at_the_file_boundary(tiny_gpt2, custom_data, tmp_path):
+    """Checkpoints restore into `RunState` and `RunProgress` whose dicts are the JSON on disk; result rows are
+    `EpochRow`s and `StepRow`s whose dicts are circuit.json's history and log.csv's rows; a damaged metadata file
+    is a CheckpointError."""
+    import csv
+
+    from jaxtrace.io.checkpoints import CheckpointError, EpochCheckpoints
+
+    _, model, tokenizer = tiny_gpt2
+    objective = jaxtrace.build_objective(model, TaskSpec("custom", str(custom_data)).build(tokenizer), "head_out",
+                                         batch_size=4)
+    config = CONFIG.replace(epochs=2)
+    out = tmp_path / "run"
+    circuit = _trace(model, tokenizer, out, TaskSpec("custom", str(custom_data)), config=config)
+    checkpoints = EpochCheckpoints(out / "checkpoints")
+    try:
+        state, progress = checkpoints.restore(loop.initial_state(objective, [config]))
+    finally:
+        checkpoints.close()
+    assert isinstance(state, loop.RunState) and isinstance(progress, loop.RunProgress)
+    assert state.z.shape == (1, *objective.shape) and state.keys.shape == (1, 2)
+    meta = json.loads((out / "checkpoints" / "2" / "meta" / "metadata").read_text())
+    assert list(meta) == ["configs", "epochs_done", "histories", "steps", "seconds", "unchanged", "settled"]
+    assert progress.to_dict() == meta and loop.RunProgress.from_dict(meta) == progress
+    assert progress.epochs_done == 2 and progress.configs[0] == loop.Runs.of(objective, config).config
+    assert all(isinstance(row, loop.EpochRow) for row in progress.histories[0])
+    assert [row.to_dict() for row in progress.histories[0]] == circuit.history
+    with open(out / "log.csv", newline="") as f:
+        logged = list(csv.DictReader(f))
+    assert [{k: str(v) for k, v in row.to_dict(run=False).items()} for row in progress.steps] == logged
+    assert all(isinstance(row, loop.StepRow) and row.run == 0 for row in progress.steps)
+    # Older checkpoints have no "unchanged" / "settled": no epoch unchanged, not stopped.
+    older = loop.RunProgress.from_dict({k: v for k, v in meta.items() if k not in ("unchanged", "settled")})
+    assert older.unchanged == (0,) and older.settled is False
+
+    (out / "checkpoints" / "2" / "meta" / "metadata").write_text(json.dumps({**meta, "histories": None}))
+    checkpoints = EpochCheckpoints(out / "checkpoints")
+    try:
+        with pytest.raises(CheckpointError, match=r"checkpoints/2 cannot be read .*metadata.*earlier checkpoints"):
+            checkpoints.restore(loop.initial_state(objective, [config]))
+    finally:
+        checkpoints.close()

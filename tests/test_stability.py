@@ -13,8 +13,8 @@ from jaxtrace.cli import main
 from jaxtrace.core.search import SearchConfig
 from jaxtrace.engine.loop import run_searches
 from jaxtrace.engine.objective import build_objective
-from jaxtrace.runs.stability import (StabilityConfig, bootstrap_resamples, mean_jaccard, percentile_interval,
-                                     selection_frequency, stability)
+from jaxtrace.runs.stability import (StabilityConfig, StabilityResult, bootstrap_resamples, mean_jaccard,
+                                     percentile_interval, selection_frequency, stability, summary)
 from jaxtrace.tasks import encode_pairs, load_pairs
 from conftest import SHARED
 
@@ -80,21 +80,28 @@ def test_sweep_equals_runs_alone_and_normal_runs_are_unchanged(objective):
     config = StabilityConfig(seeds=2, resamples=2, bootstrap_seed=1)
     result = stability(objective, search, config, progress=False)
     resamples = bootstrap_resamples(n, 2, seed=1)
-    assert [(r["seed"], r["resample"]) for r in result["runs"]] == [(5, 0), (5, 1), (6, 0), (6, 1)]
-    assert result["resample_indices"] == resamples.tolist()
-    for run in result["runs"]:
-        alone = run_searches(objective, [search.replace(seed=run["seed"])], pairs=[resamples[run["resample"]]])[0]
-        np.testing.assert_allclose(run["z"], alone.z, atol=1e-5)
-        assert sorted(map(tuple, run["selected"])) == sorted(zip(*map(list, np.nonzero(alone.mask))))
-        assert run["effect"] == pytest.approx(float(objective.effects(alone.mask.astype(np.float32)).mean()),
-                                              abs=1e-5)
-    assert len({json.dumps(r["z"]) for r in result["runs"]}) == 4  # seeds and resamples do change the runs
-    circuits = [r["selected"] for r in result["runs"]]
-    assert result["mean_jaccard"] == pytest.approx(plain_jaccard(circuits), abs=1e-12)
-    frequency = np.asarray(result["selection_frequency"])
+    assert [(r.seed, r.resample) for r in result.runs] == [(5, 0), (5, 1), (6, 0), (6, 1)]
+    np.testing.assert_array_equal(result.resample_indices, resamples)
+    for run in result.runs:
+        alone = run_searches(objective, [search.replace(seed=run.seed)], pairs=[resamples[run.resample]])[0]
+        np.testing.assert_allclose(run.z, alone.z, atol=1e-5)
+        assert sorted(map(tuple, run.selected)) == sorted(zip(*map(list, np.nonzero(alone.mask))))
+        assert run.effect == pytest.approx(float(objective.effects(alone.mask.astype(np.float32)).mean()), abs=1e-5)
+    assert len({r.z.tobytes() for r in result.runs}) == 4  # seeds and resamples do change the runs
+    circuits = [r.selected for r in result.runs]
+    assert result.mean_jaccard == pytest.approx(plain_jaccard(circuits), abs=1e-12)
+    frequency = result.selection_frequency
     assert frequency[0, 1] == pytest.approx(sum([0, 1] in c for c in circuits) / 4)
-    effects = [r["effect"] for r in result["runs"]]
-    assert result["effect_interval"] == pytest.approx([plain_percentile(effects, 2.5), plain_percentile(effects, 97.5)])
+    effects = [r.effect for r in result.runs]
+    assert result.effect_interval == pytest.approx((plain_percentile(effects, 2.5), plain_percentile(effects, 97.5)))
+    record = result.to_dict()  # stability.json's record: plain JSON, and read back to the same result
+    assert list(record) == ["site", "metric", "n_pairs", "n_components", "seeds", "resamples", "confidence",
+                            "seconds", "runs", "selection_frequency", "mean_jaccard", "effect_mean",
+                            "effect_interval", "size_mean", "resample_indices"]
+    assert list(record["runs"][0]) == ["seed", "resample", "size", "effect", "selected", "selected_names", "z"]
+    assert json.loads(json.dumps(record)) == record
+    assert StabilityResult.from_dict(json.loads(json.dumps(record))).to_dict() == record
+    assert "jaccard" in summary(result)
 
     configs = [search.replace(seed=s) for s in (5, 6)]
     normal = run_searches(objective, configs)

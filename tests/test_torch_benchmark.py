@@ -108,7 +108,7 @@ def jaxtrace_steps(setup):
     state, out = search.init(jnp.full(objective.shape, 0.5, jnp.float32)), []
     for epoch, idx in enumerate(STEP_BATCHES):
         state, stats = update(state, objective.params, *objective.inputs(idx), *config.lambdas(epoch))
-        out.append((float(stats["loss"]), np.asarray(state.z)))
+        out.append((float(stats.loss), np.asarray(state.z)))
     return out
 
 

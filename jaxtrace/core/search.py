@@ -16,7 +16,7 @@ import optax
 from jaxtrace.core.metrics import TRANSFORMS, Metric, check_transform, default_transform
 from jaxtrace.core.objective import ObjectiveSpec, batch_effects
 from jaxtrace.core.options import option
-from jaxtrace.core.records import Batch, Cache
+from jaxtrace.core.records import Batch, Cache, record
 from jaxtrace.core.sites import default_lr, gate_shape
 
 SCHEDULES: dict[str, Callable[[float, int], float]] = {
@@ -141,9 +141,22 @@ class SearchState(NamedTuple):
     opt_state: optax.OptState
 
 
+@record
+class StepStats:
+    """What one PGB-CT step returns (`Search.update`), on the device or, fetched, on the host: scalars of one run, or
+    [R] of R runs optimised together (a leading R on every field)."""
+
+    loss: jax.Array       # the step's objective: data term + penalties
+    metric: jax.Array     # its data term, the transformed effect averaged over the batch's real pairs
+    effects: jax.Array    # [G * B] per-pair effects of the batch (padding slots included)
+    nonzero: jax.Array    # int32, gates not at 0 after the step
+    violation: jax.Array  # Σ z(1 − z) after the step
+    selected: jax.Array   # int32, components selected after the step (capped at `max_components`)
+
+
 class Search(NamedTuple):
     """A search as a pair of pure functions (optax style): `init(z) -> state` and
-    `update(state, params, batch, cache, lambda1, lambda2) -> (state, stats)`."""
+    `update(state, params, batch, cache, lambda1, lambda2) -> (state, StepStats)`."""
 
     init: Callable
     update: Callable
@@ -151,8 +164,7 @@ class Search(NamedTuple):
 
 def pgbct(spec: ObjectiveSpec, config: SearchConfig) -> Search:
     """PGB-CT on the objective `spec` with a resolved `config` (`SearchConfig.resolve`), trained on the metric's
-    trained form (its surrogate, for accuracy). `update`'s stats: loss, metric term, per-pair effects [G * B] and,
-    after the step, the nonzero count, the binary violation Σz(1−z) and the number of selected components."""
+    trained form (its surrogate, for accuracy). `update` returns the new state and its `StepStats`."""
     optimizer = optax.adam(config.lr)
     metric = spec.metric.trained
     transform = TRANSFORMS[config.transform]
@@ -175,8 +187,8 @@ def pgbct(spec: ObjectiveSpec, config: SearchConfig) -> Search:
         with jax.numpy_dtype_promotion("standard"):  # optax's bias correction raises a float to an int32 count
             updates, opt_state = optimizer.update(grad, state.opt_state, state.z)
         z = optax.projections.projection_box(optax.apply_updates(state.z, updates), 0.0, 1.0)
-        stats = {"loss": loss, "metric": data, "effects": effects, "nonzero": jnp.sum(z != 0),
-                 "violation": jnp.sum(z * (1 - z)), "selected": jnp.minimum(jnp.sum(z >= config.threshold), cap)}
+        stats = StepStats(loss=loss, metric=data, effects=effects, nonzero=jnp.sum(z != 0),
+                          violation=jnp.sum(z * (1 - z)), selected=jnp.minimum(jnp.sum(z >= config.threshold), cap))
         return SearchState(z, opt_state), stats
 
     return Search(init, update)

@@ -5,22 +5,133 @@ nothing).
 Several runs that differ only in λ1, λ2 and seed are optimised together: z [R, L, C], one vmapped step, one
 compilation; each run keeps its own Adam state, schedule and seeded pair order, optionally over its own
 resample of the pairs (`pairs`: bootstrap runs of `jaxtrace stability`).
+
+The layers pass typed values: `Runs` (configs resolved once per run), the compiled step's `StepStats`, one `StepRow`
+per step and run, one `EpochRow` per epoch and run, and between epochs `RunState` (arrays) and `RunProgress` (what
+a checkpoint's metadata holds). Dicts appear only at the file boundary (`to_dict` / `from_dict`: checkpoints,
+circuit.json, log.csv).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 
-from jaxtrace.core.search import SearchConfig, SearchState, select, warm_start_z
+from jaxtrace.core.records import record
+from jaxtrace.core.search import SearchConfig, SearchState, StepStats, select, warm_start_z
 from jaxtrace.engine.attribution import attribution_scores
 from jaxtrace.engine.objective import Objective, check_finite, mask_effects
 
 SWEEPABLE = ("lambda1", "lambda2", "seed")  # what runs optimised together may differ in
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(SearchConfig))
+
+
+@record
+class StepRow:
+    """One optimiser step of one run, as log.csv and a checkpoint's "steps" hold it (the run's `StepStats`, its
+    per-pair effects left out, as Python numbers)."""
+
+    run: int
+    epoch: int       # 0-based
+    step: int        # the batch's index in the epoch
+    loss: float
+    metric: float
+    nonzero: int
+    selected: int
+    violation: float
+
+    @classmethod
+    def of(cls, stats: StepStats, run: int, epoch: int, step: int) -> StepRow:
+        """Run `run`'s row of the host stats of R runs' step."""
+        return cls(run=run, epoch=epoch, step=step, loss=stats.loss[run].item(), metric=stats.metric[run].item(),
+                   nonzero=stats.nonzero[run].item(), selected=stats.selected[run].item(),
+                   violation=stats.violation[run].item())
+
+    def to_dict(self, run: bool = True) -> dict[str, Any]:
+        """The row's fields in file order (without "run": a log.csv row)."""
+        row = dataclasses.asdict(self)
+        if not run:
+            del row["run"]
+        return row
+
+
+@record
+class EpochRow:
+    """One epoch of one run: circuit.json's "history" rows, a checkpoint's "histories"."""
+
+    epoch: int        # epochs done (1-based)
+    loss: float       # mean over the epoch's steps
+    metric: float     # mean over the epoch's steps
+    lambda1: float    # the epoch's scheduled λ1
+    lambda2: float
+    selected: int     # components of the binary mask after the epoch
+    effect: float     # that mask's mean effect on the whole task
+    seconds: float    # wall time of the search so far
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@record
+class RunState:
+    """The state of R runs optimised together between epochs: gates z [R, L, C], the Adam states (a leading R on
+    every leaf) and each run's key data [R, 2] (seeding its pair order). Host arrays before the first epoch and
+    after a restore, device arrays in `on_epoch`. A checkpoint stores it as the dict {"z", "opt_state", "keys"}."""
+
+    z: Any
+    opt_state: Any
+    keys: Any
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"z": self.z, "opt_state": self.opt_state, "keys": self.keys}
+
+    @classmethod
+    def from_dict(cls, state: dict) -> RunState:
+        return cls(z=state["z"], opt_state=state["opt_state"], keys=state["keys"])
+
+
+@dataclasses.dataclass(frozen=True)
+class RunProgress:
+    """How far R runs are after their last finished epoch: what a checkpoint's metadata holds (with the
+    `RunState`) and `run_searches` resumes from. A checkpoint stores it as JSON (`to_dict`)."""
+
+    configs: Sequence[SearchConfig]      # the runs' resolved configs
+    epochs_done: int
+    histories: Sequence[Sequence[EpochRow]]  # one per run
+    steps: Sequence[StepRow]             # every run's steps, in the order taken
+    seconds: float                       # wall time of the search so far
+    unchanged: Sequence[int]             # epochs each run's binary mask has not changed
+    settled: bool                        # whether the runs stopped early
+
+    @classmethod
+    def fresh(cls, configs: Sequence[SearchConfig]) -> RunProgress:
+        """Before the first epoch."""
+        return cls(tuple(configs), 0, tuple(() for _ in configs), (), 0.0, (0,) * len(configs), False)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"configs": [dataclasses.asdict(c) for c in self.configs], "epochs_done": self.epochs_done,
+                "histories": [[row.to_dict() for row in history] for history in self.histories],
+                "steps": [row.to_dict() for row in self.steps], "seconds": self.seconds,
+                "unchanged": list(self.unchanged), "settled": self.settled}
+
+    @classmethod
+    def from_dict(cls, meta: Any) -> RunProgress:
+        """The progress of a checkpoint's metadata (checkpoints of older versions may lack "unchanged" and
+        "settled": no epoch unchanged, not stopped); a ValueError naming what is wrong otherwise."""
+        try:
+            histories = tuple(tuple(EpochRow(**row) for row in history) for history in meta["histories"])
+            return cls(configs=tuple(SearchConfig(**{k: v for k, v in c.items() if k in CONFIG_FIELDS})
+                                     for c in meta["configs"]),
+                       epochs_done=meta["epochs_done"], histories=histories,
+                       steps=tuple(StepRow(**row) for row in meta["steps"]), seconds=meta["seconds"],
+                       unchanged=tuple(meta.get("unchanged", [0] * len(histories))),
+                       settled=meta.get("settled", False))
+        except (KeyError, TypeError, AttributeError, ValueError) as error:
+            raise ValueError(f"not the metadata of a search checkpoint ({type(error).__name__}: {error})") from None
 
 
 @dataclasses.dataclass
@@ -28,8 +139,8 @@ class SearchResult:
     config: SearchConfig     # resolved (learning rate and transform filled in)
     z: np.ndarray            # [L, C] final soft gates
     mask: np.ndarray         # [L, C] selected components
-    history: list[dict]      # one row per epoch
-    steps: list[dict]        # one row per optimiser step
+    history: list[EpochRow]  # one row per epoch
+    steps: list[StepRow]     # one row per optimiser step
     seconds: float           # wall time of the whole (swept) search
 
 
@@ -42,10 +153,43 @@ def resolve(objective: Objective, configs: list[SearchConfig]) -> list[SearchCon
     return configs
 
 
-def training_step(objective: Objective, config: SearchConfig):
+@dataclasses.dataclass(frozen=True)
+class Runs:
+    """R runs optimised together: their configs resolved on one objective (`resolve`) and checked to differ only
+    in λ1, λ2 and seed. Resolved once per run (`Runs.of`) and passed down: every function here that takes configs
+    takes `Runs` as they are."""
+
+    configs: tuple[SearchConfig, ...]
+
+    @classmethod
+    def of(cls, objective: Objective, configs: Runs | SearchConfig | Sequence[SearchConfig]) -> Runs:
+        """`configs` (one, several, or `Runs`, returned as they are) resolved on `objective`."""
+        if isinstance(configs, Runs):
+            return configs
+        if isinstance(configs, SearchConfig):
+            configs = [configs]
+        return cls(tuple(resolve(objective, list(configs))))
+
+    @property
+    def config(self) -> SearchConfig:
+        """The first run's config (what every run's program, epochs and early stop follow)."""
+        return self.configs[0]
+
+    def sweep(self, changes: Sequence[dict]) -> Runs:
+        """Runs of the first config with each of `changes` applied, sweepable fields only (still resolved)."""
+        for change in changes:
+            if not set(change) <= set(SWEEPABLE):
+                raise ValueError(f"runs optimised together may differ only in {', '.join(SWEEPABLE)}")
+        return Runs(tuple(self.config.replace(**change) for change in changes))
+
+    def __len__(self) -> int:
+        return len(self.configs)
+
+
+def training_step(objective: Objective, config: SearchConfig | Runs):
     """(step, init) of runs of `config` on `objective`, as `run_searches` compiles them
     (`Objective.programs.training_step` of the resolved config)."""
-    return objective.programs.training_step(resolve(objective, [config])[0])
+    return objective.programs.training_step(Runs.of(objective, config).config)
 
 
 def stacked_inputs(objective: Objective, batches: list[np.ndarray], shape=None):
@@ -62,57 +206,60 @@ def starting_gates(objective: Objective, config: SearchConfig) -> np.ndarray:
     return warm_start_z(attribution_scores(objective, config.warm_start), config.init)
 
 
-def initial_state(objective: Objective, configs: list[SearchConfig], z0: np.ndarray | None = None) -> dict:
-    """The host state of R runs before their first epoch: {"z": [R, L, C], "opt_state", "keys": [R, 2]}, the gates
-    starting at z0 ([L, C] for every run, or [R, L, C]; default: every gate at `init`); also the structure a
-    checkpoint restores into."""
-    configs = resolve(objective, configs)
-    _, init = training_step(objective, configs[0])
-    shape = (len(configs), *objective.shape)
-    z = np.full(shape, configs[0].init, np.float32) if z0 is None else np.broadcast_to(z0, shape).astype(np.float32)
-    keys = np.stack([jax.random.key_data(jax.random.key(c.seed)) for c in configs])
-    return {"z": z, "opt_state": jax.tree.map(np.asarray, jax.vmap(init)(z).opt_state), "keys": keys}
+def initial_state(objective: Objective, configs: Sequence[SearchConfig] | Runs,
+                  z0: np.ndarray | None = None) -> RunState:
+    """The host state of R runs before their first epoch, the gates starting at z0 ([L, C] for every run, or
+    [R, L, C]; default: every gate at `init`); also the structure a checkpoint restores into."""
+    runs = Runs.of(objective, configs)
+    _, init = objective.programs.training_step(runs.config)
+    shape = (len(runs), *objective.shape)
+    z = np.full(shape, runs.config.init, np.float32) if z0 is None else np.broadcast_to(z0, shape).astype(np.float32)
+    keys = np.stack([jax.random.key_data(jax.random.key(c.seed)) for c in runs.configs])
+    return RunState(z=z, opt_state=jax.tree.map(np.asarray, jax.vmap(init)(z).opt_state), keys=keys)
 
 
-def run_searches(objective: Objective, configs: list[SearchConfig], start: tuple[dict, dict] | None = None,
-                 on_step: Callable[[int, dict], None] | None = None,
-                 on_epoch: Callable[[int, dict, dict], None] | None = None,
+def run_searches(objective: Objective, configs: Sequence[SearchConfig] | Runs,
+                 start: tuple[RunState, RunProgress] | None = None,
+                 on_step: Callable[[int, StepStats], None] | None = None,
+                 on_epoch: Callable[[int, RunState, RunProgress], None] | None = None,
                  z0: np.ndarray | None = None, pairs: list[np.ndarray] | None = None) -> list[SearchResult]:
     """Optimise R runs together for `configs[0].epochs` epochs and return each run's result.
 
-    `start`: (host state, meta) of a checkpoint to continue from (see `initial_state` and `on_epoch`); else the
+    `configs`: the runs' configs, resolved here, or `Runs` (already resolved).
+    `start`: (state, progress) of a checkpoint to continue from (see `initial_state` and `on_epoch`); else the
     gates start at z0 ([L, C] or [R, L, C]; default: `starting_gates`, which computes a warm start's scores).
     `pairs`: each run's own N pair indices to train on (e.g. a bootstrap resample, with repetitions; `Batcher.epoch`
     permutes them), so every run takes the same number of steps; default: every pair once. The per-epoch effect
     is always measured on the whole task.
-    `on_step(epoch, stats)` is called after every step with the host stats (mean over runs of loss and selection);
-    `on_epoch(epochs done, host state, meta)` after every epoch with what resumes the runs.
+    `on_step(epoch, stats)` is called after every step with its host `StepStats` ([R] each);
+    `on_epoch(epochs done, state, progress)` after every epoch with what resumes the runs.
 
     Early stop: the runs end once every run's binary mask has been the same for `patience` epochs and each of its
     gates is within `tolerance` of 0 or 1 (`patience=0`: every epoch runs). A resumed run that had stopped stays
     stopped.
     """
-    configs = resolve(objective, configs)
-    config, n_runs, batcher = configs[0], len(configs), objective.batcher
-    program, _ = training_step(objective, config)
-    histories, steps, start_epoch, seconds = [[] for _ in configs], [], 0, 0.0
-    unchanged, settled = [0] * n_runs, False  # epochs each run's mask has not changed; whether the runs stopped
+    runs = Runs.of(objective, configs)
+    configs, config, n_runs, batcher = runs.configs, runs.config, len(runs), objective.batcher
+    program, _ = objective.programs.training_step(config)
     if start is None:
-        state = initial_state(objective, configs, starting_gates(objective, config) if z0 is None else z0)
+        state = initial_state(objective, runs, starting_gates(objective, config) if z0 is None else z0)
+        progress = RunProgress.fresh(configs)
     else:
-        state, meta = start
-        histories, steps, start_epoch, seconds = meta["histories"], meta["steps"], meta["epochs_done"], meta["seconds"]
-        unchanged, settled = meta.get("unchanged", unchanged), meta.get("settled", False)
-        if start_epoch > config.epochs:
-            raise ValueError(f"the checkpoint has {start_epoch} epochs done; --epochs {config.epochs} is fewer")
-    search_state = batcher.replicate(SearchState(state["z"], state["opt_state"]))  # whole on every device
-    keys = jax.random.wrap_key_data(state["keys"])
+        state, progress = start
+        if progress.epochs_done > config.epochs:
+            raise ValueError(f"the checkpoint has {progress.epochs_done} epochs done; --epochs {config.epochs} is "
+                             "fewer")
+    histories, steps = [list(history) for history in progress.histories], list(progress.steps)
+    start_epoch, seconds = progress.epochs_done, progress.seconds
+    unchanged, settled = list(progress.unchanged), progress.settled  # epochs each mask has not changed; stopped
+    search_state = batcher.replicate(SearchState(state.z, state.opt_state))  # whole on every device
+    keys = jax.random.wrap_key_data(state.keys)
     epochs = range(start_epoch, start_epoch if settled else config.epochs)
-    previous = [select(zr, c.threshold, c.max_components) for zr, c in zip(state["z"], configs)]
+    previous = [select(zr, c.threshold, c.max_components) for zr, c in zip(state.z, configs)]
     run_pairs = [None] * n_runs if pairs is None else check_pairs(objective, pairs, n_runs)
     orders = {epoch: [batcher.epoch(k, epoch, p) for k, p in zip(keys, run_pairs)] for epoch in epochs}
     # One packed shape for every step of the run: one compilation.
-    every_batch = [idx for runs in orders.values() for order in runs for idx in order]
+    every_batch = [idx for runs_orders in orders.values() for order in runs_orders for idx in order]
     shape = batcher.shape(every_batch) if every_batch else None
     n_batches = len(batcher.in_order)
     evaluated: dict[int, tuple[bytes, float]] = {}  # run -> (binary mask, its effect), re-evaluated on change
@@ -130,13 +277,11 @@ def run_searches(objective: Objective, configs: list[SearchConfig], start: tuple
                 on_step(epoch, jax.device_get(pending[i - 1]))
         if on_step is not None:
             on_step(epoch, jax.device_get(pending[-1]))
-        stats = jax.device_get(pending)
+        stats: list[StepStats] = jax.device_get(pending)
         for i, row in enumerate(stats):
             for run, order in enumerate(orders[epoch]):
-                check_finite(objective, row["effects"][run, : len(order[i])], order[i], gates_before[i][run])
-            for run in range(n_runs):
-                steps.append({"run": run, "epoch": epoch, "step": i,
-                              **{k: v[run].item() for k, v in row.items() if k != "effects"}})
+                check_finite(objective, row.effects[run, : len(order[i])], order[i], gates_before[i][run])
+            steps += [StepRow.of(row, run, epoch, i) for run in range(n_runs)]
         z = np.asarray(search_state.z)
         masks = np.stack([select(zr, c.threshold, c.max_components) for zr, c in zip(z, configs)])
         changed = [run for run in range(n_runs) if evaluated.get(run, (None,))[0] != masks[run].tobytes()]
@@ -149,21 +294,19 @@ def run_searches(objective: Objective, configs: list[SearchConfig], start: tuple
             n >= config.patience and np.minimum(zr, 1 - zr).max() <= config.tolerance for n, zr in zip(unchanged, z))
         seconds += time.perf_counter() - began
         for run, history in enumerate(histories):
-            history.append({"epoch": epoch + 1, "loss": float(np.mean([r["loss"][run] for r in stats])),
-                            "metric": float(np.mean([r["metric"][run] for r in stats])),
-                            "lambda1": float(lambdas[0][run]), "lambda2": float(lambdas[1][run]),
-                            "selected": int(masks[run].sum()), "effect": evaluated[run][1], "seconds": seconds})
+            history.append(EpochRow(epoch=epoch + 1, loss=float(np.mean([r.loss[run] for r in stats])),
+                                    metric=float(np.mean([r.metric[run] for r in stats])),
+                                    lambda1=float(lambdas[0][run]), lambda2=float(lambdas[1][run]),
+                                    selected=int(masks[run].sum()), effect=evaluated[run][1], seconds=seconds))
         if on_epoch is not None:
-            on_epoch(epoch + 1, {"z": search_state.z, "opt_state": search_state.opt_state, "keys": state["keys"]},
-                     {"configs": [dataclasses.asdict(c) for c in configs], "epochs_done": epoch + 1,
-                      "histories": histories, "steps": steps, "seconds": seconds, "unchanged": unchanged,
-                      "settled": settled})
+            on_epoch(epoch + 1, RunState(z=search_state.z, opt_state=search_state.opt_state, keys=state.keys),
+                     RunProgress(configs=configs, epochs_done=epoch + 1, histories=tuple(map(tuple, histories)),
+                                 steps=tuple(steps), seconds=seconds, unchanged=tuple(unchanged), settled=settled))
         if settled:
             break
     z = np.asarray(search_state.z)
     return [SearchResult(c, z[run], select(z[run], c.threshold, c.max_components), histories[run],
-                         [{k: v for k, v in row.items() if k != "run"} for row in steps if row["run"] == run],
-                         seconds) for run, c in enumerate(configs)]
+                         [row for row in steps if row.run == run], seconds) for run, c in enumerate(configs)]
 
 
 def check_pairs(objective: Objective, pairs: list[np.ndarray], n_runs: int) -> list[np.ndarray]:
@@ -177,27 +320,30 @@ def check_pairs(objective: Objective, pairs: list[np.ndarray], n_runs: int) -> l
     return pairs
 
 
-def run_search(objective: Objective, config: SearchConfig, **kwargs) -> SearchResult:
-    """One run (see `run_searches`)."""
-    return run_searches(objective, [config], **kwargs)[0]
+def run_search(objective: Objective, config: SearchConfig | Runs, **kwargs) -> SearchResult:
+    """One run (see `run_searches`; `config` may be its resolved `Runs`)."""
+    return run_searches(objective, Runs.of(objective, config), **kwargs)[0]
 
 
-def find_target_size(objective: Objective, config: SearchConfig, target: int, n_lambdas: int = 6,
+def find_target_size(objective: Objective, config: SearchConfig | Runs, target: int, n_lambdas: int = 6,
                      rounds: int = 2, on_step=None) -> tuple[SearchResult, list[SearchResult]]:
     """The run whose circuit size is closest to `target`, from λ sweeps run as one vmapped program each.
 
     Round 1 scales (λ1, λ2) by factors geomspace(1e-2, 1e2, n_lambdas); each later round sweeps n_lambdas factors
     between the two that bracket the target (circuits shrink as λ grows). The cost is `rounds` sweeps, i.e. about
     rounds x n_lambdas single runs of compute (vmapped: one compilation per round). Returns (best, every run).
+    `config` is resolved once (or given as its resolved `Runs`); every round sweeps it.
     """
     if not 1 <= target <= objective.n_components:
         raise ValueError(f"--target-size must be between 1 and {objective.n_components}, got {target}")
+    base = Runs.of(objective, config)
+    config = base.config
     factors = np.geomspace(1e-2, 1e2, n_lambdas)
     z0 = starting_gates(objective, config)  # once for every round
     runs: list[tuple[float, SearchResult]] = []
     for _ in range(rounds):
-        configs = [config.replace(lambda1=config.lambda1 * f, lambda2=config.lambda2 * f) for f in factors]
-        runs += zip(factors, run_searches(objective, configs, on_step=on_step, z0=z0))
+        swept = base.sweep([{"lambda1": config.lambda1 * f, "lambda2": config.lambda2 * f} for f in factors])
+        runs += zip(factors, run_searches(objective, swept, on_step=on_step, z0=z0))
         sizes = {f: int(r.mask.sum()) for f, r in runs}
         if any(size == target for size in sizes.values()):
             break

@@ -1,4 +1,8 @@
-"""Orbax checkpoints of a search: one atomic step per finished epoch (z, optimizer state, RNG key + JSON metadata)."""
+"""Orbax checkpoints of a search: one atomic step per finished epoch (z, optimizer state, RNG key + JSON metadata).
+
+The search's typed `RunState` and `RunProgress` are converted here, at the file boundary: a step holds `state`, the
+array pytree {"z", "opt_state", "keys"}, and `meta`, the JSON object {"configs", "epochs_done", "histories", "steps",
+"seconds", "unchanged", "settled"} (see `RunProgress.to_dict`)."""
 
 from __future__ import annotations
 
@@ -10,6 +14,7 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 from jaxtrace.core.errors import typed_line
+from jaxtrace.engine.loop import RunProgress, RunState
 
 
 class CheckpointError(RuntimeError):
@@ -35,11 +40,12 @@ class EpochCheckpoints:
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps())
 
-    def save(self, epochs_done: int, state: Any, meta: dict) -> None:
-        """Write a step and wait for it (Orbax writes asynchronously; its errors, e.g. a full disk, surface here)."""
+    def save(self, epochs_done: int, state: RunState, progress: RunProgress) -> None:
+        """Write a step and wait for it (Orbax writes asynchronously; its errors, e.g. a full disk, surface here).
+        The signature of `run_searches`' `on_epoch`."""
         try:
             self.manager.save(epochs_done, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)))
+                state=ocp.args.StandardSave(state.to_dict()), meta=ocp.args.JsonSave(progress.to_dict())))
             self.manager.wait_until_finished()
         except _ERRORS as error:
             done = []
@@ -49,23 +55,24 @@ class EpochCheckpoints:
             raise CheckpointError(f"cannot save checkpoint {self.directory / str(epochs_done)} "
                                   f"({typed_line(error)}){kept}") from error
 
-    def restore(self, abstract_state: Any, epochs_done: int | None = None) -> tuple[Any, dict]:
-        """(state, meta) of a step (default: the latest), or a CheckpointError saying what is left intact."""
+    def restore(self, abstract_state: RunState, epochs_done: int | None = None) -> tuple[RunState, RunProgress]:
+        """(state, progress) of a step (default: the latest), restored into the structure of `abstract_state` (see
+        `initial_state`), or a CheckpointError saying what is left intact."""
         steps = self.steps()
         if not steps:
             raise CheckpointError(f"no checkpoint to resume from in {self.directory}")
         step = steps[-1] if epochs_done is None else epochs_done
         try:
             restored = self.manager.restore(step, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-        except _ERRORS as error:  # Orbax raises many types for damaged files
+                state=ocp.args.StandardRestore(abstract_state.to_dict()), meta=ocp.args.JsonRestore()))
+            return RunState.from_dict(restored.state), RunProgress.from_dict(restored.meta)
+        except _ERRORS as error:  # Orbax raises many types for damaged files (and `from_dict` a ValueError)
             earlier = [s for s in steps if s < step]
             hint = (f"the earlier checkpoints {earlier} are intact: move {self.directory / str(step)} away to resume "
                     f"from epoch {earlier[-1]}" if earlier else "no earlier checkpoint exists: --overwrite starts "
                     "the run again")
             raise CheckpointError(f"checkpoint {self.directory / str(step)} cannot be read "
                                   f"({typed_line(error)}); {hint}") from error
-        return restored.state, restored.meta
 
     def close(self, quiet: bool = False) -> None:
         """Finish pending writes and close; `quiet`: ignore a failure (when another error is on its way)."""

@@ -13,7 +13,9 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from jaxtrace.core.search import StepStats
 from jaxtrace.core.sites import component_labels
+from jaxtrace.engine.loop import EpochRow, StepRow
 from jaxtrace.engine.mesh import is_writer
 from jaxtrace.engine.objective import Objective
 from jaxtrace.io import plots
@@ -75,8 +77,9 @@ def circuit_status(n_selected: int, n_components: int, method: str = "pgbct") ->
 
 
 def summarize(objective: Objective, mask: np.ndarray, z: np.ndarray, provenance: Provenance, method: str,
-              settings: dict, history: list[dict], seconds: float) -> tuple[Circuit, np.ndarray]:
-    """(the circuit of a binary mask [L, C] found from soft gates z, per-pair effects [N] of the mask)."""
+              settings: dict, history: list[EpochRow], seconds: float) -> tuple[Circuit, np.ndarray]:
+    """(the circuit of a binary mask [L, C] found from soft gates z, per-pair effects [N] of the mask); `history`:
+    the search's epochs (circuit.json's "history" rows), none for a baseline."""
     # One mask at a time: the program the per-epoch evaluation already compiled, and no gates give exactly 0.
     effects = [objective.effects(m.astype(np.float32)) for m in (mask, np.ones_like(mask), np.zeros_like(mask))]
     config = objective.spec.config
@@ -87,7 +90,7 @@ def summarize(objective: Objective, mask: np.ndarray, z: np.ndarray, provenance:
         selected=selected, z=np.asarray(z, np.float32).tolist(), effect=float(effects[0].mean()),
         effect_all=float(effects[1].mean()), effect_none=float(effects[2].mean()), n_pairs=len(objective.task),
         seconds=seconds, status=circuit_status(len(selected), objective.n_components, method),
-        batch_size=objective.batcher.batch_size, search=settings, history=history,
+        batch_size=objective.batcher.batch_size, search=settings, history=[row.to_dict() for row in history],
         skipped=[list(s) for s in objective.task.skipped], dropped=[list(d) for d in objective.task.dropped],
         selected_names=[labels[layer * mask.shape[1] + index] for layer, index in selected],
         **provenance.describe())
@@ -95,10 +98,10 @@ def summarize(objective: Objective, mask: np.ndarray, z: np.ndarray, provenance:
 
 
 def publish_circuit(folder: ResultFolder, circuit: Circuit, effects: np.ndarray, objective: Objective,
-                    steps: list[dict], single_effects: np.ndarray | None = None,
+                    steps: list[StepRow], single_effects: np.ndarray | None = None,
                     scores: np.ndarray | None = None) -> None:
-    """circuit.json (last), examples.csv, log.csv (searches), the final z (Orbax, `z/`) and the plots (with the
-    single effects and attribution scores [L, C] when given)."""
+    """circuit.json (last), examples.csv, log.csv (searches: one row per step of `steps`) the final z (Orbax,
+    `z/`) and the plots (with the single effects and attribution scores [L, C] when given)."""
     z = np.asarray(circuit.z, np.float32)
     writers = {
         "examples.csv": lambda path: write_csv(path, [
@@ -110,7 +113,7 @@ def publish_circuit(folder: ResultFolder, circuit: Circuit, effects: np.ndarray,
         "circuit.json": circuit.write,
     }
     if steps:
-        writers["log.csv"] = lambda path: write_csv(path, steps)
+        writers["log.csv"] = lambda path: write_csv(path, [row.to_dict(run=False) for row in steps])
         writers["effect_per_epoch.png"] = lambda path: plots.plot_effect_history(circuit.history, circuit.effect_all,
                                                                                  path)
     if single_effects is not None:
@@ -126,10 +129,9 @@ def progress_bar(total: int, desc: str, enabled: bool = True) -> Iterator:
     """`on_step(epoch, stats)` for `jaxtrace.engine.loop`, moving a progress bar (process 0 only)."""
     bar = tqdm(total=total, disable=not (enabled and is_writer()), desc=desc, unit="step")
 
-    def on_step(epoch: int, stats: dict) -> None:
+    def on_step(epoch: int, stats: StepStats) -> None:
         bar.update()
-        bar.set_postfix(epoch=epoch + 1, loss=f"{np.mean(stats['loss']):.4f}",
-                        selected=int(np.mean(stats["selected"])))
+        bar.set_postfix(epoch=epoch + 1, loss=f"{np.mean(stats.loss):.4f}", selected=int(np.mean(stats.selected)))
 
     try:
         yield on_step

@@ -19,13 +19,14 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from jaxtrace.core.options import option
 from jaxtrace.core.search import SearchConfig
 from jaxtrace.core.sites import component_labels
-from jaxtrace.engine.loop import resolve, run_searches
+from jaxtrace.engine.loop import Runs, run_searches
 from jaxtrace.engine.objective import Objective
 from jaxtrace.io import plots
 from jaxtrace.io.files import write_json
@@ -78,69 +79,131 @@ def percentile_interval(values, confidence: float) -> tuple[float, float]:
     return float(low), float(high)
 
 
-def stability(objective: Objective, search: SearchConfig, config: StabilityConfig,
-              progress: bool = True) -> dict:
-    """The sweep's runs ({seed, resample, size, effect, selected, z [L][C]}), selection frequency [L][C], mean
-    Jaccard similarity, and the circuits' effects on the full task with their percentile interval."""
+@dataclasses.dataclass(frozen=True)
+class StabilityRun:
+    """One run (k, b) of a sweep: its seed and resample, its circuit and that circuit's effect on the full task."""
+
+    seed: int
+    resample: int | None          # index of its bootstrap resample (None: every pair once)
+    size: int                     # components selected
+    effect: float                 # the circuit's mean effect on every pair of the task
+    selected: list[list[int]]     # [[layer, index], ...]
+    selected_names: list[str]
+    z: np.ndarray                 # [L, C] float32 final gates
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "resample": self.resample, "size": self.size, "effect": self.effect,
+                "selected": self.selected, "selected_names": self.selected_names, "z": self.z.tolist()}
+
+    @classmethod
+    def from_dict(cls, run: dict) -> StabilityRun:
+        return cls(**{**run, "z": np.asarray(run["z"], np.float32)})
+
+
+@dataclasses.dataclass(frozen=True)
+class StabilityResult:
+    """What a stability sweep found (stability.json without its provenance: `to_dict`)."""
+
+    site: str
+    metric: str
+    n_pairs: int
+    n_components: int
+    seeds: int
+    resamples: int
+    confidence: float
+    seconds: float                         # wall time of the sweep's search
+    runs: tuple[StabilityRun, ...]         # R = K·B, seed-major
+    selection_frequency: np.ndarray        # [L, C] fraction of the runs selecting each component
+    mean_jaccard: float
+    effect_mean: float                     # over the runs' circuits
+    effect_interval: tuple[float, float]   # percentile interval of the runs' effects at `confidence`
+    size_mean: float
+    resample_indices: np.ndarray           # [B, N] pair indices of each resample
+
+    def to_dict(self) -> dict[str, Any]:
+        """The stability.json record (less the provenance fields)."""
+        return {"site": self.site, "metric": self.metric, "n_pairs": self.n_pairs, "n_components": self.n_components,
+                "seeds": self.seeds, "resamples": self.resamples, "confidence": self.confidence,
+                "seconds": self.seconds, "runs": [run.to_dict() for run in self.runs],
+                "selection_frequency": self.selection_frequency.tolist(), "mean_jaccard": self.mean_jaccard,
+                "effect_mean": self.effect_mean, "effect_interval": list(self.effect_interval),
+                "size_mean": self.size_mean, "resample_indices": self.resample_indices.tolist()}
+
+    @classmethod
+    def from_dict(cls, record: dict) -> StabilityResult:
+        """The result of a stability.json record (its provenance fields ignored)."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in record.items() if k in fields}
+        return cls(**{**values, "runs": tuple(StabilityRun.from_dict(run) for run in record["runs"]),
+                      "selection_frequency": np.asarray(record["selection_frequency"], np.float64),
+                      "effect_interval": tuple(record["effect_interval"]),
+                      "resample_indices": np.asarray(record["resample_indices"], np.int64).reshape(
+                          -1, record["n_pairs"])})
+
+
+def stability(objective: Objective, search: SearchConfig | Runs, config: StabilityConfig,
+              progress: bool = True) -> StabilityResult:
+    """The sweep's runs, selection frequency [L, C], mean Jaccard similarity, and the circuits' effects on the full
+    task with their percentile interval. `search` is the runs' base config (or its resolved `Runs`), resolved
+    once."""
+    base = Runs.of(objective, search)
     n_pairs = len(objective.task)
     resamples = bootstrap_resamples(n_pairs, config.resamples, config.bootstrap_seed)
-    runs = list(itertools.product(range(config.seeds), range(config.resamples) if config.resamples else [None]))
-    configs = [search.replace(seed=search.seed + k) for k, _ in runs]
-    pairs = None if not config.resamples else [resamples[b] for _, b in runs]
-    with progress_bar(search.epochs * len(objective.batcher.in_order), "stability sweep", progress) as on_step:
-        results = run_searches(objective, configs, on_step=on_step, pairs=pairs)
+    grid = list(itertools.product(range(config.seeds), range(config.resamples) if config.resamples else [None]))
+    runs = base.sweep([{"seed": base.config.seed + k} for k, _ in grid])
+    pairs = None if not config.resamples else [resamples[b] for _, b in grid]
+    with progress_bar(base.config.epochs * len(objective.batcher.in_order), "stability sweep", progress) as on_step:
+        results = run_searches(objective, runs, on_step=on_step, pairs=pairs)
     masks = np.stack([r.mask for r in results])
     effects = objective.evaluate_masks(masks.astype(np.float32))
     labels = component_labels(objective.spec.config, objective.site)
     width = objective.shape[1]
-    return {
-        "site": objective.site, "metric": objective.metric.name, "n_pairs": n_pairs,
-        "n_components": objective.n_components, "seeds": config.seeds, "resamples": config.resamples,
-        "confidence": config.confidence, "seconds": results[0].seconds,
-        "runs": [{"seed": c.seed, "resample": b, "size": int(r.mask.sum()), "effect": float(e),
-                  "selected": [[int(layer), int(i)] for layer, i in zip(*np.nonzero(r.mask))],
-                  "selected_names": [labels[int(layer) * width + int(i)] for layer, i in zip(*np.nonzero(r.mask))],
-                  "z": np.asarray(r.z, np.float32).tolist()}
-                 for c, (_, b), r, e in zip(configs, runs, results, effects)],
-        "selection_frequency": selection_frequency(masks).tolist(),
-        "mean_jaccard": mean_jaccard(masks),
-        "effect_mean": float(np.mean(effects)),
-        "effect_interval": list(percentile_interval(effects, config.confidence)),
-        "size_mean": float(masks.reshape(len(masks), -1).sum(1).mean()),
-        "resample_indices": resamples.tolist(),
-    }
+    return StabilityResult(
+        site=objective.site, metric=objective.metric.name, n_pairs=n_pairs, n_components=objective.n_components,
+        seeds=config.seeds, resamples=config.resamples, confidence=config.confidence, seconds=results[0].seconds,
+        runs=tuple(StabilityRun(
+            seed=c.seed, resample=b, size=int(r.mask.sum()), effect=float(e),
+            selected=[[int(layer), int(i)] for layer, i in zip(*np.nonzero(r.mask))],
+            selected_names=[labels[int(layer) * width + int(i)] for layer, i in zip(*np.nonzero(r.mask))],
+            z=np.asarray(r.z, np.float32))
+            for c, (_, b), r, e in zip(runs.configs, grid, results, effects)),
+        selection_frequency=selection_frequency(masks), mean_jaccard=mean_jaccard(masks),
+        effect_mean=float(np.mean(effects)), effect_interval=percentile_interval(effects, config.confidence),
+        size_mean=float(masks.reshape(len(masks), -1).sum(1).mean()), resample_indices=resamples)
 
 
-def summary(result: dict) -> str:
+def summary(result: StabilityResult) -> str:
     """A few lines: runs, Jaccard, effect interval, the most frequent components."""
-    frequency = np.asarray(result["selection_frequency"])
+    frequency = np.asarray(result.selection_frequency)
     order = np.argsort(-frequency, axis=None, kind="stable")[:10]
     width = frequency.shape[1]
-    low, high = result["effect_interval"]
+    low, high = result.effect_interval
     return "\n".join([
-        f"runs       {len(result['runs'])} ({result['seeds']} seeds x {result['resamples'] or 'no'} resamples), "
-        f"mean size {result['size_mean']:.1f} of {result['n_components']}",
-        f"jaccard    {result['mean_jaccard']:.3f} (mean over pairs of circuits)",
-        f"effect     {result['effect_mean']:+.4f}, {100 * result['confidence']:g}% interval [{low:+.4f}, {high:+.4f}]",
+        f"runs       {len(result.runs)} ({result.seeds} seeds x {result.resamples or 'no'} resamples), "
+        f"mean size {result.size_mean:.1f} of {result.n_components}",
+        f"jaccard    {result.mean_jaccard:.3f} (mean over pairs of circuits)",
+        f"effect     {result.effect_mean:+.4f}, {100 * result.confidence:g}% interval [{low:+.4f}, {high:+.4f}]",
         "frequent   " + ", ".join(f"{i // width}.{i % width} ({frequency.flat[i]:.2f})" for i in order
                                   if frequency.flat[i] > 0),
     ])
 
 
-def stability_run(objective: Objective, search: SearchConfig, config: StabilityConfig, *, out: str | Path | None = None, overwrite: bool = False,
-                  progress: bool = True, provenance: Provenance = Provenance()) -> dict:
+def stability_run(objective: Objective, search: SearchConfig, config: StabilityConfig, *,
+                  out: str | Path | None = None, overwrite: bool = False, progress: bool = True,
+                  provenance: Provenance = Provenance()) -> StabilityResult:
     """The stability sweep on `objective`; with `out`, stability.json (last) and selection_frequency.png."""
-    settings = {"search": dataclasses.asdict(resolve(objective, [search])[0]), "stability": dataclasses.asdict(config)}
+    base = Runs.of(objective, search)  # resolved once, for the run's identity and the sweep
+    settings = {"search": dataclasses.asdict(base.config), "stability": dataclasses.asdict(config)}
     with result_folder(out, "stability", objective, provenance, settings, overwrite=overwrite,
                        finished="stability.json") as folder:
-        result = stability(objective, search, config, progress)
+        result = stability(objective, base, config, progress)
         if folder is not None:
-            frequency = np.asarray(result["selection_frequency"])
+            frequency = result.selection_frequency
             folder.publish({
                 "selection_frequency.png": lambda path: plots.plot_gate_map(
                     frequency, frequency >= 0.5, objective.site, path,
-                    f"selection frequency over {len(result['runs'])} runs (marked: at least half)",
+                    f"selection frequency over {len(result.runs)} runs (marked: at least half)",
                     "selection frequency"),
-                "stability.json": lambda path: write_json(path, {**provenance.describe(), **result}),
+                "stability.json": lambda path: write_json(path, {**provenance.describe(), **result.to_dict()}),
             })
     return result

@@ -11,7 +11,7 @@ from jax.sharding import Mesh
 from jaxtrace.core.metrics import Metric
 from jaxtrace.core.models import GatedLM
 from jaxtrace.core.search import SearchConfig
-from jaxtrace.engine.loop import find_target_size, initial_state, resolve, run_search
+from jaxtrace.engine.loop import Runs, SearchResult, find_target_size, initial_state, run_searches
 from jaxtrace.engine.objective import Objective, ObjectiveConfig, build_objective
 from jaxtrace.io.checkpoints import EpochCheckpoints
 from jaxtrace.io.circuit import Circuit
@@ -43,23 +43,24 @@ def trace_objective(objective: Objective, config: SearchConfig = SearchConfig(),
     continues the run the folder holds (a killed run, or a finished one to more epochs; the same run only);
     `overwrite` replaces it. With `target_size`, λ is searched by vmapped sweeps (`find_target_size`; not
     checkpointed) and the run whose circuit size is closest is kept. On a mesh every process runs this call;
-    checkpoints are written collectively and the other files by process 0.
+    checkpoints are written collectively and the other files by process 0. The config is resolved once, here
+    (`Runs.of`), and passed down resolved.
     """
-    resolved = resolve(objective, [config])[0]
-    settings = {k: v for k, v in dataclasses.asdict(resolved).items() if k != "epochs"}
+    runs = Runs.of(objective, config)
+    settings = {k: v for k, v in dataclasses.asdict(runs.config).items() if k != "epochs"}
     if target_size is not None:
         settings["target_size"] = target_size
     with result_folder(out, "trace", objective, provenance, settings, resume, overwrite) as folder:
         began = time.perf_counter()
         if target_size is None:
-            result = checkpointed_search(objective, config, folder, resume, progress)
+            result = checkpointed_search(objective, runs, folder, resume, progress)
             record, seconds = dataclasses.asdict(result.config), result.seconds
         else:
             with progress_bar(None, "PGB-CT λ search", progress) as on_step:
-                result, runs = find_target_size(objective, config, target_size, on_step=on_step)
+                result, swept = find_target_size(objective, runs, target_size, on_step=on_step)
             record = {**dataclasses.asdict(result.config), "target_size": target_size,
                       "sweep": [{"lambda1": r.config.lambda1, "lambda2": r.config.lambda2, "size": int(r.mask.sum())}
-                                for r in runs]}
+                                for r in swept]}
             seconds = time.perf_counter() - began
         circuit, effects = summarize(objective, result.mask, result.z, provenance, "pgbct", record, result.history,
                                      seconds)
@@ -68,16 +69,19 @@ def trace_objective(objective: Objective, config: SearchConfig = SearchConfig(),
     return circuit
 
 
-def checkpointed_search(objective: Objective, config: SearchConfig, folder, resume: bool, progress: bool):
-    """One checkpointed run (resumed from the folder's latest checkpoint if asked)."""
+def checkpointed_search(objective: Objective, config: SearchConfig | Runs, folder, resume: bool,
+                        progress: bool) -> SearchResult:
+    """One checkpointed run of `config` (or its resolved `Runs`), resumed from the folder's latest checkpoint if
+    asked."""
+    runs = Runs.of(objective, config)
     checkpoints = None if folder is None else EpochCheckpoints(folder.checkpoints)
     try:
-        start = checkpoints.restore(initial_state(objective, [config])) if resume and checkpoints else None
-        done = 0 if start is None else start[1]["epochs_done"]
-        total = max(config.epochs - done, 0) * len(objective.batcher.in_order)
+        start = checkpoints.restore(initial_state(objective, runs)) if resume and checkpoints else None
+        done = 0 if start is None else start[1].epochs_done
+        total = max(runs.config.epochs - done, 0) * len(objective.batcher.in_order)
         on_epoch = None if checkpoints is None else checkpoints.save
         with progress_bar(total, "PGB-CT", progress) as on_step:
-            result = run_search(objective, config, start=start, on_step=on_step, on_epoch=on_epoch)
+            result = run_searches(objective, runs, start=start, on_step=on_step, on_epoch=on_epoch)[0]
     except BaseException:
         if checkpoints is not None:
             checkpoints.close(quiet=True)  # the error on its way says what went wrong
