@@ -105,5 +105,5 @@ def test_curves_match_one_mask_at_a_time(objective, monkeypatch):
     circuit = np.zeros((1, 2, 4), np.float32)
     circuit[0, 0, :2] = 1
     scored = F.circuit_faithfulness(objective, circuit)
-    assert scored["share"][0] == pytest.approx(mean_effect([0, 1]) / every, abs=1e-5)
-    assert scored["faithfulness"][0] == pytest.approx(1 - mean_effect(range(2, 8)) / every, abs=1e-5)
+    assert scored.share[0] == pytest.approx(mean_effect([0, 1]) / every, abs=1e-5)
+    assert scored.faithfulness[0] == pytest.approx(1 - mean_effect(range(2, 8)) / every, abs=1e-5)

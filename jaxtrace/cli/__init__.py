@@ -188,10 +188,10 @@ def cmd_evaluate(args) -> None:
                              f"{site} components (layer.index, from 0)")
     objective = build_objective(loaded, task, config, mesh=mesh)
     result = evaluate_selection(objective, circuit.selected if circuit else selection)
-    log.info(f"{result['n_selected']} of {result['n_components']} {site} components on {result['n_pairs']} pairs: "
-             f"effect {result['effect']:+.4f} (all {result['effect_all']:+.4f}, none {result['effect_none']:+.4f})")
+    log.info(f"{result.n_selected} of {result.n_components} {site} components on {result.n_pairs} pairs: "
+             f"effect {result.effect:+.4f} (all {result.effect_all:+.4f}, none {result.effect_none:+.4f})")
     if args.json:
-        log.info(json.dumps(result))
+        log.info(json.dumps(result.to_dict()))
 
 
 def cmd_plan(args) -> None:

@@ -109,10 +109,21 @@ def roc_auc(scores, truth) -> float:
     return float(above / (len(positive) * len(negative)))
 
 
-def circuit_faithfulness(objective: Objective, masks) -> dict:
-    """Both directions for circuits [M, L, C] (binary): {"effect": [M] IE(S), "complement": [M] IE(A \\ S),
-    "effect_all": IE(A), "share": [M], "faithfulness": [M]}; the distinct masks among the circuits, their
-    complements and all components in one `mask_effects` call."""
+@dataclasses.dataclass(frozen=True, eq=False)
+class CircuitFaithfulness:
+    """Both directions for M circuits: IE(S) ("effect", [M]), IE(A \\ S) ("complement", [M]), IE(A), the effect
+    shares IE(S) / IE(A) and the faithfulness 1 − IE(A \\ S) / IE(A) ([M] each)."""
+
+    effect: np.ndarray
+    complement: np.ndarray
+    effect_all: float
+    share: np.ndarray
+    faithfulness: np.ndarray
+
+
+def circuit_faithfulness(objective: Objective, masks) -> CircuitFaithfulness:
+    """Both directions for circuits [M, L, C] (binary); the distinct masks among the circuits, their complements and
+    all components in one `mask_effects` call."""
     masks = np.asarray(masks, np.float32)
     ones = np.ones((1, *objective.shape), np.float32)
     every = np.concatenate([masks, 1.0 - masks, ones]).reshape(2 * len(masks) + 1, -1)
@@ -121,8 +132,8 @@ def circuit_faithfulness(objective: Objective, masks) -> dict:
     effects = effects.astype(np.float64)[index.reshape(-1)]
     n = len(masks)
     effect_all = float(effects[-1])
-    return {"effect": effects[:n], "complement": effects[n: 2 * n], "effect_all": effect_all,
-            "share": effect_share(effects[:n], effect_all), "faithfulness": faithfulness(effects[n: 2 * n], effect_all)}
+    return CircuitFaithfulness(effects[:n], effects[n: 2 * n], effect_all, effect_share(effects[:n], effect_all),
+                               faithfulness(effects[n: 2 * n], effect_all))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,14 +154,14 @@ def curve_masks(rankings: dict[str, np.ndarray], sizes) -> np.ndarray:
     return np.concatenate([ranking_masks(scores, sizes) for scores in rankings.values()])
 
 
-def ranking_curves(names, fractions, sizes, scored: dict) -> dict[str, FaithfulnessCurve]:
+def ranking_curves(names, fractions, sizes, scored: CircuitFaithfulness) -> dict[str, FaithfulnessCurve]:
     """{name: curve} from a `circuit_faithfulness` result whose first K * F circuits are `curve_masks`."""
     curves = {}
     for i, name in enumerate(names):
         part = slice(i * len(sizes), (i + 1) * len(sizes))
-        f = scored["faithfulness"][part]
-        curves[name] = FaithfulnessCurve([float(p) for p in fractions], list(sizes), scored["effect"][part].tolist(),
-                                         scored["share"][part].tolist(), f.tolist(), cpr(fractions, f),
+        f = scored.faithfulness[part]
+        curves[name] = FaithfulnessCurve([float(p) for p in fractions], list(sizes), scored.effect[part].tolist(),
+                                         scored.share[part].tolist(), f.tolist(), cpr(fractions, f),
                                          cmd(fractions, f))
     return curves
 
@@ -163,4 +174,4 @@ def faithfulness_curves(objective: Objective, rankings: dict[str, np.ndarray],
         raise ValueError("faithfulness curves need at least one ranking")
     sizes = fraction_sizes(objective.n_components, fractions)
     scored = circuit_faithfulness(objective, curve_masks(rankings, sizes))
-    return ranking_curves(list(rankings), fractions, sizes, scored), scored["effect_all"]
+    return ranking_curves(list(rankings), fractions, sizes, scored), scored.effect_all

@@ -1,17 +1,16 @@
-"""Baseline searches on exactly PGB-CT's objective, each built on batched mask evaluation or on the objective's
-gradient (`jaxtrace.engine.attribution`), and the `baseline` and `evaluate` runs.
+"""The `baseline` and `evaluate` runs: a circuit of size k from one registered method
+(`jaxtrace.engine.methods`) on exactly PGB-CT's objective, and the effect of a given selection.
 
-All look for a binary mask of large mean indirect effect over the task's pairs.
+The baseline searches themselves (single, topk, greedy, random, exhaustive, atp, ig) live in
+`jaxtrace.engine.methods`, one module each; their algorithms are re-exported here.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 import time
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from jax.sharding import Mesh
@@ -19,33 +18,19 @@ from jax.sharding import Mesh
 from jaxtrace.core.metrics import Metric
 from jaxtrace.core.models import GatedLM
 from jaxtrace.core.options import option
-from jaxtrace.engine.attribution import ATTRIBUTIONS, attribution_scores
 from jaxtrace.engine.faithfulness import ranking_masks
+from jaxtrace.engine.methods import MethodContext, baseline_methods, method_of, run_method
+from jaxtrace.engine.methods.exhaustive import count_subsets, exhaustive  # noqa: F401  (re-exported)
+from jaxtrace.engine.methods.greedy import greedy, greedy_path  # noqa: F401
+from jaxtrace.engine.methods.random import random_best  # noqa: F401
+from jaxtrace.engine.methods.single import SINGLE_EFFECTS, single_effects, single_of  # noqa: F401
+from jaxtrace.engine.methods.topk import topk  # noqa: F401
 from jaxtrace.engine.objective import Objective, ObjectiveConfig, build_objective
 from jaxtrace.io.circuit import Circuit
 from jaxtrace.runs.common import Provenance, publish_circuit, result_folder, summarize
 from jaxtrace.tasks import EncodedTask
 
-METHODS = ("single", "topk", "greedy", "random", "exhaustive", *ATTRIBUTIONS)
-
-
-def _one_hot(shape: tuple[int, int], flat: np.ndarray) -> np.ndarray:
-    masks = np.zeros((len(flat), shape[0] * shape[1]), np.float32)
-    masks[np.arange(len(flat)), flat] = 1.0
-    return masks.reshape(len(flat), *shape)
-
-
-def single_effects(objective: Objective) -> np.ndarray:
-    """[L, C] mean effect of each component alone (every one-hot mask, batched)."""
-    shape = objective.shape
-    masks = _one_hot(shape, np.arange(objective.n_components))
-    return objective.mask_effects(masks).mean(1).reshape(shape)
-
-
-def topk(objective: Objective, k: int, single: np.ndarray | None = None) -> np.ndarray:
-    """Mask [L, C] of the k components with the largest single effects (or the given scores [L, C])."""
-    single = single_effects(objective) if single is None else single
-    return ranking_masks(single, [k])[0] > 0
+METHODS = baseline_methods()  # the registered methods that give a circuit of size k (`--method`'s choices)
 
 
 def _ranks(values: np.ndarray) -> np.ndarray:
@@ -68,73 +53,6 @@ def rank_correlation(a, b) -> float:
     return float((ra * rb).sum() / norm) if norm > 0 else math.nan
 
 
-def greedy_path(objective: Objective, k: int,
-                candidates: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, float]]:
-    """Forward selection: yields (mask [L, C], mean effect) for sizes 1..k, each adding the candidate that
-    maximises the mean effect.
-
-    Every round evaluates all remaining candidates (default: every component; or the flat indices given, e.g. the
-    best by single effect, to bound the cost) as one batch of masks.
-    """
-    shape = objective.shape
-    pool = np.zeros(objective.n_components, bool)
-    pool[np.arange(objective.n_components) if candidates is None else candidates] = True
-    if not 1 <= k <= pool.sum():
-        raise ValueError(f"greedy size {k} needs between 1 and {int(pool.sum())} candidates")
-    current = np.zeros(objective.n_components, np.float32)
-    for _ in range(k):
-        remaining = np.flatnonzero(pool & (current == 0))
-        masks = np.repeat(current[None], len(remaining), axis=0)
-        masks[np.arange(len(remaining)), remaining] = 1.0
-        effects = objective.mask_effects(masks.reshape(-1, *shape)).mean(1)
-        best = int(np.argmax(effects))
-        current = masks[best]
-        yield current.reshape(shape) > 0, float(effects[best])
-
-
-def greedy(objective: Objective, k: int,
-           candidates: np.ndarray | None = None) -> list[np.ndarray]:
-    """Greedy masks of sizes 1..k (see `greedy_path`)."""
-    return [mask for mask, _ in greedy_path(objective, k, candidates)]
-
-
-def random_best(objective: Objective, k: int, n_samples: int, seed: int = 0,
-                with_effect: bool = False) -> np.ndarray | tuple[np.ndarray, float]:
-    """The best of `n_samples` uniformly random subsets of size k (seeded), with its mean effect if asked."""
-    rng = np.random.default_rng(seed)
-    shape = objective.shape
-    masks = np.zeros((n_samples, objective.n_components), np.float32)
-    for row in masks:
-        row[rng.choice(objective.n_components, size=k, replace=False)] = 1.0
-    effects = objective.mask_effects(masks.reshape(-1, *shape)).mean(1)
-    best = int(np.argmax(effects))
-    mask = masks[best].reshape(shape) > 0
-    return (mask, float(effects[best])) if with_effect else mask
-
-
-def count_subsets(n: int, k: int) -> int:
-    """Number of non-empty subsets of size at most k."""
-    return sum(math.comb(n, size) for size in range(1, k + 1))
-
-
-def exhaustive(objective: Objective, k: int, max_masks: int = 100_000) -> list[np.ndarray]:
-    """The best mask of each size 1..k over all subsets; refused when there are more than `max_masks`."""
-    n = objective.n_components
-    total = count_subsets(n, k)
-    if total > max_masks:
-        raise ValueError(f"exhaustive search up to size {k} over {n} components means {total:,} masks, over the "
-                         f"limit of {max_masks:,}: lower --k or use greedy")
-    shape = objective.shape
-    best = []
-    for size in range(1, k + 1):
-        subsets = np.array(list(itertools.combinations(range(n), size)))
-        masks = np.zeros((len(subsets), n), np.float32)
-        np.put_along_axis(masks, subsets, 1.0, axis=1)
-        effects = objective.mask_effects(masks.reshape(-1, *shape)).mean(1)
-        best.append(masks[int(np.argmax(effects))].reshape(shape) > 0)
-    return best
-
-
 @dataclasses.dataclass(frozen=True)
 class BaselineConfig:
     """A baseline search for a circuit of size k."""
@@ -149,8 +67,8 @@ class BaselineConfig:
                              "with those effects, when there are at most this many components (0: never)")
 
     def __post_init__(self):
-        if self.method not in METHODS:
-            raise ValueError(f"unknown baseline {self.method!r}; known: {', '.join(METHODS)}")
+        if self.method not in baseline_methods():
+            raise ValueError(f"unknown baseline {self.method!r}; known: {', '.join(baseline_methods())}")
         if self.k < 1 or self.samples < 1 or self.ig_steps < 1:
             raise ValueError(f"--k, --samples and --ig-steps must be >= 1, got {self.k}, {self.samples} and "
                              f"{self.ig_steps}")
@@ -160,33 +78,31 @@ class BaselineConfig:
 
 def run_baseline(objective: Objective, method: str, k: int, n_samples: int = 100, seed: int = 0, ig_steps: int = 32,
                  single_max: int = 4096) -> tuple[np.ndarray, dict]:
-    """(mask [L, C] of size k, extras) for one method. `single` and `topk` select the top k single effects and
-    return them ("single_effects"); `atp` and `ig` select the top k scores and return them ("scores"), with, when
-    there are at most `single_max` components, the single effects and the scores' Spearman rank correlation with
-    them ("score_correlation"; None when undefined)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown baseline {method!r}; known: {', '.join(METHODS)}")
+    """(mask [L, C] of size k, extras) for one registered method: the circuit of size k it gives, else the top k of
+    its ranking. Extras: "single_effects" where the single effects were computed (`single`, `topk`); a method whose
+    ranking is not the single effects (`atp`, `ig`) returns its scores ("scores") with, when there are at most
+    `single_max` components, the single effects and the scores' Spearman rank correlation with them
+    ("score_correlation"; None when undefined); "seconds", the wall time."""
+    known = baseline_methods()
+    if method not in known:
+        raise ValueError(f"unknown baseline {method!r}; known: {', '.join(known)}")
     if not 1 <= k <= objective.n_components:
         raise ValueError(f"--k must be between 1 and {objective.n_components}, got {k}")
     start = time.perf_counter()
+    context = MethodContext(objective, (k,), n_random=n_samples, seed=seed, ig_steps=ig_steps, rankings=False,
+                            measure=False)
+    chosen = method_of(method)
+    result = run_method(chosen, context)
+    mask = result.circuits[k][0] if k in result.circuits else ranking_masks(result.scores, [k])[0] > 0
     extras: dict = {}
-    if method in ("single", "topk"):
-        single = single_effects(objective)
-        extras["single_effects"] = single
-        mask = topk(objective, k, single)
-    elif method == "greedy":
-        mask = greedy(objective, k)[-1]
-    elif method == "random":
-        mask = random_best(objective, k, n_samples, seed)
-    elif method in ATTRIBUTIONS:
-        scores = extras["scores"] = attribution_scores(objective, method, ig_steps)
-        mask = topk(objective, k, scores)
+    if SINGLE_EFFECTS in context.memo:
+        extras["single_effects"] = context.memo[SINGLE_EFFECTS]
+    if result.scores is not None and chosen.ranking_of != "single":
+        extras["scores"] = result.scores
         if objective.n_components <= single_max:
-            single = extras["single_effects"] = single_effects(objective)
-            correlation = rank_correlation(scores, single)
+            single = extras["single_effects"] = single_of(context)
+            correlation = rank_correlation(result.scores, single)
             extras["score_correlation"] = correlation if math.isfinite(correlation) else None
-    else:
-        mask = exhaustive(objective, k)[-1]
     extras["seconds"] = time.perf_counter() - start
     return mask, extras
 
@@ -213,7 +129,25 @@ def baseline(model: GatedLM, task: EncodedTask, objective: ObjectiveConfig | str
     return circuit
 
 
-def evaluate_selection(objective: Objective, selected: list[list[int]]) -> dict:
+@dataclasses.dataclass(frozen=True)
+class SelectionEffect:
+    """The mean effect of a selection of components on an objective, with that of all and of none."""
+
+    site: str
+    metric: str
+    n_selected: int
+    n_components: int
+    n_pairs: int
+    effect: float
+    effect_all: float
+    effect_none: float
+
+    def to_dict(self) -> dict:
+        """The fields as a JSON-ready dict (`evaluate --json`)."""
+        return dataclasses.asdict(self)
+
+
+def evaluate_selection(objective: Objective, selected: list[list[int]]) -> SelectionEffect:
     """Mean effect of a subset of components ([[layer, index], ...]), of all and of none, on the objective."""
     n_layers, width = objective.shape
     mask = np.zeros(objective.shape, np.float32)
@@ -223,6 +157,5 @@ def evaluate_selection(objective: Objective, selected: list[list[int]]) -> dict:
         mask[layer, index] = 1.0
     # One mask at a time, as `summarize` scores a circuit: the same program, the same numbers.
     effects = [float(objective.effects(m).mean()) for m in (mask, np.ones_like(mask), np.zeros_like(mask))]
-    return {"site": objective.site, "metric": objective.metric.name, "n_selected": int(mask.sum()),
-            "n_components": objective.n_components, "n_pairs": len(objective.task), "effect": effects[0],
-            "effect_all": effects[1], "effect_none": effects[2]}
+    return SelectionEffect(objective.site, objective.metric.name, int(mask.sum()), objective.n_components,
+                           len(objective.task), effects[0], effects[1], effects[2])

@@ -3,6 +3,11 @@ random, single, AtP and IG — with effect against circuit size, the effect-shar
 ranking with MIB's CPR and CMD (`jaxtrace.engine.faithfulness`), the faithfulness of every circuit, each method's
 wall time, and a method's ranking and thresholded circuits in MIB's submission layout.
 
+The methods are those registered in `jaxtrace.engine.methods` with `compare` set: `compare` runs each in
+registration order on one shared `MethodContext` (single effects computed once) and returns a `CompareResult`
+(`to_dict()`: curve.json); the report's tables list them by `Method.report_order`. A method registered there is
+compared, reported and exportable without any change here.
+
 The run writes into its folder curve.json and curve.png after every method (a killed comparison keeps what it
 measured), then curve.md (the effect table), faithfulness.png, mib/ and report.md (the report, with the plots
 embedded; written last, its presence marks a finished run).
@@ -27,35 +32,35 @@ task's name with "_" as "-", <model> the model's folder-safe name (`model_slugs`
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 
 from jaxtrace.core.options import option
 from jaxtrace.core.search import SearchConfig
-from jaxtrace.engine.attribution import attribution_scores
-from jaxtrace.engine.faithfulness import (MIB_FRACTIONS, circuit_faithfulness, curve_masks, fraction_sizes,
-                                          ranking_curves, ranking_masks)
-from jaxtrace.engine.loop import resolve, run_searches
+from jaxtrace.engine.faithfulness import (MIB_FRACTIONS, FaithfulnessCurve, circuit_faithfulness, curve_masks,
+                                          fraction_sizes, ranking_curves, ranking_masks)
+from jaxtrace.engine.loop import resolve
 from jaxtrace.engine.mesh import is_writer
+from jaxtrace.engine.methods import (Method, MethodContext, MethodResult, compare_methods, rankings_of, report_order,
+                                     run_method)
+from jaxtrace.engine.methods.greedy import greedy_ranking  # noqa: F401  (re-exported)
 from jaxtrace.engine.objective import Objective
 from jaxtrace.io import plots
 from jaxtrace.io.export import eap_graph, write_graph
 from jaxtrace.io.files import write_json, write_text
-from jaxtrace.runs import baselines
 from jaxtrace.runs.common import Provenance, progress_bar, result_folder
 from jaxtrace.runs.model_sweep import model_slugs
 
-METHOD_NAMES = ("pgbct", "greedy", "topk", "random", "atp", "ig")  # circuits by size: the effect table's columns
-SEARCHES = ("pgbct", "greedy", "topk", "random")  # whose wall times `seconds` holds (every method's: method_seconds)
-REPORT_METHODS = ("pgbct", "greedy", "topk", "random", "single", "atp", "ig")
-RANKINGS = ("pgbct", "greedy", "single", "atp", "ig")  # scored rankings; topk ranks by single
-RANKING_OF = {**{name: name for name in RANKINGS}, "topk": "single"}
-RANKING_NOTES = {"pgbct": "mean final z of the λ sweep", "greedy": "order of addition, then single effects",
-                 "topk": "single effects (= single)", "random": "none", "single": "effect alone",
-                 "atp": "AtP score (gradient at no patch)", "ig": "IG score"}
+
+def ranking_of() -> dict[str, str]:
+    """{method: the method whose ranking its curves use} of the registered methods `compare` runs, in the report's
+    order (those with their own scores, then those ranked as another's: topk as single)."""
+    return rankings_of(report_order(compare_methods()))
 
 
 def size_list(text: str) -> tuple[int, ...]:
@@ -105,128 +110,166 @@ class CurveConfig:
                              "(--greedy-max, else the largest of --sizes): give at least that many")
         if any(size < 1 for size in self.sizes):
             raise ValueError(f"--sizes takes circuit sizes >= 1, got {','.join(map(str, self.sizes))}")
-        unknown = [name for name in self.mib if name not in RANKING_OF]
+        rankings = ranking_of()
+        unknown = [name for name in self.mib if name not in rankings]
         if unknown:
-            raise ValueError(f"--mib: {', '.join(unknown)} has no ranking; rankings: {', '.join(RANKING_OF)}")
+            raise ValueError(f"--mib: {', '.join(unknown)} has no ranking; rankings: {', '.join(rankings)}")
 
 
-def greedy_ranking(order: list[int], single: np.ndarray) -> np.ndarray:
-    """[L, C] scores n - rank of greedy's order of addition (flat indices), then of the remaining components by
-    their single effects [L, C]."""
-    n, added = single.size, set(order)
-    rest = [int(i) for i in np.argsort(-single, axis=None, kind="stable") if int(i) not in added]
-    scores = np.empty(n, np.float32)
-    scores[np.array([*order, *rest], np.int64)] = n - np.arange(n, dtype=np.float32)
-    return scores.reshape(single.shape)
+@dataclasses.dataclass(frozen=True, eq=False)
+class RankingFaithfulness:
+    """The faithfulness curves of every ranking at MIB's fractions (`curves`: by method, topk's being single's) and
+    the time it took to score them with every circuit."""
+
+    fractions: list[float]
+    sizes: list[int]
+    seconds: float
+    curves: Mapping[str, FaithfulnessCurve]
+
+    def to_dict(self) -> dict:
+        return {"fractions": list(self.fractions), "sizes": list(self.sizes), "seconds": self.seconds,
+                "curves": {name: dataclasses.asdict(curve) for name, curve in self.curves.items()}}
 
 
-def compare(objective: Objective, config: SearchConfig, sizes: list[int], lambda_factors: np.ndarray,
-            greedy_max: int | None = None, greedy_candidates: int | None = None, n_random: int = 100,
-            seed: int = 0, progress: bool = True, ig_steps: int = 32,
-            report: Callable[[dict], None] | None = None) -> dict:
-    """Every method's circuits by size, its ranking's faithfulness curves, and its wall time.
+@dataclasses.dataclass(frozen=True, eq=False)
+class CompareResult:
+    """The evaluation so far: every method's result (in the order they ran), the sizes, and once every method has
+    run, the rankings' faithfulness curves and each circuit's faithfulness. `to_dict()` is curve.json's content."""
 
-    PGB-CT runs one vmapped sweep of (λ1, λ2) scaled by `lambda_factors`; its circuits land at their own sizes,
-    which join `sizes` so the other methods are measured there too. The single effects are computed once, for
-    single, top-k and greedy's candidates. Greedy runs up to `greedy_max` (default: the largest size), over the
-    `greedy_candidates` best components by single effect (default: all), and at most to their number.
-    `report(result)` is called after every method with the result so far (methods not yet run are None).
-    Returns {"rows": [{size, pgbct, greedy, topk, random, atp, ig}] (mean effects), "seconds": the wall time of
-    each of pgbct, greedy, topk (with the single effects) and random, "method_seconds": every method's,
-    "faithfulness": {fractions, sizes, seconds, curves: {ranking: FaithfulnessCurve fields}},
-    "faithfulness_rows": [{size, method: f of its circuit}], "rankings": {ranking: scores [L][C]}, ...}.
+    methods: tuple[Method, ...]              # the methods compared, in the report's order
+    sizes: tuple[int, ...]                   # the circuit sizes (PGB-CT's own included once it has run)
+    results: Mapping[str, MethodResult]      # method -> its result, in the order they ran
+    effect_all: float
+    n_components: int
+    n_pairs: int
+    site: str
+    metric: str
+    greedy_candidates: int | None = None
+    n_random: int = 100
+    ig_steps: int = 32
+    faithfulness: RankingFaithfulness | None = None
+    circuit_faithfulness: Mapping[tuple[str, int], float] | None = None  # (method, size) -> f of its circuit
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """The methods that give circuits by size (the effect table's columns)."""
+        return tuple(method.name for method in self.methods if method.circuits)
+
+    @property
+    def ranking_names(self) -> tuple[str, ...]:
+        """The methods with their own ranking scores, in the report's order."""
+        return tuple(method.name for method in self.methods if method.scores)
+
+    @property
+    def ranking_of(self) -> dict[str, str]:
+        """{method: the method whose ranking its curves use}."""
+        return rankings_of(self.methods)
+
+    def effect(self, name: str, size: int) -> float | None:
+        """The mean effect of a method's circuit of `size` (None: none, or not run yet)."""
+        circuit = self.results[name].circuits.get(size) if name in self.results else None
+        return None if circuit is None else circuit[1]
+
+    @property
+    def rows(self) -> list[dict]:
+        """[{size, method: mean effect of its circuit of that size}] (the effect table)."""
+        return [{"size": s, **{n: self.effect(n, s) for n in self.columns}} for s in self.sizes]
+
+    @property
+    def faithfulness_rows(self) -> list[dict]:
+        """[{size, method: f of its circuit of that size}] ([] until the circuits are scored)."""
+        if self.circuit_faithfulness is None:
+            return []
+        return [{"size": s, **{n: self.circuit_faithfulness.get((n, s)) for n in self.columns}} for s in self.sizes]
+
+    @property
+    def method_seconds(self) -> dict[str, float]:
+        """Every method's wall time, in the order they ran."""
+        return {name: result.seconds for name, result in self.results.items()}
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        """The searches' wall times (`Method.search`)."""
+        search = {method.name for method in self.methods if method.search}
+        return {name: result.seconds for name, result in self.results.items() if name in search}
+
+    @property
+    def extras(self) -> dict[str, Any]:
+        """The methods' extras under their keys (`Method.extras`: their values until the method has run)."""
+        extras = {key: value for method in self.methods for key, value in method.extras.items()}
+        for result in self.results.values():
+            extras.update(result.extras)
+        return extras
+
+    @property
+    def rankings(self) -> dict[str, np.ndarray]:
+        """{method: its ranking scores [L, C]} of the methods with their own, in the order they ran."""
+        own = {method.name for method in self.methods if method.scores}
+        return {name: result.scores for name, result in self.results.items()
+                if name in own and result.scores is not None}
+
+    def to_dict(self) -> dict:
+        """curve.json's content: rows, seconds, method_seconds, the methods' extras (pgbct_runs, greedy_max), the
+        options, IE(all) and the objective's sizes, faithfulness, faithfulness_rows and rankings (the last three
+        once every method has run)."""
+        done = self.faithfulness is not None
+        return {"rows": self.rows, "seconds": self.seconds, "method_seconds": self.method_seconds, **self.extras,
+                "greedy_candidates": self.greedy_candidates, "n_random": self.n_random, "ig_steps": self.ig_steps,
+                "effect_all": self.effect_all, "n_components": self.n_components, "n_pairs": self.n_pairs,
+                "site": self.site, "metric": self.metric,
+                "faithfulness": self.faithfulness.to_dict() if done else None,
+                "faithfulness_rows": self.faithfulness_rows,
+                "rankings": {name: np.asarray(scores, np.float32).tolist() for name, scores in self.rankings.items()}
+                if done else {}}
+
+
+def compare(context: MethodContext, report: Callable[[CompareResult], None] | None = None) -> CompareResult:
+    """Every registered method of the report (`compare_methods`, in registration order) on the context's objective:
+    its circuits by size, its ranking's faithfulness curves, and its wall time.
+
+    A method with `own_sizes` (PGB-CT: one vmapped sweep of (λ1, λ2) scaled by the context's `lambda_factors`) puts
+    its circuits at their own sizes, which join the context's sizes so the methods after it are measured there too.
+    The single effects are computed once (the context's memo), for single, top-k and greedy's candidates and ranking.
+    `report(result)` is called after every method with the result so far, and once more at the end with the
+    rankings' curves and every circuit's faithfulness (the rankings' top-k circuits and every method's circuits
+    scored in one evaluation).
     """
-    seconds, method_seconds = {}, {}
-    curves = {name: {} for name in METHOD_NAMES}    # size -> mean effect of the method's circuit
-    circuits = {name: {} for name in METHOD_NAMES}  # size -> its mask [L, C]
-    rankings: dict[str, np.ndarray] = {}
+    objective = context.objective
     ones = np.ones((1, *objective.shape), np.float32)
-    result = {"rows": [], "seconds": seconds, "method_seconds": method_seconds, "greedy_max": None,
-              "greedy_candidates": greedy_candidates, "n_random": n_random, "ig_steps": ig_steps,
-              "effect_all": float(objective.mask_effects(ones).mean()), "n_components": objective.n_components,
-              "n_pairs": len(objective.task), "site": objective.site, "metric": objective.metric.name,
-              "pgbct_runs": [], "faithfulness": None, "faithfulness_rows": [], "rankings": {}}
-    if result["effect_all"] == 0:
+    effect_all = float(objective.mask_effects(ones).mean())
+    if effect_all == 0:
         raise ValueError("the effect of all components is 0: there is no effect to compare circuits on")
-    all_sizes = sorted({s for s in sizes if 1 <= s <= objective.n_components})
-    if not all_sizes:
-        raise ValueError(f"--sizes {','.join(map(str, sizes))}: no size between 1 and the {objective.n_components} "
-                         "components")
-
-    def done(name: str, start: float, before: float = 0.0) -> None:
-        method_seconds[name] = time.perf_counter() - start + before
-        if name in SEARCHES:
-            seconds[name] = method_seconds[name]
-        result["rows"] = [{"size": s, **{n: curves[n].get(s) for n in METHOD_NAMES}} for s in all_sizes]
+    sizes = tuple(sorted({s for s in context.sizes if 1 <= s <= objective.n_components}))
+    if not sizes:
+        raise ValueError(f"--sizes {','.join(map(str, context.sizes))}: no size between 1 and the "
+                         f"{objective.n_components} components")
+    context = context.replace(sizes=sizes)
+    running = compare_methods()
+    results: dict[str, MethodResult] = {}
+    result = CompareResult(report_order(running), sizes, results, effect_all, objective.n_components,
+                           len(objective.task), objective.site, objective.metric.name, context.greedy_candidates,
+                           context.n_random, context.ig_steps)
+    for method in running:
+        results[method.name] = run_method(method, context)
+        if method.own_sizes:
+            context = context.replace(sizes=tuple(sorted(set(context.sizes) | set(results[method.name].circuits))))
+        result = dataclasses.replace(result, sizes=context.sizes, results=dict(results))
         if report is not None:
             report(result)
 
-    def top_circuits(name: str, scores: np.ndarray) -> None:
-        masks = ranking_masks(scores, all_sizes)
-        circuits[name] = dict(zip(all_sizes, masks > 0))
-        curves[name] = dict(zip(all_sizes, map(float, objective.evaluate_masks(masks))))
-
-    start = time.perf_counter()
-    configs = [config.replace(lambda1=config.lambda1 * f, lambda2=config.lambda2 * f) for f in lambda_factors]
-    with progress_bar(config.epochs * len(objective.batcher.in_order), "PGB-CT sweep", progress) as on_step:
-        runs = run_searches(objective, configs, on_step=on_step)
-    masks = np.stack([r.mask for r in runs]).astype(np.float32)
-    for run, effect in zip(runs, objective.evaluate_masks(masks)):
-        size = int(run.mask.sum())
-        result["pgbct_runs"].append({"lambda1": run.config.lambda1, "lambda2": run.config.lambda2,
-                                     "size": size, "effect": float(effect)})
-        if size and float(effect) > curves["pgbct"].get(size, -np.inf):
-            curves["pgbct"][size], circuits["pgbct"][size] = float(effect), run.mask
-    rankings["pgbct"] = np.mean([r.z for r in runs], axis=0)
-    all_sizes = sorted(set(all_sizes) | set(curves["pgbct"]))
-    done("pgbct", start)
-
-    start = time.perf_counter()
-    single = rankings["single"] = baselines.single_effects(objective)
-    done("single", start)
-    start = time.perf_counter()
-    top_circuits("topk", single)
-    done("topk", start, method_seconds["single"])
-
-    start = time.perf_counter()
-    limit = min(greedy_max or max(all_sizes), max(all_sizes), greedy_candidates or objective.n_components)
-    result["greedy_max"] = limit
-    pool = None if greedy_candidates is None else np.argsort(-single, axis=None)[:greedy_candidates]
-    order, previous = [], np.zeros(objective.shape, bool)
-    for size, (mask, effect) in enumerate(baselines.greedy_path(objective, limit, pool), 1):
-        order.append(int(np.flatnonzero(mask & ~previous)[0]))
-        previous = mask
-        if size in all_sizes:
-            curves["greedy"][size], circuits["greedy"][size] = effect, mask
-    rankings["greedy"] = greedy_ranking(order, single)
-    done("greedy", start)
-
-    start = time.perf_counter()
-    for s in all_sizes:
-        circuits["random"][s], curves["random"][s] = baselines.random_best(objective, s, n_random, seed,
-                                                                          with_effect=True)
-    done("random", start)
-
-    for name in ("atp", "ig"):
-        start = time.perf_counter()
-        rankings[name] = attribution_scores(objective, name, ig_steps)
-        top_circuits(name, rankings[name])
-        done(name, start)
-
     start = time.perf_counter()  # the rankings' curves and every circuit in one evaluation
     curve_sizes = fraction_sizes(objective.n_components, MIB_FRACTIONS)
-    ranked_masks = curve_masks(rankings, curve_sizes)
-    listed = [(name, size, mask) for name in METHOD_NAMES for size, mask in circuits[name].items()]
-    scored = circuit_faithfulness(objective, np.concatenate([ranked_masks, [mask for _, _, mask in listed]]))
+    rankings = result.rankings
+    ranked_masks = (curve_masks(rankings, curve_sizes) if rankings
+                    else np.zeros((0, *objective.shape), np.float32))
+    listed = [(name, size, mask) for name in result.columns for size, (mask, _) in results[name].circuits.items()]
+    circuits = np.asarray([mask for _, _, mask in listed], np.float32).reshape(-1, *objective.shape)
+    scored = circuit_faithfulness(objective, np.concatenate([ranked_masks, circuits]))
     ranked = ranking_curves(list(rankings), MIB_FRACTIONS, curve_sizes, scored)
-    by_circuit = {(name, size): float(f)
-                  for (name, size, _), f in zip(listed, scored["faithfulness"][len(ranked_masks):])}
-    result["faithfulness_rows"] = [{"size": s, **{n: by_circuit.get((n, s)) for n in METHOD_NAMES}}
-                                   for s in all_sizes]
-    result["faithfulness"] = {"fractions": list(MIB_FRACTIONS), "sizes": curve_sizes,
-                              "seconds": time.perf_counter() - start,
-                              "curves": {name: dataclasses.asdict(ranked[RANKING_OF[name]]) for name in RANKING_OF}}
-    result["rankings"] = {name: np.asarray(scores, np.float32).tolist() for name, scores in rankings.items()}
+    by_circuit = {(name, size): float(f) for (name, size, _), f in zip(listed, scored.faithfulness[len(ranked_masks):])}
+    faithfulness = RankingFaithfulness(list(MIB_FRACTIONS), curve_sizes, time.perf_counter() - start,
+                                       {name: ranked[of] for name, of in result.ranking_of.items()})
+    result = dataclasses.replace(result, faithfulness=faithfulness, circuit_faithfulness=by_circuit)
     if report is not None:
         report(result)
     return result
@@ -236,49 +279,49 @@ def _cells(values, digits: int = 4) -> str:
     return " | ".join("–" if v is None else f"{v:+.{digits}f}" for v in values)
 
 
-def table_markdown(result: dict) -> str:
+def _table(columns, rows) -> list[str]:
+    return ["| size | " + " | ".join(columns) + " |", "|---:|" + "---:|" * len(columns),
+            *(f"| {row['size']} | " + _cells(row[n] for n in columns) + " |" for row in rows)]
+
+
+def table_markdown(result: CompareResult) -> str:
     """The curve as a Markdown table (effects to 4 decimals, '–' where a method has no circuit of that size)."""
-    lines = ["| size | " + " | ".join(METHOD_NAMES) + " |", "|---:|" + "---:|" * len(METHOD_NAMES)]
-    for row in result["rows"]:
-        lines.append(f"| {row['size']} | " + _cells(row[n] for n in METHOD_NAMES) + " |")
+    lines = _table(result.columns, result.rows)
     lines.append("")
-    lines.append(f"all {result['n_components']} components: {result['effect_all']:+.4f}")
-    lines.append("wall time: " + ", ".join(f"{n} {s:.1f} s" for n, s in result["method_seconds"].items()))
+    lines.append(f"all {result.n_components} components: {result.effect_all:+.4f}")
+    lines.append("wall time: " + ", ".join(f"{n} {s:.1f} s" for n, s in result.method_seconds.items()))
     return "\n".join(lines)
 
 
-def methods_markdown(result: dict) -> str:
+def methods_markdown(result: CompareResult) -> str:
     """Every method's wall time, ranking and faithfulness areas, as a Markdown table."""
-    curves = (result["faithfulness"] or {}).get("curves", {})
+    curves = result.faithfulness.curves if result.faithfulness is not None else {}
+    seconds = result.method_seconds
     lines = ["| method | wall time (s) | ranking | CPR ↑ | CMD ↓ |", "|---|---:|---|---:|---:|"]
-    for name in REPORT_METHODS:
-        curve = curves.get(name)
-        took = result["method_seconds"].get(name)
-        lines.append(f"| {name} | {'–' if took is None else f'{took:.1f}'} | {RANKING_NOTES[name]} | "
-                     + ("– | –" if curve is None else f"{curve['cpr']:.4f} | {curve['cmd']:.4f}") + " |")
+    for method in result.methods:
+        curve, took = curves.get(method.name), seconds.get(method.name)
+        lines.append(f"| {method.name} | {'–' if took is None else f'{took:.1f}'} | {method.ranking} | "
+                     + ("– | –" if curve is None else f"{curve.cpr:.4f} | {curve.cmd:.4f}") + " |")
     return "\n".join(lines)
 
 
-def curves_markdown(result: dict, field: str) -> str:
+def curves_markdown(result: CompareResult, field: str) -> str:
     """The rankings' `field` ("faithfulness" or "share") at MIB's fractions, as a Markdown table."""
-    faith = result["faithfulness"]
-    names = list(RANKINGS)
+    faith = result.faithfulness
+    names = list(result.ranking_names)
     lines = ["| fraction | size | " + " | ".join(names) + " |", "|---:|---:|" + "---:|" * len(names)]
-    for i, (p, size) in enumerate(zip(faith["fractions"], faith["sizes"])):
-        lines.append(f"| {p:g} | {size} | " + _cells(faith["curves"][n][field][i] for n in names) + " |")
+    for i, (p, size) in enumerate(zip(faith.fractions, faith.sizes)):
+        lines.append(f"| {p:g} | {size} | " + _cells(getattr(faith.curves[n], field)[i] for n in names) + " |")
     return "\n".join(lines)
 
 
-def report_markdown(result: dict, provenance: Provenance, mib: tuple[str, ...] = ()) -> str:
+def report_markdown(result: CompareResult, provenance: Provenance, mib: tuple[str, ...] = ()) -> str:
     """report.md: the methods, effect against size, the rankings' curves and the circuits' faithfulness."""
     described = provenance.describe()
-    faith = result["faithfulness"]
-    circuit_rows = ["| size | " + " | ".join(METHOD_NAMES) + " |", "|---:|" + "---:|" * len(METHOD_NAMES)]
-    circuit_rows += [f"| {row['size']} | " + _cells(row[n] for n in METHOD_NAMES) + " |"
-                     for row in result["faithfulness_rows"]]
+    circuit_rows = _table(result.columns, result.faithfulness_rows)
     lines = [f"# jaxtrace evaluation: {described['model'] or 'model'} on {described['task'] or 'task'}", "",
-             f"{result['n_pairs']} pairs, {result['n_components']} {result['site']} components, metric "
-             f"{result['metric']}; IE(all) = {result['effect_all']:+.4f} (the mean effect of patching every "
+             f"{result.n_pairs} pairs, {result.n_components} {result.site} components, metric "
+             f"{result.metric}; IE(all) = {result.effect_all:+.4f} (the mean effect of patching every "
              "component from the counterfactual).", "",
              "## Methods", "", methods_markdown(result), "",
              "CPR and CMD are MIB's areas under f and under |1 − f| over the fractions 0.001 … 1 of the components "
@@ -295,7 +338,7 @@ def report_markdown(result: dict, provenance: Provenance, mib: tuple[str, ...] =
              "## Faithfulness of the circuits", "",
              "f of each method's circuit of each size (PGB-CT's: its sweep's best circuit of that size).", "",
              *circuit_rows, "",
-             f"Curves and circuits scored in {faith['seconds']:.1f} s."]
+             f"Curves and circuits scored in {result.faithfulness.seconds:.1f} s."]
     if mib:
         lines += ["", "## MIB submission layout", "",
                   "EAP-IG graph JSON, node level, counterfactual patching: "
@@ -304,7 +347,7 @@ def report_markdown(result: dict, provenance: Provenance, mib: tuple[str, ...] =
     return "\n".join(lines) + "\n"
 
 
-def write_mib(path: Path, objective: Objective, result: dict, methods: tuple[str, ...],
+def write_mib(path: Path, objective: Objective, result: CompareResult, methods: tuple[str, ...],
               provenance: Provenance) -> None:
     """The rankings of `methods` and their thresholded circuits in MIB's layout under `path` (module docstring)."""
     described = provenance.describe()
@@ -312,9 +355,10 @@ def write_mib(path: Path, objective: Objective, result: dict, methods: tuple[str
     task = (described["task"] or "task").replace("_", "-")
     config = dataclasses.asdict(objective.spec.config)
     every = [[layer, index] for layer in range(objective.shape[0]) for index in range(objective.shape[1])]
-    fractions, sizes = result["faithfulness"]["fractions"], result["faithfulness"]["sizes"]
+    fractions, sizes = result.faithfulness.fractions, result.faithfulness.sizes
+    rankings, ranking_of = result.rankings, result.ranking_of
     for method in methods:
-        scores = np.asarray(result["rankings"][RANKING_OF[method]], np.float32)
+        scores = np.asarray(rankings[ranking_of[method]], np.float32)
         folder = path / f"{method}_patching_node" / f"{task}_{model}"
         folder.mkdir(parents=True)
         graph = lambda selected: eap_graph(config, objective.site, selected, scores, provenance.model,  # noqa: E731
@@ -324,14 +368,25 @@ def write_mib(path: Path, objective: Objective, result: dict, methods: tuple[str
             write_graph(graph(np.argwhere(mask > 0).tolist()), folder / f"circuit_{p:g}.json")
 
 
-def write_curve_plot(result: dict, path) -> None:
-    plots.plot_effect_curve(result["rows"], METHOD_NAMES, result["effect_all"], path,
-                            f"{result['site']}: effect against circuit size")
+def write_curve_plot(result: CompareResult, path) -> None:
+    plots.plot_effect_curve(result.rows, result.columns, result.effect_all, path,
+                            f"{result.site}: effect against circuit size")
+
+
+def curve_context(objective: Objective, search: SearchConfig, config: CurveConfig,
+                  progress: bool = True) -> MethodContext:
+    """The methods' context of a comparison: `config`'s sizes and options, PGB-CT's λ factors spaced
+    geometrically over `lambda_range`, and a progress bar when `progress`."""
+    return MethodContext(objective, tuple(config.sizes), search=search,
+                         lambda_factors=np.geomspace(*config.lambda_range, config.n_lambdas),
+                         greedy_max=config.greedy_max, greedy_candidates=config.greedy_candidates,
+                         n_random=config.samples, seed=config.random_seed, ig_steps=config.ig_steps,
+                         progress=functools.partial(progress_bar, enabled=progress))
 
 
 def compare_run(objective: Objective, search: SearchConfig, config: CurveConfig, *,
                 out: str | Path | None = None, overwrite: bool = False, progress: bool = True,
-                provenance: Provenance = Provenance()) -> dict:
+                provenance: Provenance = Provenance()) -> CompareResult:
     """The evaluation of every method on `objective`; with `out`, curve.json and curve.png are rewritten after every
     method (a killed comparison keeps what it measured), then curve.md, faithfulness.png, mib/ and report.md (last)
     are published."""
@@ -339,21 +394,19 @@ def compare_run(objective: Objective, search: SearchConfig, config: CurveConfig,
                 "curve": dataclasses.asdict(config)}
     with result_folder(out, "compare", objective, provenance, settings, overwrite=overwrite,
                        finished="report.md") as folder:
-        def report(result: dict) -> None:
+        def report(result: CompareResult) -> None:
             if folder is None or not is_writer():
                 return
-            write_json(folder.path / "curve.json", {**provenance.describe(), **result})
+            write_json(folder.path / "curve.json", {**provenance.describe(), **result.to_dict()})
             write_curve_plot(result, folder.path / "curve.png")
 
-        factors = np.geomspace(*config.lambda_range, config.n_lambdas)
-        result = compare(objective, search, list(config.sizes), factors, greedy_max=config.greedy_max,
-                         greedy_candidates=config.greedy_candidates, n_random=config.samples, seed=config.random_seed, progress=progress, ig_steps=config.ig_steps, report=report)
+        result = compare(curve_context(objective, search, config, progress), report=report)
         if folder is not None:
             writers = {
                 "curve.md": lambda path: write_text(path, table_markdown(result) + "\n"),
                 "faithfulness.png": lambda path: plots.plot_faithfulness_curves(
-                    {name: result["faithfulness"]["curves"][name] for name in RANKINGS}, path,
-                    f"{result['site']}: effect share and faithfulness of each ranking"),
+                    {name: dataclasses.asdict(result.faithfulness.curves[name]) for name in result.ranking_names},
+                    path, f"{result.site}: effect share and faithfulness of each ranking"),
                 "report.md": lambda path: write_text(path, report_markdown(result, provenance, config.mib)),
             }
             if config.mib:

@@ -1,0 +1,16 @@
+"""atp: attribution patching, the gradient of the mean effect with respect to the gates at no patch
+(`jaxtrace.engine.attribution`); its circuits are its top scores at every size."""
+
+from __future__ import annotations
+
+from jaxtrace.engine.attribution import attribution_patching
+from jaxtrace.engine.methods.registry import Method, MethodContext, MethodResult, register, top_circuits
+from jaxtrace.engine.objective import Objective
+
+
+def run(objective: Objective, context: MethodContext) -> MethodResult:
+    scores = attribution_patching(objective)
+    return MethodResult(top_circuits(context, scores), scores)
+
+
+METHOD = register(Method("atp", run, ranking="AtP score (gradient at no patch)", scores=True, report_order=60))
