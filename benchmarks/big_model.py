@@ -47,17 +47,17 @@ def cell(site: str, dtype: str, data: str, epochs: int) -> dict:
     step, _ = loop.training_step(objective.fresh(), search)
     state = loop.initial_state(objective, [search])
     state = objective.batcher.replicate(SearchState(state.z, state.opt_state))
-    lambdas = objective.batcher.replicate(tuple(np.array([lam], np.float32) for lam in search.lambdas(0)))
+    inputs = objective.batcher.replicate(loop.run_inputs(objective, [search], 0, [1.0]))
     orders = objective.batcher.epoch(jax.random.key(search.seed), 0)
     shape = objective.batcher.shape(orders)
     batches = [loop.stacked_inputs(objective, [idx], shape) for idx in orders[:4]]
     started = time.perf_counter()
-    compiled = step.lower(state, objective.params, *batches[0], *lambdas).compile()
+    compiled = step.lower(state, objective.params, *batches[0], inputs).compile()
     compile_s = time.perf_counter() - started
     times = []
     for batch in batches:
         started = time.perf_counter()
-        jax.block_until_ready(compiled(state, objective.params, *batch, *lambdas))
+        jax.block_until_ready(compiled(state, objective.params, *batch, inputs))
         times.append(time.perf_counter() - started)
     del batches, compiled
     started = time.perf_counter()

@@ -58,15 +58,15 @@ def measure(model, tokenizer, data: str, length: int, attention: str, steps: int
     step, _ = loop.training_step(objective.fresh(), config)
     state = loop.initial_state(objective, [config])
     state = objective.batcher.replicate(SearchState(state.z, state.opt_state))
-    lambdas = objective.batcher.replicate(tuple(np.array([lam], np.float32) for lam in config.lambdas(0)))
+    inputs = objective.batcher.replicate(loop.run_inputs(objective, [config], 0, [1.0]))
     batch = loop.stacked_inputs(objective, [np.arange(len(task))])
     started = time.perf_counter()
-    compiled = step.lower(state, objective.params, *batch, *lambdas).compile()
+    compiled = step.lower(state, objective.params, *batch, inputs).compile()
     compile_s = time.perf_counter() - started
     times = []
     for _ in range(steps + 1):
         started = time.perf_counter()
-        jax.block_until_ready(compiled(state, objective.params, *batch, *lambdas))
+        jax.block_until_ready(compiled(state, objective.params, *batch, inputs))
         times.append(time.perf_counter() - started)
     prompt = int(task.arrays.cf_mask.sum(1).max())
     return {"length": length, "prompt_tokens": prompt, "attention": attention, "pairs": n,

@@ -92,8 +92,8 @@ def measure(case: str, data: str, masks: int) -> dict:
     state = loop.initial_state(objective, [search])
     state = objective.batcher.replicate(SearchState(state.z, state.opt_state))
     batch, cache = loop.stacked_inputs(objective, [objective.batcher.in_order[0]], training_shape(objective, search))
-    lambdas = objective.batcher.replicate(tuple(np.array([lam], np.float32) for lam in search.lambdas(0)))
-    compiled = step.lower(state, objective.params, batch, cache, *lambdas).compile()
+    inputs = objective.batcher.replicate(loop.run_inputs(objective, [search], 0, [1.0]))
+    compiled = step.lower(state, objective.params, batch, cache, inputs).compile()
     z = objective.batcher.replicate((np.random.default_rng(0).random((masks, *objective.shape)) < 0.5)
                                     .astype(np.float32))
     eval_batch, eval_cache = objective.batcher.put(objective.inputs(objective.batcher.in_order[0],
@@ -107,7 +107,7 @@ def measure(case: str, data: str, masks: int) -> dict:
                 for program, m in (("training", compiled.memory_analysis()),
                                    ("evaluation", evaluation.memory_analysis()))}
     out = {"case": case, "model": name, "dtype": dtype, "pairs": len(task), "weights_bytes": weights}
-    step_args = (state, objective.params, batch, cache, *lambdas)
+    step_args = (state, objective.params, batch, cache, inputs)
     growth, seconds, before_peak = _peak_since_reset(lambda: jax.block_until_ready(compiled(*step_args)))
     out["training"] = {"growth_bytes": growth, "seconds": seconds, "compiled": analysed["training"]}
     eval_args = (objective.params, z, eval_batch, eval_cache)

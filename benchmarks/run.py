@@ -270,14 +270,14 @@ def cell_jaxtrace(spec: Workload, plan: Plan, args) -> dict:
     batches = [loop.stacked_inputs(objective, [idx], (rows, n_logits)) for idx in full[: plan.steps + 1]]
     state = loop.initial_state(objective, [config])
     state = objective.batcher.replicate(SearchState(state.z, state.opt_state))
-    lambdas = objective.batcher.replicate(tuple(np.array([lam], np.float32) for lam in config.lambdas(0)))
-    step_args = (state, objective.params, *batches[0], *lambdas)
+    inputs = objective.batcher.replicate(loop.run_inputs(objective, [config], 0, [1.0]))
+    step_args = (state, objective.params, *batches[0], inputs)
     compiled, compile_s = timed(lambda: make_step().lower(*step_args).compile())
     flops_scanned = xla_flops(compiled)
     step_times = []
     for i, (batch, cache) in enumerate(batches):  # the first is the warm-up
         (state, _), seconds = timed(lambda: jax.block_until_ready(
-            compiled(state, objective.params, batch, cache, *lambdas)))
+            compiled(state, objective.params, batch, cache, inputs)))
         step_times.append(seconds)
     step_s = statistics.median(step_times[1:])
     del batches[1:], compiled

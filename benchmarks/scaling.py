@@ -42,18 +42,18 @@ def measure(model_spec: str, data: str, mesh_spec: str | None, steps: int) -> di
     step, _ = loop.training_step(objective.fresh(), config)
     state = loop.initial_state(objective, [config])
     state = objective.batcher.replicate(SearchState(state.z, state.opt_state))
-    lambdas = objective.batcher.replicate(np.full(1, config.lambda1, np.float32))
+    inputs = objective.batcher.replicate(loop.run_inputs(objective, [config], 0, [1.0]))
     orders = [np.random.default_rng(i).permutation(len(task))[:32] for i in range(steps + 1)]
     rows, n_logits = objective.batcher.shape(orders)
     batches = [loop.stacked_inputs(objective, [idx], (rows, n_logits)) for idx in orders]
     start = time.perf_counter()
-    compiled = step.lower(state, objective.params, *batches[0], lambdas, lambdas).compile()
+    compiled = step.lower(state, objective.params, *batches[0], inputs).compile()
     compile_s = time.perf_counter() - start
-    jax.block_until_ready(compiled(state, objective.params, *batches[0], lambdas, lambdas))
+    jax.block_until_ready(compiled(state, objective.params, *batches[0], inputs))
     times = []
     for batch in batches[1:]:
         start = time.perf_counter()
-        jax.block_until_ready(compiled(state, objective.params, *batch, lambdas, lambdas))
+        jax.block_until_ready(compiled(state, objective.params, *batch, inputs))
         times.append(time.perf_counter() - start)
     return {"mesh": mesh_spec or "single device", "devices": jax.device_count(), "compile_s": compile_s,
             "step_s": float(np.median(times)), "rows_per_group": int(rows),

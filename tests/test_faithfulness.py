@@ -107,3 +107,56 @@ def test_curves_match_one_mask_at_a_time(objective, monkeypatch):
     scored = F.circuit_faithfulness(objective, circuit)
     assert scored.share[0] == pytest.approx(mean_effect([0, 1]) / every, abs=1e-5)
     assert scored.faithfulness[0] == pytest.approx(1 - mean_effect(range(2, 8)) / every, abs=1e-5)
+
+
+def _mib_area_under_curve(xs, ys):
+    """A plain-Python transcription of MIB's area (evaluation.py, log_scale=False): trapezoids between
+    consecutive points, no point added at 0."""
+    area = 0.0
+    for i in range(len(xs) - 1):
+        area += (xs[i + 1] - xs[i]) * (ys[i] + ys[i + 1]) / 2
+    return area
+
+
+def _mib_scorecard_by_hand(signed_f_by_size, absolute_f_by_size, n, fractions):
+    """MIB's CPR and CMD from the faithfulness of every top-k circuit (dicts size -> f), as MIB computes them:
+    size int(p * n), f = 0 for the empty circuit, CPR over the signed ranking, CMD over the absolute one."""
+    sizes = [int(p * n) for p in fractions]
+    signed = [0.0 if k == 0 else signed_f_by_size[k] for k in sizes]
+    absolute = [0.0 if k == 0 else absolute_f_by_size[k] for k in sizes]
+    return (_mib_area_under_curve(fractions, signed),
+            _mib_area_under_curve(fractions, [abs(1 - f) for f in absolute]))
+
+
+def test_mib_scorecard_matches_a_plain_transcription(objective):
+    """Golden test: `mib_score` on a ranking with negative scores (signed and absolute rankings differ) against the
+    plain-Python transcription of MIB's scoring, every circuit's faithfulness computed separately."""
+    from jaxtrace.engine.faithfulness import MIB_FRACTIONS, mib_multiple_circuits, mib_score, mib_sizes
+
+    n = objective.n_components
+    scores = np.linspace(-1.0, 0.6, n).reshape(objective.shape)  # |score| ranks the negative end first
+    assert mib_sizes(8, MIB_FRACTIONS) == [0, 0, 0, 0, 0, 0, 0, 1, 4, 8]
+    result = mib_score(objective, scores)
+
+    def f_of(mask):
+        complement = objective.evaluate_masks((1.0 - mask)[None])[0]
+        return 1.0 - complement / objective.evaluate_masks(np.ones((1, *objective.shape), np.float32))[0]
+
+    by_hand = {}
+    for name, ranking in (("signed", scores), ("absolute", np.abs(scores))):
+        order = sorted(range(n), key=lambda i: (-ranking.ravel()[i], i))
+        by_hand[name] = {}
+        for k in range(1, n + 1):
+            mask = np.zeros(n, np.float32)
+            mask[order[:k]] = 1.0
+            by_hand[name][k] = float(f_of(mask.reshape(objective.shape)))
+    expected_cpr, expected_cmd = _mib_scorecard_by_hand(by_hand["signed"], by_hand["absolute"], n, MIB_FRACTIONS)
+    assert result.cpr == pytest.approx(expected_cpr, abs=1e-5) and result.cmd == pytest.approx(expected_cmd, abs=1e-5)
+    assert result.signed[0] == 0.0 and result.sizes == [int(p * n) for p in MIB_FRACTIONS]
+    # multiple circuits: three circuits on 0.001, 0.002, 0.005 and the full model at 1
+    f = [0.2, 0.5, 0.9]
+    assert mib_multiple_circuits(f) == pytest.approx(
+        (_mib_area_under_curve([0.001, 0.002, 0.005, 1.0], [*f, 1.0]),
+         _mib_area_under_curve([0.001, 0.002, 0.005, 1.0], [abs(1 - v) for v in [*f, 1.0]])))
+    with pytest.raises(ValueError, match="1 to 9 fixed circuits"):
+        mib_multiple_circuits([0.5] * 10)

@@ -37,8 +37,8 @@ def test_plan_equals_the_compiled_programs(tmp_path, capsys):
     state = loop.initial_state(objective, [search])
     state = objective.batcher.replicate(SearchState(state.z, state.opt_state))
     batch, cache = loop.stacked_inputs(objective, [objective.batcher.in_order[0]], training_shape(objective, search))
-    lambdas = objective.batcher.replicate(tuple(np.array([lam], np.float32) for lam in search.lambdas(0)))
-    compiled = step.lower(state, objective.params, batch, cache, *lambdas).compile()
+    inputs = objective.batcher.replicate(loop.run_inputs(objective, [search], 0, [1.0]))
+    compiled = step.lower(state, objective.params, batch, cache, inputs).compile()
     masks = np.zeros((3, *objective.shape), np.float32)
     evaluation = objective.fresh().programs.mask_effects().lower(
         objective.params, masks, *objective.batcher.put(objective.inputs(objective.batcher.in_order[0],

@@ -16,7 +16,7 @@ import torch
 
 import jaxtrace
 from jaxtrace.engine.objective import build_objective
-from jaxtrace.core.search import SearchConfig, pgbct
+from jaxtrace.core.search import RunInputs, SearchConfig, pgbct
 from jaxtrace.tasks import encode_pairs, load_pairs
 from conftest import SHARED
 
@@ -107,7 +107,8 @@ def jaxtrace_steps(setup):
     update = jax.jit(search.update)
     state, out = search.init(jnp.full(objective.shape, 0.5, jnp.float32)), []
     for epoch, idx in enumerate(STEP_BATCHES):
-        state, stats = update(state, objective.params, *objective.inputs(idx), *config.lambdas(epoch))
+        inputs = RunInputs(*map(np.float32, config.lambdas(epoch)), np.float32(1), np.float32(objective.n_components))
+        state, stats = update(state, objective.params, *objective.inputs(idx), inputs)
         out.append((float(stats.loss), np.asarray(state.z)))
     return out
 

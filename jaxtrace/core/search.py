@@ -27,6 +27,8 @@ SCHEDULES: dict[str, Callable[[float, int], float]] = {
 }
 PENALTIES = ("mean", "sum")
 WARM_STARTS = ("atp",)  # attribution scores a run's gates may start from
+DIRECTIONS = ("patch", "keep")
+SCALES = ("none", "effect")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +60,15 @@ class SearchConfig:
     warm_start: str | None = option(None, "start the gates from attribution scores: atp moves each gate from init "
                                     "toward 1 or 0 by its AtP score (default: every gate at init)",
                                     choices=WARM_STARTS)
+    direction: str = option("patch", "patch: maximise the effect of patching the selected components (the "
+                            "reference's); keep: keep the selected components clean and patch the rest, minimising "
+                            "that effect (MIB's faithfulness; the patch weight of a component is 1 - z)",
+                            choices=DIRECTIONS)
+    scale: str = option("none", "the data term in the metric's units (none, the reference's) or divided by the "
+                        "transformed effect of patching every component, measured once before the search (effect: "
+                        "one λ for every metric and task)", choices=SCALES)
+    budget: int | None = option(None, "a circuit of this many components: every step projects z onto {0 <= z <= 1, "
+                                "sum z <= budget} and the selection is the budget's largest nonzero z")
 
     def __post_init__(self):
         for name in ("lr", "lambda1", "lambda2", "threshold", "init", "tolerance"):
@@ -75,8 +86,13 @@ class SearchConfig:
             raise ValueError(f"--patience must be >= 0, got {self.patience}")
         if not 0 <= self.tolerance < 0.5:
             raise ValueError(f"--tolerance must be in [0, 0.5), got {self.tolerance}")
-        if self.max_components is not None and self.max_components < 1:
-            raise ValueError(f"--max-components must be >= 1, got {self.max_components}")
+        for name in ("max_components", "budget"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"--direction must be one of {', '.join(DIRECTIONS)}, got {self.direction!r}")
+        if self.scale not in SCALES:
+            raise ValueError(f"--scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule: unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
         if self.penalty not in PENALTIES:
@@ -98,6 +114,19 @@ class SearchConfig:
 
     def replace(self, **changes) -> SearchConfig:
         return dataclasses.replace(self, **changes)
+
+    @property
+    def cap(self) -> int | None:
+        """The most components the selection keeps: the smaller of `max_components` and `budget`."""
+        caps = [c for c in (self.max_components, self.budget) if c is not None]
+        return min(caps) if caps else None
+
+    def select(self, z: np.ndarray) -> np.ndarray:
+        """This config's binary selection of gates z [L, C]: z >= threshold, capped at `max_components` (`select`);
+        with a budget, the budget's largest nonzero z (every budgeted run gives a circuit of its size)."""
+        if self.budget is None or self.budget >= np.size(z):
+            return select(z, self.threshold, self.cap)
+        return select(z, np.finfo(np.float32).tiny, self.cap)
 
     def lambdas(self, epoch: int) -> tuple[float, float]:
         """(λ1, λ2) of a 0-based epoch under the schedule."""
@@ -128,6 +157,39 @@ def select(z: np.ndarray, threshold: float = 0.5, max_components: int | None = N
     return mask
 
 
+def gates_of(z, direction: str):
+    """The patch weights of gates z: z itself (patch direction), or 1 - z (keep: z = 1 keeps a component clean)."""
+    return z if direction == "patch" else 1.0 - z
+
+
+def projection_capped_simplex(z: jax.Array, k) -> jax.Array:
+    """The Euclidean projection of z onto {0 <= p <= 1, sum p <= k}: p = clip(z - τ, 0, 1) with τ = 0 when that
+    already holds (then p is `optax.projections.projection_box`'s), else the τ > 0 where sum p = k, found by
+    bisection (64 halvings; the upper bound, which is always feasible, is taken)."""
+    boxed = optax.projections.projection_box(z, 0.0, 1.0)
+
+    def halve(_, bounds):
+        low, high = bounds
+        middle = 0.5 * (low + high)
+        over = jnp.sum(jnp.clip(z - middle, 0.0, 1.0)) > k
+        return jnp.where(over, middle, low), jnp.where(over, high, middle)
+
+    _, tau = jax.lax.fori_loop(0, 64, halve, (jnp.zeros((), z.dtype), jnp.max(z).astype(z.dtype)))
+    return jnp.where(jnp.sum(boxed) <= k, boxed, jnp.clip(z - tau, 0.0, 1.0))
+
+
+@record
+class RunInputs:
+    """What may differ between runs optimised together, as arrays (scalars of one run, or [R]): the epoch's λ1 and
+    λ2, the data term's scale (1: the metric's units) and the budget (sum z <= budget; the number of components when
+    there is none)."""
+
+    lambda1: jax.Array
+    lambda2: jax.Array
+    scale: jax.Array
+    budget: jax.Array
+
+
 def penalty(z: jax.Array, lambda1, lambda2) -> jax.Array:
     """λ1·Σ|z| + λ2·Σ z(1 − z), with d|z|/dz = 0 at z = 0 as torch.abs (jnp.abs would give 1)."""
     l1 = jnp.sum(z * jax.lax.stop_gradient(jnp.sign(z)))
@@ -156,7 +218,7 @@ class StepStats:
 
 class Search(NamedTuple):
     """A search as a pair of pure functions (optax style): `init(z) -> state` and
-    `update(state, params, batch, cache, lambda1, lambda2) -> (state, StepStats)`."""
+    `update(state, params, batch, cache, inputs: RunInputs) -> (state, StepStats)`."""
 
     init: Callable
     update: Callable
@@ -164,31 +226,41 @@ class Search(NamedTuple):
 
 def pgbct(spec: ObjectiveSpec, config: SearchConfig) -> Search:
     """PGB-CT on the objective `spec` with a resolved `config` (`SearchConfig.resolve`), trained on the metric's
-    trained form (its surrogate, for accuracy). `update` returns the new state and its `StepStats`."""
+    trained form (its surrogate, for accuracy). `update` returns the new state and its `StepStats`.
+
+    Patch direction: the data term is the transformed effect t(IE(z)) of patching with gates z (t decreasing, so
+    minimising it maximises the effect). Keep direction: the patch weights are 1 - z and the data term is
+    -t(IE(1 - z)): the search minimises the effect of patching everything it does not keep, while the penalties pull
+    z to 0, so the kept circuit stays small. The data term is divided by `inputs.scale`; after the Adam step z is
+    projected onto [0, 1] (and onto sum z <= budget, `projection_capped_simplex`)."""
     optimizer = optax.adam(config.lr)
     metric = spec.metric.trained
     transform = TRANSFORMS[config.transform]
     n_components = math.prod(gate_shape(spec.config, spec.site))
     norm = n_components if config.penalty == "mean" else 1.0
     cap = n_components if config.max_components is None else config.max_components
+    sign = 1.0 if config.direction == "patch" else -1.0
 
-    def loss_fn(z, params, batch: Batch, cache: Cache | None, lambda1, lambda2):
-        effects = batch_effects(spec, params, z, batch, cache, metric)
+    def loss_fn(z, params, batch: Batch, cache: Cache | None, inputs: RunInputs):
+        effects = batch_effects(spec, params, gates_of(z, config.direction), batch, cache, metric)
         weight = batch.pairs.weight.reshape(-1)
-        data = (transform(effects) * weight).sum() / weight.sum()
-        return data + penalty(z, lambda1, lambda2) / norm, (data, effects)
+        data = sign * (transform(effects) * weight).sum() / weight.sum() / inputs.scale
+        return data + penalty(z, inputs.lambda1, inputs.lambda2) / norm, (data, effects)
 
     def init(z) -> SearchState:
         return SearchState(z, optimizer.init(z))
 
-    def update(state: SearchState, params, batch: Batch, cache: Cache | None, lambda1, lambda2):
+    def update(state: SearchState, params, batch: Batch, cache: Cache | None, inputs: RunInputs):
         (loss, (data, effects)), grad = jax.value_and_grad(loss_fn, has_aux=True)(
-            state.z, params, batch, cache, lambda1, lambda2)
+            state.z, params, batch, cache, inputs)
         with jax.numpy_dtype_promotion("standard"):  # optax's bias correction raises a float to an int32 count
             updates, opt_state = optimizer.update(grad, state.opt_state, state.z)
-        z = optax.projections.projection_box(optax.apply_updates(state.z, updates), 0.0, 1.0)
+        z = projection_capped_simplex(optax.apply_updates(state.z, updates), inputs.budget)
+        budget = inputs.budget.astype(jnp.int32)
+        selected = jnp.where(budget < n_components, jnp.minimum(jnp.sum(z > 0), jnp.minimum(budget, cap)),
+                             jnp.minimum(jnp.sum(z >= config.threshold), cap))
         stats = StepStats(loss=loss, metric=data, effects=effects, nonzero=jnp.sum(z != 0),
-                          violation=jnp.sum(z * (1 - z)), selected=jnp.minimum(jnp.sum(z >= config.threshold), cap))
+                          violation=jnp.sum(z * (1 - z)), selected=selected)
         return SearchState(z, opt_state), stats
 
     return Search(init, update)

@@ -175,3 +175,52 @@ def faithfulness_curves(objective: Objective, rankings: dict[str, np.ndarray],
     sizes = fraction_sizes(objective.n_components, fractions)
     scored = circuit_faithfulness(objective, curve_masks(rankings, sizes))
     return ranking_curves(list(rankings), fractions, sizes, scored), scored.effect_all
+
+
+# MIB's scorecard exactly (`MIB_circuit_track/evaluation.py`'s `evaluate_area_under_curve`, as the leaderboard runs
+# it), beside jaxtrace's own variant above ("at least one component per size"): sizes int(p·n) with 0 allowed (the
+# empty circuit scores f = 0), CPR from the signed ranking (largest score first) and CMD from the absolute ranking
+# (largest |score| first), trapezoids on the linear fraction axis; and MIB's multiple-circuits mode.
+
+
+def mib_sizes(n_components: int, fractions=MIB_FRACTIONS) -> list[int]:
+    """[F] MIB's circuit sizes int(p · n) (truncated; 0 is an empty circuit)."""
+    fraction_sizes(n_components, fractions)  # checks the fractions
+    return [int(float(p) * n_components) for p in fractions]
+
+
+@dataclasses.dataclass(frozen=True)
+class MibScore:
+    """MIB's areas of one ranking: CPR over the signed ranking's curve, CMD over the absolute ranking's, and both
+    curves ([F] faithfulness at MIB's sizes `sizes`)."""
+
+    fractions: list[float]
+    sizes: list[int]
+    signed: list[float]
+    absolute: list[float]
+    cpr: float
+    cmd: float
+
+
+def mib_score(objective: Objective, scores, fractions=MIB_FRACTIONS) -> MibScore:
+    """MIB's CPR and CMD of a ranking (scores [L, C]) on the objective: the top int(p·n) components by score (CPR)
+    and by |score| (CMD), each circuit kept clean with the rest patched, f = 0 for an empty circuit; every circuit
+    in one evaluation (`circuit_faithfulness`)."""
+    scores = np.asarray(scores, np.float64)
+    sizes = mib_sizes(objective.n_components, fractions)
+    masks = np.concatenate([ranking_masks(scores, sizes), ranking_masks(np.abs(scores), sizes)])
+    f = np.where(np.tile(np.asarray(sizes) > 0, 2), circuit_faithfulness(objective, masks).faithfulness, 0.0)
+    signed, absolute = f[: len(sizes)], f[len(sizes):]
+    return MibScore([float(p) for p in fractions], sizes, signed.tolist(), absolute.tolist(),
+                    cpr(fractions, signed), cmd(fractions, absolute))
+
+
+def mib_multiple_circuits(faithfulnesses, fractions=MIB_FRACTIONS) -> tuple[float, float]:
+    """(CPR, CMD) of a submission of fixed circuits (MIB's multiple-circuits mode): at most 9 circuits, ordered by
+    size, whose faithfulness `faithfulnesses` lands on the fractions 0.001 ... 0.5 by rank, and the full model
+    appended at 1.0 with f = 1."""
+    f = [float(v) for v in faithfulnesses]
+    if not 1 <= len(f) <= len(fractions) - 1:
+        raise ValueError(f"MIB scores 1 to {len(fractions) - 1} fixed circuits, got {len(f)}")
+    x, y = [*fractions[: len(f)], 1.0], [*f, 1.0]
+    return cpr(x, y), cmd(x, y)

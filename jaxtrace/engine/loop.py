@@ -22,11 +22,12 @@ import jax
 import numpy as np
 
 from jaxtrace.core.records import record
-from jaxtrace.core.search import SearchConfig, SearchState, StepStats, select, warm_start_z
+from jaxtrace.core.metrics import TRANSFORMS
+from jaxtrace.core.search import RunInputs, SearchConfig, SearchState, StepStats, gates_of, select, warm_start_z
 from jaxtrace.engine.attribution import attribution_scores
 from jaxtrace.engine.objective import Objective, check_finite, mask_effects
 
-SWEEPABLE = ("lambda1", "lambda2", "seed")  # what runs optimised together may differ in
+SWEEPABLE = ("lambda1", "lambda2", "seed", "budget")  # what runs optimised together may differ in
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(SearchConfig))
 
 
@@ -206,6 +207,28 @@ def starting_gates(objective: Objective, config: SearchConfig) -> np.ndarray:
     return warm_start_z(attribution_scores(objective, config.warm_start), config.init)
 
 
+def data_scale(objective: Objective, config: SearchConfig) -> float:
+    """What the data term is divided by: 1 (`scale="none"`), or |t(IE(all)) - t(0)|, the transformed effect of
+    patching every component against patching none (`scale="effect"`), measured once on the whole task."""
+    if config.scale == "none":
+        return 1.0
+    transform = TRANSFORMS[config.transform]
+    effect_all = float(objective.evaluate_masks(np.ones((1, *objective.shape), np.float32))[0])
+    scale = abs(float(transform(np.float32(effect_all))) - float(transform(np.float32(0.0))))
+    if not (np.isfinite(scale) and scale > 0):
+        raise ValueError(f"--scale effect: the effect of patching every component is {effect_all:+.4g}, nothing to "
+                         "scale the data term by (use --scale none)")
+    return scale
+
+
+def run_inputs(objective: Objective, configs: Sequence[SearchConfig], epoch: int, scales: np.ndarray) -> RunInputs:
+    """The epoch's `RunInputs` of R runs ([R] each, on the host): scheduled λ, data scales, budgets (the number of
+    components for a run without one)."""
+    lambdas = np.array([c.lambdas(epoch) for c in configs], np.float32)
+    budgets = np.array([objective.n_components if c.budget is None else c.budget for c in configs], np.float32)
+    return RunInputs(lambdas[:, 0], lambdas[:, 1], np.asarray(scales, np.float32), budgets)
+
+
 def initial_state(objective: Objective, configs: Sequence[SearchConfig] | Runs,
                   z0: np.ndarray | None = None) -> RunState:
     """The host state of R runs before their first epoch, the gates starting at z0 ([L, C] for every run, or
@@ -255,7 +278,8 @@ def run_searches(objective: Objective, configs: Sequence[SearchConfig] | Runs,
     search_state = batcher.replicate(SearchState(state.z, state.opt_state))  # whole on every device
     keys = jax.random.wrap_key_data(state.keys)
     epochs = range(start_epoch, start_epoch if settled else config.epochs)
-    previous = [select(zr, c.threshold, c.max_components) for zr, c in zip(state.z, configs)]
+    previous = [c.select(zr) for zr, c in zip(state.z, configs)]
+    scales = np.array([data_scale(objective, c) for c in configs], np.float32) if epochs else None
     run_pairs = [None] * n_runs if pairs is None else check_pairs(objective, pairs, n_runs)
     orders = {epoch: [batcher.epoch(k, epoch, p) for k, p in zip(keys, run_pairs)] for epoch in epochs}
     # One packed shape for every step of the run: one compilation.
@@ -265,13 +289,13 @@ def run_searches(objective: Objective, configs: Sequence[SearchConfig] | Runs,
     evaluated: dict[int, tuple[bytes, float]] = {}  # run -> (binary mask, its effect), re-evaluated on change
     for epoch in epochs:
         began = time.perf_counter()
-        lambdas = [np.array([c.lambdas(epoch)[i] for c in configs], np.float32) for i in (0, 1)]
-        lambda1, lambda2 = batcher.replicate(tuple(lambdas))
+        inputs = run_inputs(objective, configs, epoch, scales)
+        device_inputs = batcher.replicate(inputs)
         gates_before, pending = [], []
         for i in range(n_batches):  # one step in flight while the host packs the next batch
             batch, cache = stacked_inputs(objective, [order[i] for order in orders[epoch]], shape)
             gates_before.append(search_state.z)
-            search_state, stats = program(search_state, objective.params, batch, cache, lambda1, lambda2)
+            search_state, stats = program(search_state, objective.params, batch, cache, device_inputs)
             pending.append(stats)
             if i and on_step is not None:
                 on_step(epoch, jax.device_get(pending[i - 1]))
@@ -280,13 +304,15 @@ def run_searches(objective: Objective, configs: Sequence[SearchConfig] | Runs,
         stats: list[StepStats] = jax.device_get(pending)
         for i, row in enumerate(stats):
             for run, order in enumerate(orders[epoch]):
-                check_finite(objective, row.effects[run, : len(order[i])], order[i], gates_before[i][run])
+                check_finite(objective, row.effects[run, : len(order[i])], order[i],
+                             gates_of(np.asarray(gates_before[i][run]), config.direction))
             steps += [StepRow.of(row, run, epoch, i) for run in range(n_runs)]
         z = np.asarray(search_state.z)
-        masks = np.stack([select(zr, c.threshold, c.max_components) for zr, c in zip(z, configs)])
+        masks = np.stack([c.select(zr) for zr, c in zip(z, configs)])
         changed = [run for run in range(n_runs) if evaluated.get(run, (None,))[0] != masks[run].tobytes()]
-        if changed:
-            for run, effect in zip(changed, mask_effects(objective, masks[changed].astype(np.float32)).mean(1)):
+        if changed:  # the effect of the patch the circuit stands for (keep: every component outside it)
+            patches = gates_of(masks[changed].astype(np.float32), config.direction)
+            for run, effect in zip(changed, mask_effects(objective, patches).mean(1)):
                 evaluated[run] = (masks[run].tobytes(), float(effect))
         unchanged = [n + 1 if np.array_equal(mask, old) else 0 for n, mask, old in zip(unchanged, masks, previous)]
         previous = masks
@@ -296,7 +322,7 @@ def run_searches(objective: Objective, configs: Sequence[SearchConfig] | Runs,
         for run, history in enumerate(histories):
             history.append(EpochRow(epoch=epoch + 1, loss=float(np.mean([r.loss[run] for r in stats])),
                                     metric=float(np.mean([r.metric[run] for r in stats])),
-                                    lambda1=float(lambdas[0][run]), lambda2=float(lambdas[1][run]),
+                                    lambda1=float(inputs.lambda1[run]), lambda2=float(inputs.lambda2[run]),
                                     selected=int(masks[run].sum()), effect=evaluated[run][1], seconds=seconds))
         if on_epoch is not None:
             on_epoch(epoch + 1, RunState(z=search_state.z, opt_state=search_state.opt_state, keys=state.keys),
@@ -305,7 +331,7 @@ def run_searches(objective: Objective, configs: Sequence[SearchConfig] | Runs,
         if settled:
             break
     z = np.asarray(search_state.z)
-    return [SearchResult(c, z[run], select(z[run], c.threshold, c.max_components), histories[run],
+    return [SearchResult(c, z[run], c.select(z[run]), histories[run],
                          [row for row in steps if row.run == run], seconds) for run, c in enumerate(configs)]
 
 

@@ -148,13 +148,15 @@ class Programs:
 
     def training_step(self, search: SearchConfig):
         """(step, init) of R runs optimised together (vmapped `pgbct(...).update`):
-        step(state [R, ...], params, batch [R, G, ...], cache [R, G, ...], λ1 [R], λ2 [R]) -> (state, stats [R, ...]).
-        `search` is resolved; its λ, seed, epochs and warm start do not enter the program."""
-        static = search.replace(lambda1=0.0, lambda2=0.0, seed=0, epochs=1, warm_start=None)
+        step(state [R, ...], params, batch [R, G, ...], cache [R, G, ...], inputs: RunInputs [R]) -> (state,
+        stats [R, ...]). `search` is resolved; its λ, seed, epochs, warm start, scale and budget do not enter the
+        program (the per-run values are `RunInputs`)."""
+        static = search.replace(lambda1=0.0, lambda2=0.0, seed=0, epochs=1, warm_start=None, scale="none",
+                                budget=None)
 
         def build():
             update = pgbct(self.spec, static)
-            step = jax.vmap(update.update, in_axes=(0, None, 0, 0, 0, 0))
+            step = jax.vmap(update.update, in_axes=(0, None, 0, 0, 0))
             return meshes.jit(self._counted("training_step", step), self.mesh), update.init
 
         return self._program(("training_step", static), build)

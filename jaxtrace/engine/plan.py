@@ -42,7 +42,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtrace.core.models import ModelConfig
 from jaxtrace.core.options import option
 from jaxtrace.core.records import Cache, TaskArrays
-from jaxtrace.core.search import SearchConfig
+from jaxtrace.core.search import RunInputs, SearchConfig
 from jaxtrace.engine import loop
 from jaxtrace.engine import mesh as meshes
 from jaxtrace.engine.objective import (Objective, ObjectiveConfig, abstract_task_cache, build_objective,
@@ -194,7 +194,7 @@ def training_shape(objective: Objective, search: SearchConfig) -> tuple[int, int
 
 
 def training_arguments(objective: Objective, search: SearchConfig, runs: int = 1, cached: bool = True) -> tuple:
-    """Abstract (state, params, batch, cache, λ1, λ2) of the step of `runs` runs, as `run_searches` passes them."""
+    """Abstract (state, params, batch, cache, inputs) of the step of `runs` runs, as `run_searches` passes them."""
     batcher, mesh = objective.batcher, objective.batcher.mesh
     host = batcher.batch(batcher.in_order[0], training_shape(objective, search))
     _, init = loop.training_step(objective, search)
@@ -202,8 +202,8 @@ def training_arguments(objective: Objective, search: SearchConfig, runs: int = 1
     state = _abstract(jax.eval_shape(jax.vmap(init), z), _replicated(mesh))
     batch = _abstract(host, _groups(mesh, 1), (runs,))
     cache = _abstract(abstract_cache(objective), _groups(mesh, 1), (runs,)) if cached else None
-    lambdas = (jax.ShapeDtypeStruct((runs,), jnp.float32, sharding=_replicated(mesh)),) * 2
-    return (state, objective.params, batch, cache, *lambdas)
+    per_run = jax.ShapeDtypeStruct((runs,), jnp.float32, sharding=_replicated(mesh))
+    return (state, objective.params, batch, cache, RunInputs(per_run, per_run, per_run, per_run))
 
 
 def evaluation_arguments(objective: Objective, masks: int, cached: bool = True) -> tuple:
