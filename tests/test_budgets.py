@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from jaxtrace.core.search import SearchConfig, gates_of, projection_capped_simplex
+from jaxtrace.engine.budgets import budget_list, run_budgets
 from jaxtrace.engine.loop import data_scale, run_searches
 from jaxtrace.runs import baselines
 from test_planted import planted  # noqa: F401  (the fixture)
@@ -48,14 +49,23 @@ def test_every_budget_in_one_program_matches_exhaustive_search(planted):  # noqa
     and is exhaustive search's best of that size; at 3 it is the planted circuit."""
     objective, truth = planted
     config = SearchConfig(epochs=8, lambda1=0.0, lambda2=1.0)  # the binary penalty drives z to a vertex
-    budgets = [1, 2, 3]
-    runs = run_searches(objective, [config.replace(budget=k) for k in budgets])
+    budgets = budget_list("1,3,2,2", objective.n_components)
+    assert budgets == [1, 2, 3] and budget_list("mib", 270) == [1, 2, 5, 13, 27, 54, 135, 270]
+    result = run_budgets(objective, config, budgets)
     assert objective.programs.traces["training_step"] == 1
     best = baselines.exhaustive(objective, 3)
-    for k, run, expected in zip(budgets, runs, best):
+    for k, run, expected in zip(budgets, result.results, best):
         assert run.mask.sum() <= k and run.z.sum() <= k + 1e-4
         assert np.array_equal(run.mask, expected), (k, np.round(run.z, 3))
-    assert np.array_equal(runs[-1].mask, truth)
+    assert np.array_equal(result.circuits[3], truth)
+    # the merged ranking: its top k is the circuit of budget k (these circuits are nested)
+    order = np.argsort(-result.ranking, axis=None, kind="stable")
+    for k in budgets:
+        top = np.zeros(objective.n_components, bool)
+        top[order[:k]] = True
+        assert np.array_equal(top.reshape(objective.shape), result.circuits[k]), k
+    with pytest.raises(ValueError, match="--budgets"):
+        budget_list("0,2", objective.n_components)
 
 
 def test_keep_direction_keeps_the_planted_circuit_clean(planted):  # noqa: F811
