@@ -134,14 +134,16 @@ def test_baseline_and_compare_cli(tiny_gpt2, tmp_path, capsys):
                  "--ig-steps", "2", "--mib", "pgbct,greedy", "--no-progress", "--out", str(tmp_path / "cmp")]) == 0
     curve = json.loads((tmp_path / "cmp" / "curve.json").read_text())
     assert {1, 2, 4} <= {row["size"] for row in curve["rows"]} and set(curve["seconds"]) == {
-        "pgbct", "greedy", "topk", "random"}
+        "pgbct", "pgbct_budgets", "greedy", "topk", "random"}
     assert (tmp_path / "cmp" / "curve.png").stat().st_size > 0
-    assert "| size | pgbct | greedy | topk | random |" in (tmp_path / "cmp" / "curve.md").read_text()
+    assert "| size | pgbct | pgbct_budgets | greedy | topk | random |" in (tmp_path / "cmp" / "curve.md").read_text()
     # the evaluation report: every method timed, every ranking's curves, every circuit's faithfulness
-    assert set(curve["method_seconds"]) == {"pgbct", "greedy", "topk", "random", "single", "atp", "ig"}
+    assert set(curve["method_seconds"]) == {"pgbct", "pgbct_budgets", "greedy", "topk", "random", "single", "atp",
+                                            "ig"}
     faith = curve["faithfulness"]
     assert faith["sizes"] == [max(1, int(p * 8)) for p in (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1)]
-    assert set(faith["curves"]) == {"pgbct", "greedy", "topk", "single", "atp", "ig"}
+    assert set(faith["curves"]) == {"pgbct", "pgbct_budgets", "greedy", "topk", "single", "atp", "ig"}
+    assert curve["pgbct_budgets"] == [1, 4, 8]  # MIB's sizes of the 8 heads, one circuit each
     assert faith["curves"]["topk"] == faith["curves"]["single"]
     for name, c in faith["curves"].items():
         assert c["faithfulness"][-1] == pytest.approx(1.0, abs=1e-4) and c["share"][-1] == pytest.approx(1.0, abs=1e-5)

@@ -36,18 +36,21 @@ def objective(tiny_gpt2):
 
 def test_builtin_methods_in_compare_and_report_order():
     """The orders the report's tables, curve.json and `baseline --method` had before the registry."""
-    assert [m.name for m in compare_methods()] == ["pgbct", "single", "topk", "greedy", "random", "atp", "ig"]
+    assert [m.name for m in compare_methods()] == ["pgbct", "pgbct_budgets", "single", "topk", "greedy", "random",
+                                                  "atp", "ig"]
     reported = report_order(compare_methods())
-    assert [m.name for m in reported] == ["pgbct", "greedy", "topk", "random", "single", "atp", "ig"]
-    assert [m.name for m in reported if m.circuits] == ["pgbct", "greedy", "topk", "random", "atp", "ig"]
-    assert [m.name for m in reported if m.search] == ["pgbct", "greedy", "topk", "random"]
-    assert [m.name for m in reported if m.scores] == ["pgbct", "greedy", "single", "atp", "ig"]
-    assert ranking_of() == {"pgbct": "pgbct", "greedy": "greedy", "single": "single", "atp": "atp", "ig": "ig",
-                            "topk": "single"}
+    budgeted = ["pgbct", "pgbct_budgets"]
+    assert [m.name for m in reported] == [*budgeted, "greedy", "topk", "random", "single", "atp", "ig"]
+    assert [m.name for m in reported if m.circuits] == [*budgeted, "greedy", "topk", "random", "atp", "ig"]
+    assert [m.name for m in reported if m.search] == [*budgeted, "greedy", "topk", "random"]
+    assert [m.name for m in reported if m.scores] == [*budgeted, "greedy", "single", "atp", "ig"]
+    assert ranking_of() == {"pgbct": "pgbct", "pgbct_budgets": "pgbct_budgets", "greedy": "greedy",
+                            "single": "single", "atp": "atp", "ig": "ig", "topk": "single"}
     assert baseline_methods() == baselines.METHODS == ("single", "topk", "greedy", "random", "exhaustive", "atp",
                                                        "ig")
     assert {m.name: m.ranking for m in reported} == {
-        "pgbct": "mean final z of the λ sweep", "greedy": "order of addition, then single effects",
+        "pgbct": "mean final z of the λ sweep",
+        "pgbct_budgets": "budgeted circuits merged (keep direction, MIB's sizes)", "greedy": "order of addition, then single effects",
         "topk": "single effects (= single)", "random": "none", "single": "effect alone",
         "atp": "AtP score (gradient at no patch)", "ig": "IG score"}
 
@@ -90,7 +93,7 @@ def test_a_registered_method_is_compared_and_offered(objective, tmp_path):
     assert "first_k" in curve["method_seconds"] and "first_k" not in curve["seconds"]
     assert (tmp_path / "cmp" / "mib" / "first_k_patching_node").is_dir()
     table = (tmp_path / "cmp" / "curve.md").read_text()
-    assert "| size | pgbct | greedy | topk | random | atp | ig | first_k |" in table
+    assert "| size | pgbct | pgbct_budgets | greedy | topk | random | atp | ig | first_k |" in table
     report = (tmp_path / "cmp" / "report.md").read_text()
     assert "| first_k |" in report and "flat index, first first" in report
     # and as a baseline: the circuit of size k it gives, its scores (correlated with the single effects)
@@ -106,12 +109,13 @@ def test_compare_result_matches_curve_json_keys(objective):
     context = MethodContext(objective, (1, 2), search=SearchConfig(epochs=1), n_random=2, ig_steps=1)
     result = compare(context, report=lambda r: seen.append(r.to_dict()))
     keys = {"rows", "seconds", "method_seconds", "greedy_max", "greedy_candidates", "n_random", "ig_steps",
-            "effect_all", "n_components", "n_pairs", "site", "metric", "pgbct_runs", "faithfulness",
+            "effect_all", "n_components", "n_pairs", "site", "metric", "pgbct_runs", "pgbct_budgets", "faithfulness",
             "faithfulness_rows", "rankings"}
     assert all(set(d) == keys for d in seen) and len(seen) == len(compare_methods()) + 1
     assert seen[0]["greedy_max"] is None and seen[0]["faithfulness"] is None and seen[0]["rankings"] == {}
     assert len(seen[0]["pgbct_runs"]) == 1 and seen[-1]["greedy_max"] == max(result.sizes)
-    assert list(seen[-1]["method_seconds"]) == ["pgbct", "single", "topk", "greedy", "random", "atp", "ig"]
-    assert list(seen[-1]["seconds"]) == ["pgbct", "topk", "greedy", "random"]
-    assert list(seen[-1]["rankings"]) == ["pgbct", "single", "greedy", "atp", "ig"]
+    assert list(seen[-1]["method_seconds"]) == ["pgbct", "pgbct_budgets", "single", "topk", "greedy", "random",
+                                                "atp", "ig"]
+    assert list(seen[-1]["seconds"]) == ["pgbct", "pgbct_budgets", "topk", "greedy", "random"]
+    assert list(seen[-1]["rankings"]) == ["pgbct", "pgbct_budgets", "single", "greedy", "atp", "ig"]
     assert seen[-1]["method_seconds"]["topk"] >= seen[-1]["method_seconds"]["single"]  # topk includes single's

@@ -7,6 +7,7 @@ tables follow `Method.report_order`) and of `baseline --method`'s choices.
 """
 
 from jaxtrace.engine.methods import pgbct  # noqa: F401  (each import registers its method)
+from jaxtrace.engine.methods import pgbct_budgets  # noqa: F401
 from jaxtrace.engine.methods import single  # noqa: F401
 from jaxtrace.engine.methods import topk  # noqa: F401
 from jaxtrace.engine.methods import greedy  # noqa: F401

@@ -1,0 +1,29 @@
+"""Budgeted PGB-CT as a method of the report: one run per budget (MIB's sizes of the components), all in one vmapped
+program (`jaxtrace.engine.budgets`), in the keep direction (the circuit kept clean, everything else patched: MIB's
+faithfulness) with the scale-free data term; the budget sets each circuit's size, so the L1 penalty is off. Its
+circuits land at their budgets; its ranking is the budgets' merged order."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jaxtrace.engine.budgets import budget_list, run_budgets
+from jaxtrace.engine.methods.registry import Method, MethodContext, MethodResult, register
+from jaxtrace.engine.objective import Objective
+
+
+def run(objective: Objective, context: MethodContext) -> MethodResult:
+    if context.search is None:
+        raise ValueError("pgbct_budgets needs a search config (MethodContext.search)")
+    config = context.search.replace(direction="keep", scale="effect", lambda1=0.0)
+    budgets = budget_list("mib", objective.n_components)
+    with context.progress(config.epochs * len(objective.batcher.in_order), "PGB-CT budgets") as on_step:
+        result = run_budgets(objective, config, budgets, on_step=on_step)
+    masks = np.stack([result.circuits[k] for k in budgets]).astype(np.float32)
+    circuits = {int(m.sum()): (m > 0, float(e)) for m, e in zip(masks, objective.evaluate_masks(masks)) if m.sum()}
+    return MethodResult(circuits, result.ranking, extras={"pgbct_budgets": budgets})
+
+
+METHOD = register(Method("pgbct_budgets", run, ranking="budgeted circuits merged (keep direction, MIB's sizes)",
+                         scores=True, search=True, baseline=False, own_sizes=True, extras={"pgbct_budgets": []},
+                         report_order=11))
