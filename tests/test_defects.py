@@ -38,3 +38,46 @@ def test_sweep_rerun_with_more_epochs_extends_its_pairs(gpt2_dir, pairs, tmp_pat
     expect_error(capsys, *sweep_args(gpt2_dir, pairs, out, 1),
                  names=["--epochs 1", "the 2 epochs", pair / "circuit.json"])
     assert snapshot(out) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. The converted-model cache
+
+
+def test_a_changed_converted_model_cache_entry_is_converted_again(tmp_path, monkeypatch, caplog):
+    """A GGUF is converted once into the cache (keyed by the GGUF's SHA-256, which is what the run identity hashes):
+    an entry whose tensors changed since is not used but converted again, with one line saying so."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    import jaxtrace
+    from jaxtrace.io.loading import _converted_path
+    from test_gguf import gguf_tensors, tiny_model, write_gguf
+
+    monkeypatch.setenv("JAXTRACE_CACHE", str(tmp_path / "cache"))
+    add_token_list = gguf.GGUFWriter.add_token_list  # and BPE merges: a tokenizer the converted entry holds
+    monkeypatch.setattr(gguf.GGUFWriter, "add_token_list", lambda w, tokens: (
+        add_token_list(w, ["t", "1", "t1", *tokens[3:]]), w.add_token_merges(["t 1"])))
+    model = tiny_model("llama", tie_word_embeddings=False)
+    path = write_gguf(tmp_path / "tiny.gguf", "llama", model.config, gguf_tensors(model, "llama"))
+    first = jaxtrace.load_model(path)[0]
+    entry = _converted_path(path)
+    assert (entry / "model.safetensors").is_file() and (entry / "sha256.json").is_file()
+    # The entry as written is used as it is (no conversion, no message).
+    caplog.clear()
+    assert np.array_equal(np.asarray(jaxtrace.load_model(path)[0].embed_tokens[...]), np.asarray(first.embed_tokens[...]))
+    assert not caplog.records
+    # Its tensors replaced by others of the same shapes (same size): converted again, said in one line.
+    tensors = load_file(entry / "model.safetensors")
+    save_file({k: np.ascontiguousarray(v[::-1]) for k, v in tensors.items()}, entry / "model.safetensors",
+              metadata={"source": path.name})
+    caplog.clear()
+    again = jaxtrace.load_model(path)[0]
+    assert np.array_equal(np.asarray(again.embed_tokens[...]), np.asarray(first.embed_tokens[...]))
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "\n" not in messages[0], messages
+    assert str(entry) in messages[0] and "model.safetensors differs" in messages[0]
+    assert f"converting {path} again" in messages[0]
+    assert np.array_equal(load_file(entry / "model.safetensors")["model.embed_tokens.weight"],
+                          tensors["model.embed_tokens.weight"])  # the entry is whole again

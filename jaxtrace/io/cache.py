@@ -39,25 +39,45 @@ def cached_sha256(path: Path) -> str:
     return _file_digests([path])[0]
 
 
-def _file_digests(paths: list[Path]) -> list[str]:
+def remember_sha256(path: Path, digest: str) -> None:
+    """Record the SHA-256 of a file just written (so that `cached_sha256` need not hash it again)."""
+    index = _read_index()
+    index[_key(Path(path))] = digest
+    _write_index(index)
+
+
+def _key(path: Path) -> str:
+    stat = path.stat()
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _read_index() -> dict:
+    try:
+        index = json.loads((cache_dir() / "digests.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+def _write_index(index: dict) -> None:
     index_path = cache_dir() / "digests.json"
     try:
-        index = json.loads(index_path.read_text())
-    except (OSError, ValueError):
-        index = {}
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(index_path, index, indent=None)
+    except OSError:
+        pass  # a read-only cache only costs hashing again
+
+
+def _file_digests(paths: list[Path]) -> list[str]:
+    index = _read_index()
     digests, changed = [], False
     for path in paths:
-        stat = Path(path).stat()
-        key = f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        key = _key(Path(path))
         if key not in index:
             index[key], changed = sha256_file(Path(path)), True
         digests.append(index[key])
     if changed:
-        try:
-            index_path.parent.mkdir(parents=True, exist_ok=True)
-            write_json(index_path, index, indent=None)
-        except OSError:
-            pass  # a read-only cache only costs hashing again
+        _write_index(index)
     return digests
 
 
