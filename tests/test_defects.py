@@ -81,3 +81,38 @@ def test_a_changed_converted_model_cache_entry_is_converted_again(tmp_path, monk
     assert f"converting {path} again" in messages[0]
     assert np.array_equal(load_file(entry / "model.safetensors")["model.embed_tokens.weight"],
                           tensors["model.embed_tokens.weight"])  # the entry is whole again
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. evaluate --circuit on a model other than the circuit's
+
+
+def test_evaluate_refuses_a_model_other_than_the_circuits(gpt2_dir, pairs, tmp_path, capsys):
+    from conftest import build_hf_model
+    from test_malformed import save_with_gpt2_tokenizer
+
+    model = Path(shutil.copytree(gpt2_dir, tmp_path / "model"))
+    out = tmp_path / "run"
+    assert main([str(a) for a in trace_args(model, pairs, out)]) == 0
+    circuit = out / "circuit.json"
+    before = snapshot(out)
+    code, stdout, err = run(capsys, "evaluate", "--circuit", circuit)
+    assert code == 0 and "effect" in stdout, err
+    # Another model of another shape, named with --model, or in the circuit's own model folder.
+    deeper = save_with_gpt2_tokenizer(build_hf_model("gpt2", n_layer=3, vocab_size=50257), tmp_path / "deeper")
+    line = expect_error(capsys, "evaluate", "--circuit", circuit, "--model", deeper,
+                        names=[f"{circuit} was traced on a model with n_layers 2; --model {deeper} has 3"])
+    for file in model.iterdir():
+        file.unlink()
+    for file in deeper.iterdir():
+        shutil.copy(file, model / file.name)
+    expect_error(capsys, "evaluate", "--circuit", circuit,
+                 names=[f"{circuit} was traced on a model with n_layers 2; its model {model} has 3"])
+    # The folder's weights replaced by others of the same shape: their digest is not the run's.
+    for file in model.iterdir():
+        file.unlink()
+    save_with_gpt2_tokenizer(build_hf_model("gpt2", seed=5, vocab_size=50257), model)
+    expect_error(capsys, "evaluate", "--circuit", circuit,
+                 names=[f"its model {model}: its weights differ from the run's ({out / 'run.json'} records sha256"])
+    assert snapshot(out) == before
+    assert line.count("\n") == 0
