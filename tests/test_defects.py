@@ -116,3 +116,35 @@ def test_evaluate_refuses_a_model_other_than_the_circuits(gpt2_dir, pairs, tmp_p
                  names=[f"its model {model}: its weights differ from the run's ({out / 'run.json'} records sha256"])
     assert snapshot(out) == before
     assert line.count("\n") == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. The weights digest cache
+
+
+def test_weights_replaced_with_the_old_mtime_are_not_the_runs(gpt2_dir, pairs, tmp_path, monkeypatch, capsys):
+    """Bytes of the same size written in place (same inode), the old mtime restored (`cp -p`): the digest
+    remembered for the file's path, size and mtime is not reused (its ctime changed), and --resume is refused."""
+    import os
+
+    from conftest import build_hf_model
+
+    monkeypatch.setenv("JAXTRACE_CACHE", str(tmp_path / "cache"))
+    model = Path(shutil.copytree(gpt2_dir, tmp_path / "model"))
+    out = tmp_path / "run"
+    assert main([str(a) for a in trace_args(model, pairs, out)]) == 0
+    weights = model / "model.safetensors"
+    stat = weights.stat()
+    other = tmp_path / "other"
+    build_hf_model("gpt2", seed=5, vocab_size=50257).save_pretrained(other)
+    data = (other / "model.safetensors").read_bytes()
+    assert len(data) == stat.st_size and data != weights.read_bytes()
+    with open(weights, "r+b") as f:
+        f.write(data)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns, weights.stat().st_ino) == (
+        stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    before = snapshot(out)
+    expect_error(capsys, *trace_args(model, pairs, out, "--resume"),
+                 names=[f"cannot resume {out}", "model.weights"])
+    assert snapshot(out) == before
