@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from jaxtrace.cli import main
-from test_malformed import expect_error, gpt2_dir, pairs, run, snapshot, trace_args  # noqa: F401 (fixtures)
+from test_malformed import expect_error, finished, gpt2_dir, pairs, run, snapshot, trace_args  # noqa: F401 (fixtures)
 
 
 def sweep_args(model, pairs, out, epochs, *more):
@@ -148,3 +148,65 @@ def test_weights_replaced_with_the_old_mtime_are_not_the_runs(gpt2_dir, pairs, t
     expect_error(capsys, *trace_args(model, pairs, out, "--resume"),
                  names=[f"cannot resume {out}", "model.weights"])
     assert snapshot(out) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. --overwrite keeps the earlier result until the new one is published
+
+
+def nan_model(folder: Path, tmp_path: Path) -> Path:
+    """A copy of the model folder whose final norm is NaN: it loads, and every effect is NaN."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    model = Path(shutil.copytree(folder, tmp_path / "nan-model"))
+    tensors = load_file(model / "model.safetensors")
+    name = next(k for k in tensors if k.endswith("ln_f.weight"))
+    tensors[name] = np.full_like(tensors[name], np.nan)
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    return model
+
+
+def test_a_failed_overwrite_leaves_the_earlier_result(gpt2_dir, pairs, finished, tmp_path, capsys):
+    out = Path(shutil.copytree(finished, tmp_path / "run"))
+    before = snapshot(out)
+    bad = nan_model(gpt2_dir, tmp_path)
+    line = expect_error(capsys, *trace_args(bad, pairs, out, "--overwrite"), names=["not finite"])
+    assert snapshot(out) == before, line  # circuit.json, checkpoints, run.json: the earlier run, whole
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in finished.iterdir())
+    # Interrupted too.
+    import jaxtrace.engine.loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(jaxtrace.engine.loop, "stacked_inputs", interrupted)
+        expect_error(capsys, *trace_args(gpt2_dir, pairs, out, "--overwrite", "--lambda1", "0.5"), code=130)
+    assert snapshot(out) == before
+    # An overwrite that ends well replaces it, and leaves nothing set aside.
+    code, _, err = run(capsys, *trace_args(gpt2_dir, pairs, out, "--overwrite", "--lambda1", "0.5"))
+    assert code == 0, err
+    assert json.loads((out / "run.json").read_text())["identity"]["settings"]["lambda1"] == 0.5
+    assert not (out / ".replaced").exists() and not (out / ".jaxtrace.lock").exists()
+
+
+def test_a_killed_overwrite_keeps_the_run_it_replaced(tmp_path):
+    """A run killed while it overwrites leaves the run it replaced in .replaced/: the next --overwrite keeps that one
+    (not the killed run's start) until it ends, and puts it back if it fails."""
+    from jaxtrace.io.results import ResultFolder
+
+    out = tmp_path / "run"
+    with ResultFolder(out, {"run": 1}) as folder:
+        (folder.path / "circuit.json").write_text("first")
+    folder = ResultFolder(out, {"run": 2}, overwrite=True).__enter__()  # killed: never exits
+    (out / "checkpoints").mkdir()
+    (out / ".jaxtrace.lock").unlink()
+    assert (out / ".replaced" / "circuit.json").read_text() == "first" and not (out / "circuit.json").exists()
+    with pytest.raises(RuntimeError):
+        with ResultFolder(out, {"run": 3}, overwrite=True):
+            assert not (out / "checkpoints").exists()
+            raise RuntimeError("failed")
+    assert (out / "circuit.json").read_text() == "first" and not (out / ".replaced").exists()
+    assert json.loads((out / "run.json").read_text()) == {"identity": {"run": 1}}
+    del folder
