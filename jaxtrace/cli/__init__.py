@@ -22,8 +22,9 @@ from jaxtrace.engine.objective import ObjectiveConfig, build_objective, check_ta
 from jaxtrace.io.cache import enable_compilation_cache
 from jaxtrace.io.circuit import Circuit
 from jaxtrace.io.export import EXPORT_FORMATS
-from jaxtrace.io.loading import CONFIG_PRESETS, ModelSpec
-from jaxtrace.io.results import check_out
+from jaxtrace.io.files import read_json
+from jaxtrace.io.loading import CONFIG_PRESETS, ModelSpec, load_config, weights_digest
+from jaxtrace.io.results import IDENTITY, check_out
 from jaxtrace.runs.baselines import BaselineConfig, baseline, evaluate_selection
 from jaxtrace.runs.common import Provenance
 from jaxtrace.runs.curve import CurveConfig, compare_run, methods_markdown, table_markdown
@@ -177,6 +178,8 @@ def cmd_evaluate(args) -> None:
         given(ObjectiveConfig, args, "batch_size") or (circuit.batch_size if circuit else None) or 32))
     config = dataclasses.replace(config, metric=config.metric or (circuit.metric if circuit else None))
     model = given(ModelSpec, args, "model") or (circuit.model if circuit else None) or ModelSpec().model
+    if circuit is not None:
+        check_circuit_model(Path(args.circuit), circuit, model, given(ModelSpec, args, "model") is not None)
     mesh = _mesh(args)
     _, loaded, _, task = _load(args, model=model, task=task_spec)
     if selection is not None:
@@ -192,6 +195,26 @@ def cmd_evaluate(args) -> None:
              f"effect {result.effect:+.4f} (all {result.effect_all:+.4f}, none {result.effect_none:+.4f})")
     if args.json:
         log.info(json.dumps(result.to_dict()))
+
+
+def check_circuit_model(path: Path, circuit: Circuit, model: str, named: bool) -> None:
+    """Refuse to evaluate a circuit on a model other than the one it was traced on: a config of another shape
+    (`model_config`, the dtype aside), or weights other than the ones its run recorded (`run.json` next to it,
+    `identity.model.weights`, for a model loaded from a file). Neither reads the weights' tensors."""
+    who = f"--model {model}" if named else f"its model {model}"
+    config = json.loads(json.dumps(dataclasses.asdict(load_config(model))))
+    for field, traced in circuit.model_config.items():
+        if field != "dtype" and json.loads(json.dumps(traced)) != config.get(field):
+            raise ValueError(f"{path} was traced on a model with {field} {traced}; {who} has {config.get(field)}")
+    run_file = path.parent / IDENTITY
+    if circuit.model is None or not run_file.is_file():
+        return
+    record = read_json(run_file, "run identity")
+    recorded = record.get("identity", {}).get("model", {}).get("weights") if isinstance(record, dict) else None
+    current = weights_digest(model) if isinstance(recorded, str) else None
+    if current is not None and current != recorded:
+        raise ValueError(f"{who}: its weights differ from the run's ({run_file} records sha256 {recorded[:16]}..., "
+                         f"the files have {current[:16]}...)")
 
 
 def cmd_plan(args) -> None:

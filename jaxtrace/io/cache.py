@@ -1,5 +1,9 @@
 """The user cache folder (`$JAXTRACE_CACHE`, else `$XDG_CACHE_HOME/jaxtrace`, else `~/.cache/jaxtrace`) and file
-digests kept there, so a large checkpoint is hashed once."""
+digests kept there, so a large checkpoint is hashed once.
+
+A remembered digest is keyed by the file's path, size, mtime, inode and ctime: a file whose bytes were replaced
+keeps none of them by accident, and its ctime cannot be set back (`cp -p`, `rsync -t` and `tar` restore the mtime,
+and writing in place keeps the inode and size, but every change of a file sets its ctime to the present)."""
 
 from __future__ import annotations
 
@@ -26,8 +30,8 @@ def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
 
 
 def files_digest(paths: list[Path]) -> str:
-    """SHA-256 over the SHA-256s of `paths` (in order), each computed once per (path, size, mtime) and remembered
-    in the cache folder."""
+    """SHA-256 over the SHA-256s of `paths` (in order), each computed once per version of the file (path, size,
+    mtime, inode, ctime) and remembered in the cache folder."""
     digest = hashlib.sha256()
     for file_digest in _file_digests(paths):
         digest.update(file_digest.encode())
@@ -35,29 +39,59 @@ def files_digest(paths: list[Path]) -> str:
 
 
 def cached_sha256(path: Path) -> str:
-    """The SHA-256 of a file, computed once per (path, size, mtime) and remembered in the cache folder."""
+    """The SHA-256 of a file, computed once per version of the file and remembered in the cache folder."""
     return _file_digests([path])[0]
 
 
-def _file_digests(paths: list[Path]) -> list[str]:
+def remember_sha256(path: Path, digest: str) -> None:
+    """Record the SHA-256 of a file just written (so that `cached_sha256` need not hash it again)."""
+    index = _read_index()
+    _remember(index, _key(Path(path)), digest)
+    _write_index(index)
+
+
+def _key(path: Path) -> str:
+    """The file's version: path, size, mtime, inode and ctime (which no copy or archive tool can set)."""
+    stat = path.stat()
+    return f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}:{stat.st_ctime_ns}"
+
+
+def _remember(index: dict, key: str, digest: str) -> None:
+    """Record a file version's digest, forgetting the file's other versions."""
+    path = key.rsplit(":", 4)[0]
+    for old in [k for k in index if k.rsplit(":", 4)[0] == path]:
+        del index[old]
+    index[key] = digest
+
+
+def _read_index() -> dict:
+    try:
+        index = json.loads((cache_dir() / "digests.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return index if isinstance(index, dict) else {}
+
+
+def _write_index(index: dict) -> None:
     index_path = cache_dir() / "digests.json"
     try:
-        index = json.loads(index_path.read_text())
-    except (OSError, ValueError):
-        index = {}
+        index_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(index_path, index, indent=None)
+    except OSError:
+        pass  # a read-only cache only costs hashing again
+
+
+def _file_digests(paths: list[Path]) -> list[str]:
+    index = _read_index()
     digests, changed = [], False
     for path in paths:
-        stat = Path(path).stat()
-        key = f"{Path(path).resolve()}:{stat.st_size}:{stat.st_mtime_ns}"
+        key = _key(Path(path))
         if key not in index:
-            index[key], changed = sha256_file(Path(path)), True
+            _remember(index, key, sha256_file(Path(path)))
+            changed = True
         digests.append(index[key])
     if changed:
-        try:
-            index_path.parent.mkdir(parents=True, exist_ok=True)
-            write_json(index_path, index, indent=None)
-        except OSError:
-            pass  # a read-only cache only costs hashing again
+        _write_index(index)
     return digests
 
 

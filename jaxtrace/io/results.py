@@ -6,6 +6,10 @@ when every result file is in place.
 - `run.json` records the run's identity (model weights and config, task data and options, objective, search
   hyperparameters; see `jaxtrace.runs.identity`). A folder that holds a run is refused unless the run is resumed
   with the same identity (a mismatch names the field) or the user asks to `--overwrite` it.
+- `--overwrite` replaces a run only once the new one has finished: the old run's files are set aside in
+  `.replaced/` while the new run writes the folder, removed when it ends well and put back when it fails (an error
+  or an interrupt). A run killed meanwhile leaves them there: the next run that ends well removes them, the next
+  `--overwrite` that fails puts them back.
 - Result files are written into `.staging/` and moved into place with the folder's `finished` file (e.g.
   `circuit.json`) last, after removing the old one (Orbax's collective writes go straight into place, atomic by
   themselves): a killed or failed write never leaves a folder that looks finished, and a finished folder always
@@ -34,6 +38,7 @@ from jaxtrace.io.files import read_json, write_json
 LOCK = ".jaxtrace.lock"
 IDENTITY = "run.json"
 STAGING = ".staging"
+REPLACED = ".replaced"  # the files of the run an --overwrite replaces, until the new run has finished
 
 
 class FolderBusyError(FileExistsError):
@@ -101,7 +106,7 @@ class ResultFolder:
                  overwrite: bool = False, resumable: bool = True):
         self.path, self.identity, self.finished = Path(path), identity, finished
         self.resume, self.overwrite, self.resumable = resume, overwrite, resumable
-        self._locked = False
+        self._locked = self._replacing = False
 
     @property
     def checkpoints(self) -> Path:
@@ -127,9 +132,10 @@ class ResultFolder:
             if is_writer():
                 with self._writing("cannot write to the folder"):
                     if self.overwrite:
-                        self._clear()
+                        self._set_aside()
                     write_json(self.path / IDENTITY, {"identity": self.identity})
         except BaseException:
+            self._put_back()
             self._unlock()
             raise
         return self
@@ -144,8 +150,14 @@ class ResultFolder:
         except OSError as error:
             raise ResultFolderError(f"--out {self.path}: {what} ({error.strerror or error})") from None
 
-    def __exit__(self, *exc) -> None:
-        self._unlock()
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            if exc_type is None:
+                self._drop_replaced()
+            else:
+                self._put_back()
+        finally:
+            self._unlock()
 
     def _check(self) -> None:
         if self.overwrite or not self.holds_run():
@@ -191,12 +203,51 @@ class ResultFolder:
             (self.path / LOCK).unlink(missing_ok=True)
             self._locked = False
 
-    def _clear(self) -> None:
-        """Remove everything a run wrote (for --overwrite)."""
-        for entry in self.path.iterdir():
-            if entry.name == LOCK:
-                continue
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    def _entries(self) -> list[Path]:
+        """What a run wrote in the folder (not the lock, nor the run set aside)."""
+        return [entry for entry in self.path.iterdir() if entry.name not in (LOCK, REPLACED)]
+
+    @staticmethod
+    def _remove(entry: Path) -> None:
+        shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+    def _set_aside(self) -> None:
+        """For --overwrite: move the run the folder holds into `.replaced/` (kept until the new run ends). A
+        `.replaced/` left by a killed --overwrite is kept instead of an unfinished run beside it, and dropped for a
+        finished one."""
+        replaced = self.path / REPLACED
+        if replaced.is_dir():
+            if not (self.path / self.finished).exists():
+                for entry in self._entries():  # the killed run's start: the run it replaced is the one to keep
+                    self._remove(entry)
+                self._replacing = True
+                return
+            shutil.rmtree(replaced)  # the killed run had finished: it is the one to keep
+        entries = self._entries()
+        replaced.mkdir()
+        self._replacing = True
+        for entry in entries:
+            os.replace(entry, replaced / entry.name)
+
+    def _put_back(self) -> None:
+        """After a failed --overwrite: the new run's files removed, the replaced run's put back (best effort: what
+        cannot be moved stays in `.replaced/`)."""
+        if not (self._replacing and is_writer()):
+            return
+        self._replacing = False
+        replaced = self.path / REPLACED
+        with contextlib.suppress(OSError):
+            for entry in self._entries():
+                self._remove(entry)
+            for entry in replaced.iterdir():
+                os.replace(entry, self.path / entry.name)
+            replaced.rmdir()
+
+    def _drop_replaced(self) -> None:
+        """After a run that ended well: the run it replaced is gone for good."""
+        self._replacing = False
+        if is_writer():
+            shutil.rmtree(self.path / REPLACED, ignore_errors=True)
 
     def publish(self, writers: dict[str, Callable[[Path], None]],
                 collective: dict[str, Callable[[Path], None]] | None = None) -> None:

@@ -2,8 +2,10 @@
 cross-model report.
 
 Layout of a sweep folder: `<model slug>/<task>/` holds one `trace` result folder per pair (`circuit.json`,
-`z_map.png`, checkpoints, ...); `run.json` the sweep's identity (a rerun with other options is refused);
-`sweep.json` its arguments and each pair's status; `report.md` the report, with `effect_vs_size.png` and one
+`z_map.png`, checkpoints, ...); `run.json` the sweep's identity (a rerun with other options is refused; the number
+of epochs is not part of it: a rerun with more `--epochs` extends every pair to that many, as `trace --resume
+--epochs` does, and one with fewer than a pair ran is refused); `sweep.json` its arguments and each pair's status
+and epochs; `report.md` the report, with `effect_vs_size.png` and one
 `relative_depth_<task>.png` per task.
 """
 
@@ -23,7 +25,7 @@ from jaxtrace.core.search import SearchConfig
 from jaxtrace.engine.mesh import is_writer
 from jaxtrace.engine.objective import ObjectiveConfig
 from jaxtrace.io.circuit import Circuit
-from jaxtrace.io.files import write_json, write_text
+from jaxtrace.io.files import read_json, write_json, write_text
 from jaxtrace.io.loading import MODEL_REGISTRY, load_model, resolve_model_path
 from jaxtrace.io.plots import plot_effect_vs_size, plot_relative_depth
 from jaxtrace.io.results import ResultFolder
@@ -46,10 +48,41 @@ def model_slugs(models: list[str]) -> dict[str, str]:
             for spec, n in names.items()}
 
 
-def _has_checkpoints(folder: Path) -> bool:
-    """Whether an interrupted trace left a finished epoch (Orbax step folders are named by the epoch count)."""
+def _checkpoint_epochs(folder: Path) -> list[int]:
+    """The epoch counts of a pair's checkpoints (Orbax step folders are named by the epoch count)."""
     checkpoints = folder / "checkpoints"
-    return checkpoints.is_dir() and any(p.name.isdigit() for p in checkpoints.iterdir())
+    return sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()) if checkpoints.is_dir() else []
+
+
+def _has_checkpoints(folder: Path) -> bool:
+    """Whether an interrupted trace left a finished epoch."""
+    return bool(_checkpoint_epochs(folder))
+
+
+def _circuit_epochs(path: Path) -> int | None:
+    """The epochs a pair's circuit.json was traced for (None without one)."""
+    if not path.is_file():
+        return None
+    record = read_json(path, "circuit")
+    epochs = record.get("search", {}).get("epochs") if isinstance(record, dict) else None
+    if not isinstance(epochs, int):
+        raise ValueError(f"{path} records no number of epochs (search.epochs): not a circuit of a sweep's trace; "
+                         "use --overwrite or another --out")
+    return epochs
+
+
+def _check_epochs(out: Path, pairs: list[dict], epochs: int) -> None:
+    """Refuse `--epochs` fewer than a pair has run already (a trace can be extended, not shortened)."""
+    for pair in pairs:
+        folder = out / pair["folder"]
+        ran = pair["epochs"]
+        where = folder / "circuit.json"
+        if ran is None and _checkpoint_epochs(folder):
+            ran, where = _checkpoint_epochs(folder)[-1], folder / "checkpoints"
+        if ran is not None and ran > epochs:
+            raise ValueError(f"--epochs {epochs} is fewer than the {ran} epochs {where} ran: a sweep extends its "
+                             f"pairs to more epochs but cannot shorten them; give --epochs {ran} or more, "
+                             "--overwrite, or another --out")
 
 
 def sweep_models(models: list[str], tasks: list[TaskSpec], objective: ObjectiveConfig | str, out: str | Path,
@@ -58,8 +91,9 @@ def sweep_models(models: list[str], tasks: list[TaskSpec], objective: ObjectiveC
                  overwrite: bool = False) -> dict:
     """Trace every (model, task) pair into `out/<model slug>/<task>/`, then write `out/report.md`.
 
-    A pair with a `circuit.json` is finished and skipped; one with checkpoints but no circuit (a killed run) is
-    resumed. Each model is loaded once (`load(spec) -> (model, tokenizer)`), and only if one of its pairs is
+    A pair with a `circuit.json` of `config.epochs` epochs is finished and skipped; one of fewer epochs is resumed
+    to `config.epochs` (as `trace --resume --epochs` extends a run), as is one with checkpoints but no circuit (a
+    killed run); `config.epochs` fewer than a pair ran is refused. Each model is loaded once (`load(spec) -> (model, tokenizer)`), and only if one of its pairs is
     unfinished. `tasks` are the tasks' specs (data and options); `objective` the site, metric (default: each
     task's), batch size, memory budget and attention of every pair (an `ObjectiveConfig`, or a site).
     A rerun with other models, tasks or options than the folder's sweep is refused unless `overwrite`.
@@ -84,7 +118,9 @@ def sweep_models(models: list[str], tasks: list[TaskSpec], objective: ObjectiveC
         pairs = [{"model": spec, "slug": slugs[spec], "task": task.task, "folder": f"{slugs[spec]}/{task.task}"}
                  for spec in models for task in tasks]
         for pair in pairs:
-            pair["status"] = "done" if (out / pair["folder"] / "circuit.json").is_file() else "pending"
+            pair["epochs"] = _circuit_epochs(out / pair["folder"] / "circuit.json")
+            pair["status"] = "done" if pair["epochs"] == config.epochs else "pending"
+        _check_epochs(out, pairs, config.epochs)
         manifest = {"jaxtrace_version": __version__, **identity, "search": dataclasses.asdict(config),
                     "pairs": pairs}
 
@@ -101,17 +137,20 @@ def sweep_models(models: list[str], tasks: list[TaskSpec], objective: ObjectiveC
             model, tokenizer = load(spec)
             for pair in todo:
                 pair_folder = out / pair["folder"]
-                resume = _has_checkpoints(pair_folder)
+                extend = pair["epochs"] is not None
+                resume = extend or _has_checkpoints(pair_folder)
                 if progress and is_writer():
                     print(f"sweep      [{pairs.index(pair) + 1}/{len(pairs)}] {spec} {pair['task']}"
-                          + (" (resuming)" if resume else ""), flush=True)
+                          + (f" (extending {pair['epochs']} to {config.epochs} epochs)" if extend else
+                             " (resuming)" if resume else ""), flush=True)
                 pair["status"] = "running"
                 save()
                 try:
                     task_spec = specs[pair["task"]]
-                    trace(model, task_spec.build(tokenizer), objective, config, mesh=mesh, out=pair_folder,
-                          resume=resume, progress=progress, provenance=Provenance(spec, task_spec))
-                    pair["status"] = "done"
+                    circuit = trace(model, task_spec.build(tokenizer), objective, config, mesh=mesh,
+                                    out=pair_folder, resume=resume, progress=progress,
+                                    provenance=Provenance(spec, task_spec))
+                    pair["status"], pair["epochs"] = "done", circuit.search["epochs"]
                 except BaseException as error:
                     pair["status"] = "interrupted" if isinstance(error, KeyboardInterrupt) else f"failed: {error}"
                     raise

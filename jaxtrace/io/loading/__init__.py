@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 from pathlib import Path
@@ -14,12 +15,14 @@ from jaxtrace.core.errors import first_line
 from jaxtrace.core.models import GatedLM, ModelConfig
 from jaxtrace.core.models.config import DTYPES
 from jaxtrace.core.options import option
-from jaxtrace.io.cache import cache_dir, files_digest
+from jaxtrace.io.cache import cache_dir, cached_sha256, files_digest, remember_sha256, sha256_file
 from jaxtrace.io.files import read_json, write_json
 from jaxtrace.io.loading.convert import CheckpointMismatchError, model_from_state_dict
 from jaxtrace.io.loading.hf import PickledCheckpointError, read_hf_folder, weight_files
 from jaxtrace.io.loading.packaged import ChunkedFile, assembled_file, packaged_file
 
+log = logging.getLogger("jaxtrace")
+CONVERTED_DIGESTS = "sha256.json"  # in a converted-model cache entry: the SHA-256 of each of its files
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 TOKENIZER_JSON_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json",
                         "added_tokens.json")
@@ -131,14 +134,45 @@ def _converted_path(path: Path) -> Path:
 def converted_folder(path: Path) -> Path | None:
     """The cached HF folder (config.json, float32 model.safetensors, tokenizer files) of a GGUF file converted
     before, keyed by the file's SHA-256 (None when there is none): dequantising and rebuilding the tokenizer are
-    the slow part of loading a GGUF."""
+    the slow part of loading a GGUF. The run identity hashes the GGUF, not this folder, so an entry whose files no
+    longer have the SHA-256s recorded when it was written (`sha256.json`) is not used: it is removed (one line on
+    the log says so) and the GGUF is converted again."""
     folder = _converted_path(path)
-    return folder if (folder / "model.safetensors").is_file() else None
+    if not (folder / "model.safetensors").is_file():
+        return None
+    problem = _converted_problem(folder)
+    if problem is None:
+        return folder
+    log.warning(f"converted-model cache {folder}: {problem}; converting {path} again")
+    shutil.rmtree(folder, ignore_errors=True)
+    return None
+
+
+def _converted_problem(folder: Path) -> str | None:
+    """What is wrong with a converted-model cache entry (None: its files are the ones written)."""
+    try:
+        recorded = read_json(folder / CONVERTED_DIGESTS, "digest record")
+    except (OSError, ValueError):
+        return f"no readable {CONVERTED_DIGESTS} (the SHA-256 of its files)"
+    if not isinstance(recorded, dict):
+        return f"{CONVERTED_DIGESTS} is not a JSON object"
+    present = {p.name for p in folder.iterdir() if p.name != CONVERTED_DIGESTS}
+    for name in sorted(present | set(recorded)):
+        if name not in recorded:
+            return f"{name} was not written with it"
+        if name not in present:
+            return f"{name} is missing"
+        try:
+            if not (folder / name).is_file() or cached_sha256(folder / name) != recorded[name]:
+                return f"{name} differs from the one written (sha256 {str(recorded[name])[:12]}...)"
+        except OSError as error:
+            return f"{name} cannot be read ({error.strerror or error})"
+    return None
 
 
 def save_converted(path: Path, hf_config: dict, state_dict: dict, tokenizer) -> None:
-    """Keep a GGUF's conversion where `converted_folder` finds it; a cache that cannot be written is skipped (loading
-    converts again next time)."""
+    """Keep a GGUF's conversion where `converted_folder` finds it, with the SHA-256 of each file it holds
+    (`sha256.json`); a cache that cannot be written is skipped (loading converts again next time)."""
     from safetensors.numpy import save_file
 
     folder = _converted_path(path)
@@ -149,7 +183,11 @@ def save_converted(path: Path, hf_config: dict, state_dict: dict, tokenizer) -> 
         save_file({name: np.ascontiguousarray(value) for name, value in state_dict.items()},
                   temporary / "model.safetensors", metadata={"source": path.name})
         tokenizer.save_pretrained(temporary)
+        digests = {file.name: sha256_file(file) for file in sorted(temporary.iterdir())}
+        write_json(temporary / CONVERTED_DIGESTS, digests)
         os.replace(temporary, folder)
+        for name, digest in digests.items():  # so that the first load does not hash them again
+            remember_sha256(folder / name, digest)
     except OSError:
         pass
     finally:

@@ -1,0 +1,212 @@
+"""Issue 23: defects of result folders, caches and checks, each run through the command line in-process like
+test_malformed.py (exit status, the one line naming the file or option, no traceback, earlier results unchanged)."""
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from jaxtrace.cli import main
+from test_malformed import expect_error, finished, gpt2_dir, pairs, run, snapshot, trace_args  # noqa: F401 (fixtures)
+
+
+def sweep_args(model, pairs, out, epochs, *more):
+    return ["sweep", "--models", model, "--tasks", "custom", "--data", pairs, "--site", "head_out", "--epochs",
+            epochs, "--batch-size", "2", "--out", out, "--no-progress", *more]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 1. A sweep rerun with other --epochs
+
+
+def test_sweep_rerun_with_more_epochs_extends_its_pairs(gpt2_dir, pairs, tmp_path, capsys):
+    out = tmp_path / "sweep"
+    pair = out / gpt2_dir.name / "custom"
+    code, _, err = run(capsys, *sweep_args(gpt2_dir, pairs, out, 1))
+    assert code == 0, err
+    assert len(json.loads((pair / "circuit.json").read_text())["history"]) == 1
+    code, _, err = run(capsys, *sweep_args(gpt2_dir, pairs, out, 2))
+    assert code == 0, err
+    circuit = json.loads((pair / "circuit.json").read_text())
+    manifest = json.loads((out / "sweep.json").read_text())
+    assert [row["epoch"] for row in circuit["history"]] == [1, 2] and circuit["search"]["epochs"] == 2
+    assert manifest["search"]["epochs"] == 2
+    assert [(p["status"], p["epochs"]) for p in manifest["pairs"]] == [("done", 2)]
+    # Fewer epochs than the pairs ran: refused, nothing changed.
+    before = snapshot(out)
+    expect_error(capsys, *sweep_args(gpt2_dir, pairs, out, 1),
+                 names=["--epochs 1", "the 2 epochs", pair / "circuit.json"])
+    assert snapshot(out) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 2. The converted-model cache
+
+
+def test_a_changed_converted_model_cache_entry_is_converted_again(tmp_path, monkeypatch, caplog):
+    """A GGUF is converted once into the cache (keyed by the GGUF's SHA-256, which is what the run identity hashes):
+    an entry whose tensors changed since is not used but converted again, with one line saying so."""
+    import gguf
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    import jaxtrace
+    from jaxtrace.io.loading import _converted_path
+    from test_gguf import gguf_tensors, tiny_model, write_gguf
+
+    monkeypatch.setenv("JAXTRACE_CACHE", str(tmp_path / "cache"))
+    add_token_list = gguf.GGUFWriter.add_token_list  # and BPE merges: a tokenizer the converted entry holds
+    monkeypatch.setattr(gguf.GGUFWriter, "add_token_list", lambda w, tokens: (
+        add_token_list(w, ["t", "1", "t1", *tokens[3:]]), w.add_token_merges(["t 1"])))
+    model = tiny_model("llama", tie_word_embeddings=False)
+    path = write_gguf(tmp_path / "tiny.gguf", "llama", model.config, gguf_tensors(model, "llama"))
+    first = jaxtrace.load_model(path)[0]
+    entry = _converted_path(path)
+    assert (entry / "model.safetensors").is_file() and (entry / "sha256.json").is_file()
+    # The entry as written is used as it is (no conversion, no message).
+    caplog.clear()
+    assert np.array_equal(np.asarray(jaxtrace.load_model(path)[0].embed_tokens[...]), np.asarray(first.embed_tokens[...]))
+    assert not caplog.records
+    # Its tensors replaced by others of the same shapes (same size): converted again, said in one line.
+    tensors = load_file(entry / "model.safetensors")
+    save_file({k: np.ascontiguousarray(v[::-1]) for k, v in tensors.items()}, entry / "model.safetensors",
+              metadata={"source": path.name})
+    caplog.clear()
+    again = jaxtrace.load_model(path)[0]
+    assert np.array_equal(np.asarray(again.embed_tokens[...]), np.asarray(first.embed_tokens[...]))
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 1 and "\n" not in messages[0], messages
+    assert str(entry) in messages[0] and "model.safetensors differs" in messages[0]
+    assert f"converting {path} again" in messages[0]
+    assert np.array_equal(load_file(entry / "model.safetensors")["model.embed_tokens.weight"],
+                          tensors["model.embed_tokens.weight"])  # the entry is whole again
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 3. evaluate --circuit on a model other than the circuit's
+
+
+def test_evaluate_refuses_a_model_other_than_the_circuits(gpt2_dir, pairs, tmp_path, capsys):
+    from conftest import build_hf_model
+    from test_malformed import save_with_gpt2_tokenizer
+
+    model = Path(shutil.copytree(gpt2_dir, tmp_path / "model"))
+    out = tmp_path / "run"
+    assert main([str(a) for a in trace_args(model, pairs, out)]) == 0
+    circuit = out / "circuit.json"
+    before = snapshot(out)
+    code, stdout, err = run(capsys, "evaluate", "--circuit", circuit)
+    assert code == 0 and "effect" in stdout, err
+    # Another model of another shape, named with --model, or in the circuit's own model folder.
+    deeper = save_with_gpt2_tokenizer(build_hf_model("gpt2", n_layer=3, vocab_size=50257), tmp_path / "deeper")
+    line = expect_error(capsys, "evaluate", "--circuit", circuit, "--model", deeper,
+                        names=[f"{circuit} was traced on a model with n_layers 2; --model {deeper} has 3"])
+    for file in model.iterdir():
+        file.unlink()
+    for file in deeper.iterdir():
+        shutil.copy(file, model / file.name)
+    expect_error(capsys, "evaluate", "--circuit", circuit,
+                 names=[f"{circuit} was traced on a model with n_layers 2; its model {model} has 3"])
+    # The folder's weights replaced by others of the same shape: their digest is not the run's.
+    for file in model.iterdir():
+        file.unlink()
+    save_with_gpt2_tokenizer(build_hf_model("gpt2", seed=5, vocab_size=50257), model)
+    expect_error(capsys, "evaluate", "--circuit", circuit,
+                 names=[f"its model {model}: its weights differ from the run's ({out / 'run.json'} records sha256"])
+    assert snapshot(out) == before
+    assert line.count("\n") == 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 4. The weights digest cache
+
+
+def test_weights_replaced_with_the_old_mtime_are_not_the_runs(gpt2_dir, pairs, tmp_path, monkeypatch, capsys):
+    """Bytes of the same size written in place (same inode), the old mtime restored (`cp -p`): the digest
+    remembered for the file's path, size and mtime is not reused (its ctime changed), and --resume is refused."""
+    import os
+
+    from conftest import build_hf_model
+
+    monkeypatch.setenv("JAXTRACE_CACHE", str(tmp_path / "cache"))
+    model = Path(shutil.copytree(gpt2_dir, tmp_path / "model"))
+    out = tmp_path / "run"
+    assert main([str(a) for a in trace_args(model, pairs, out)]) == 0
+    weights = model / "model.safetensors"
+    stat = weights.stat()
+    other = tmp_path / "other"
+    build_hf_model("gpt2", seed=5, vocab_size=50257).save_pretrained(other)
+    data = (other / "model.safetensors").read_bytes()
+    assert len(data) == stat.st_size and data != weights.read_bytes()
+    with open(weights, "r+b") as f:
+        f.write(data)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert (weights.stat().st_size, weights.stat().st_mtime_ns, weights.stat().st_ino) == (
+        stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    before = snapshot(out)
+    expect_error(capsys, *trace_args(model, pairs, out, "--resume"),
+                 names=[f"cannot resume {out}", "model.weights"])
+    assert snapshot(out) == before
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 5. --overwrite keeps the earlier result until the new one is published
+
+
+def nan_model(folder: Path, tmp_path: Path) -> Path:
+    """A copy of the model folder whose final norm is NaN: it loads, and every effect is NaN."""
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    model = Path(shutil.copytree(folder, tmp_path / "nan-model"))
+    tensors = load_file(model / "model.safetensors")
+    name = next(k for k in tensors if k.endswith("ln_f.weight"))
+    tensors[name] = np.full_like(tensors[name], np.nan)
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    return model
+
+
+def test_a_failed_overwrite_leaves_the_earlier_result(gpt2_dir, pairs, finished, tmp_path, capsys):
+    out = Path(shutil.copytree(finished, tmp_path / "run"))
+    before = snapshot(out)
+    bad = nan_model(gpt2_dir, tmp_path)
+    line = expect_error(capsys, *trace_args(bad, pairs, out, "--overwrite"), names=["not finite"])
+    assert snapshot(out) == before, line  # circuit.json, checkpoints, run.json: the earlier run, whole
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in finished.iterdir())
+    # Interrupted too.
+    import jaxtrace.engine.loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(jaxtrace.engine.loop, "stacked_inputs", interrupted)
+        expect_error(capsys, *trace_args(gpt2_dir, pairs, out, "--overwrite", "--lambda1", "0.5"), code=130)
+    assert snapshot(out) == before
+    # An overwrite that ends well replaces it, and leaves nothing set aside.
+    code, _, err = run(capsys, *trace_args(gpt2_dir, pairs, out, "--overwrite", "--lambda1", "0.5"))
+    assert code == 0, err
+    assert json.loads((out / "run.json").read_text())["identity"]["settings"]["lambda1"] == 0.5
+    assert not (out / ".replaced").exists() and not (out / ".jaxtrace.lock").exists()
+
+
+def test_a_killed_overwrite_keeps_the_run_it_replaced(tmp_path):
+    """A run killed while it overwrites leaves the run it replaced in .replaced/: the next --overwrite keeps that one
+    (not the killed run's start) until it ends, and puts it back if it fails."""
+    from jaxtrace.io.results import ResultFolder
+
+    out = tmp_path / "run"
+    with ResultFolder(out, {"run": 1}) as folder:
+        (folder.path / "circuit.json").write_text("first")
+    folder = ResultFolder(out, {"run": 2}, overwrite=True).__enter__()  # killed: never exits
+    (out / "checkpoints").mkdir()
+    (out / ".jaxtrace.lock").unlink()
+    assert (out / ".replaced" / "circuit.json").read_text() == "first" and not (out / "circuit.json").exists()
+    with pytest.raises(RuntimeError):
+        with ResultFolder(out, {"run": 3}, overwrite=True):
+            assert not (out / "checkpoints").exists()
+            raise RuntimeError("failed")
+    assert (out / "circuit.json").read_text() == "first" and not (out / ".replaced").exists()
+    assert json.loads((out / "run.json").read_text()) == {"identity": {"run": 1}}
+    del folder
