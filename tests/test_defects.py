@@ -275,3 +275,30 @@ def test_data_files_with_a_byte_order_mark(gpt2_dir, pairs, tmp_path, capsys):
     custom.write_bytes(b"\xef\xbb\xbf" + pairs.read_bytes())
     code, out, err = run(capsys, *evaluate_args(gpt2_dir, "custom", custom))
     assert code == 0 and "effect" in out, err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8. Permissions of published files
+
+
+def test_published_files_get_the_users_permissions(gpt2_dir, pairs, tmp_path, capsys):
+    """Files written through the atomic writer are created like any other file of the user (0666 less the umask),
+    not with a temporary file's 0600."""
+    import os
+    import stat
+
+    from jaxtrace.io.files import write_text
+
+    out = tmp_path / "run"
+    umask = os.umask(0o002)
+    try:
+        code, _, err = run(capsys, *trace_args(gpt2_dir, pairs, out))
+        assert code == 0, err
+        os.umask(0o077)
+        write_text(tmp_path / "private.txt", "x")
+    finally:
+        os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir() if p.is_file() and p.name[0] != "."}
+    assert {"circuit.json", "run.json", "examples.csv", "log.csv", "z_map.png"} <= set(modes)
+    assert modes == {name: 0o664 for name in modes}
+    assert stat.S_IMODE((tmp_path / "private.txt").stat().st_mode) == 0o600
