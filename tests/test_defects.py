@@ -302,3 +302,39 @@ def test_published_files_get_the_users_permissions(gpt2_dir, pairs, tmp_path, ca
     assert {"circuit.json", "run.json", "examples.csv", "log.csv", "z_map.png"} <= set(modes)
     assert modes == {name: 0o664 for name in modes}
     assert stat.S_IMODE((tmp_path / "private.txt").stat().st_mode) == 0o600
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 9. What the task leaves out: one line, the list in the result folder, all of it with --verbose
+
+
+def test_skipped_pairs_are_one_line_and_a_file(gpt2_dir, tmp_path, capsys):
+    import csv
+
+    from test_malformed import DATA
+
+    from jaxtrace.tasks import load_winobias
+
+    dropped = load_winobias(DATA / "winobias").dropped
+    assert len(dropped) == 38
+
+    def trace(out, *more):
+        return run(capsys, "trace", "--model", gpt2_dir, "--task", "winobias", "--data", DATA, "--site", "head_out",
+                   "--epochs", "1", "--batch-size", "64", "--out", out, "--no-progress", *more)
+
+    out = tmp_path / "run"
+    code, stdout, err = trace(out)
+    assert code == 0, err
+    lines = [line for line in stdout.splitlines() if line.startswith("skipped")]
+    assert lines == [f"skipped    38 line pairs of the data (reference's rules): listed in {out / 'skipped.csv'} "
+                     "with the results (--verbose prints them)"]
+    assert not [line for line in stdout.splitlines() if str(DATA) in line and "skipped" not in line]
+    with open(out / "skipped.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["file"] + ":" + r["lines"], r["reason"]) for r in rows] == list(dropped)
+    assert rows[0]["file"].endswith(".dev") and "-" in rows[0]["lines"]
+    # --verbose prints them all, as before.
+    code, stdout, err = trace(tmp_path / "verbose", "--verbose")
+    assert code == 0, err
+    assert "skipped    38 line pairs of the data (the reference's rules):" in stdout
+    assert sum(line.startswith(f"           {where}: ") for line in stdout.splitlines() for where, _ in dropped) == 38

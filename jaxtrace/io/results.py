@@ -101,7 +101,8 @@ class ResultFolder:
 
     `identity`: the run's identity (JSON-able dict); `finished`: the file whose presence means the run finished;
     `resume`: continue the run the folder holds (same identity); `overwrite`: discard whatever it holds;
-    `resumable`: whether the kind of run can resume at all (for the refusal's advice).
+    `resumable`: whether the kind of run can resume at all (for the refusal's advice). `with_results`: writers of
+    files every `publish` adds to its own (e.g. the list of skipped data, `jaxtrace.runs.common.result_folder`).
     """
 
     def __init__(self, path: str | Path, identity: dict, finished: str = "circuit.json", resume: bool = False,
@@ -109,6 +110,7 @@ class ResultFolder:
         self.path, self.identity, self.finished = Path(path), identity, finished
         self.resume, self.overwrite, self.resumable = resume, overwrite, resumable
         self._locked = self._replacing = False
+        self.with_results: dict[str, Callable[[Path], None]] = {}
 
     @property
     def checkpoints(self) -> Path:
@@ -281,6 +283,7 @@ class ResultFolder:
         a failure after that leaves a folder without its `finished` file. Either is a `ResultFolderError` naming the
         file (or the Orbax writer's own one-line error)."""
         staging = self.path / STAGING
+        writers = {**self.with_results, **writers}
         try:
             failed = self._stage(staging, writers) if is_writer() else None
             if _any(failed is not None):  # every process stops if process 0 could not stage the files
