@@ -210,3 +210,131 @@ def test_a_killed_overwrite_keeps_the_run_it_replaced(tmp_path):
     assert (out / "circuit.json").read_text() == "first" and not (out / ".replaced").exists()
     assert json.loads((out / "run.json").read_text()) == {"identity": {"run": 1}}
     del folder
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 6. A folder holding only a run's identity
+
+
+def interrupt_before_the_first_checkpoint(patch) -> None:
+    import jaxtrace.engine.loop
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    patch.setattr(jaxtrace.engine.loop, "stacked_inputs", interrupted)
+
+
+@pytest.mark.parametrize("again", ["plain", "--resume"])
+def test_a_run_that_ended_before_its_first_checkpoint_starts_again(again, gpt2_dir, pairs, tmp_path, capsys):
+    out = tmp_path / "run"
+    with pytest.MonkeyPatch.context() as patch:
+        interrupt_before_the_first_checkpoint(patch)
+        expect_error(capsys, *trace_args(gpt2_dir, pairs, out), code=130)
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "run.json"]
+    # Another run is refused, naming what differs; the folder is left as it was.
+    before = snapshot(out)
+    expect_error(capsys, *trace_args(gpt2_dir, pairs, out, "--lambda1", "0.5"),
+                 names=[f"{out} holds the start of a different run", "settings.lambda1", "--overwrite"])
+    assert snapshot(out) == before
+    # The same run starts afresh, resumed or not.
+    code, _, err = run(capsys, *trace_args(gpt2_dir, pairs, out, *([again] if again != "plain" else [])))
+    assert code == 0, err
+    assert len(json.loads((out / "circuit.json").read_text())["history"]) == 1
+
+
+def test_resume_into_an_empty_folder_is_refused_and_leaves_it_empty(gpt2_dir, pairs, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    expect_error(capsys, *trace_args(gpt2_dir, pairs, out, "--resume"),
+                 names=[f"no checkpoint to resume from in {out / 'checkpoints'}", "run without --resume"])
+    assert list(out.iterdir()) == []
+    code, _, err = run(capsys, *trace_args(gpt2_dir, pairs, out))
+    assert code == 0, err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 7. Data files with a UTF-8 byte-order mark
+
+
+def test_data_files_with_a_byte_order_mark(gpt2_dir, pairs, tmp_path, capsys):
+    """Every file of the WinoBias folder (and a custom JSONL file) written with a BOM first, as some editors do,
+    reads as the same data: the same pairs, the same dropped lines and reasons, no error."""
+    from test_malformed import DATA, evaluate_args
+
+    from jaxtrace.tasks import load_winobias
+
+    data = Path(shutil.copytree(DATA / "winobias", tmp_path / "winobias"))
+    for file in data.iterdir():
+        file.write_bytes(b"\xef\xbb\xbf" + file.read_bytes())
+    plain, marked = load_winobias(DATA / "winobias"), load_winobias(data)
+    assert list(marked) == list(plain)
+    assert [(where.replace(str(data), "D"), why) for where, why in marked.dropped] == [
+        (where.replace(str(DATA / "winobias"), "D"), why) for where, why in plain.dropped]
+    custom = tmp_path / "pairs.jsonl"
+    custom.write_bytes(b"\xef\xbb\xbf" + pairs.read_bytes())
+    code, out, err = run(capsys, *evaluate_args(gpt2_dir, "custom", custom))
+    assert code == 0 and "effect" in out, err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 8. Permissions of published files
+
+
+def test_published_files_get_the_users_permissions(gpt2_dir, pairs, tmp_path, capsys):
+    """Files written through the atomic writer are created like any other file of the user (0666 less the umask),
+    not with a temporary file's 0600."""
+    import os
+    import stat
+
+    from jaxtrace.io.files import write_text
+
+    out = tmp_path / "run"
+    umask = os.umask(0o002)
+    try:
+        code, _, err = run(capsys, *trace_args(gpt2_dir, pairs, out))
+        assert code == 0, err
+        os.umask(0o077)
+        write_text(tmp_path / "private.txt", "x")
+    finally:
+        os.umask(umask)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in out.iterdir() if p.is_file() and p.name[0] != "."}
+    assert {"circuit.json", "run.json", "examples.csv", "log.csv", "z_map.png"} <= set(modes)
+    assert modes == {name: 0o664 for name in modes}
+    assert stat.S_IMODE((tmp_path / "private.txt").stat().st_mode) == 0o600
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 9. What the task leaves out: one line, the list in the result folder, all of it with --verbose
+
+
+def test_skipped_pairs_are_one_line_and_a_file(gpt2_dir, tmp_path, capsys):
+    import csv
+
+    from test_malformed import DATA
+
+    from jaxtrace.tasks import load_winobias
+
+    dropped = load_winobias(DATA / "winobias").dropped
+    assert len(dropped) == 38
+
+    def trace(out, *more):
+        return run(capsys, "trace", "--model", gpt2_dir, "--task", "winobias", "--data", DATA, "--site", "head_out",
+                   "--epochs", "1", "--batch-size", "64", "--out", out, "--no-progress", *more)
+
+    out = tmp_path / "run"
+    code, stdout, err = trace(out)
+    assert code == 0, err
+    lines = [line for line in stdout.splitlines() if line.startswith("skipped")]
+    assert lines == [f"skipped    38 line pairs of the data (reference's rules): listed in {out / 'skipped.csv'} "
+                     "with the results (--verbose prints them)"]
+    assert not [line for line in stdout.splitlines() if str(DATA) in line and "skipped" not in line]
+    with open(out / "skipped.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [(r["file"] + ":" + r["lines"], r["reason"]) for r in rows] == list(dropped)
+    assert rows[0]["file"].endswith(".dev") and "-" in rows[0]["lines"]
+    # --verbose prints them all, as before.
+    code, stdout, err = trace(tmp_path / "verbose", "--verbose")
+    assert code == 0, err
+    assert "skipped    38 line pairs of the data (the reference's rules):" in stdout
+    assert sum(line.startswith(f"           {where}: ") for line in stdout.splitlines() for where, _ in dropped) == 38

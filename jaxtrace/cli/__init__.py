@@ -26,7 +26,7 @@ from jaxtrace.io.files import read_json
 from jaxtrace.io.loading import CONFIG_PRESETS, ModelSpec, load_config, weights_digest
 from jaxtrace.io.results import IDENTITY, check_out
 from jaxtrace.runs.baselines import BaselineConfig, baseline, evaluate_selection
-from jaxtrace.runs.common import Provenance
+from jaxtrace.runs.common import SKIPPED, Provenance
 from jaxtrace.runs.curve import CurveConfig, compare_run, methods_markdown, table_markdown
 from jaxtrace.runs.info import model_summary, next_tokens, time_gated_step
 from jaxtrace.runs.model_sweep import find_circuits, summary_table, sweep_models
@@ -56,13 +56,23 @@ def _load(args, model: str | None = None, task: TaskSpec | None = None):
     task_spec = task or from_args(TaskSpec, args)
     loaded, tokenizer = model_spec.load()
     encoded = task_spec.build(tokenizer)
-    report_skipped(encoded)
+    report_skipped(encoded, getattr(args, "out", None), getattr(args, "verbose", False))
     check_task_fits(encoded, loaded.config, model_spec.model)  # before anything is compiled
     return model_spec, loaded, task_spec, encoded
 
 
-def report_skipped(task) -> None:
-    """Every data line the loader dropped and every pair that could not be tokenised into an aligned pair."""
+def report_skipped(task, out: str | Path | None = None, verbose: bool = False) -> None:
+    """What the task left out (the data lines its loader dropped, the pairs that cannot be aligned): one line
+    saying how many and where the list is (the result folder's skipped.csv, written with the results), or the
+    whole list with `verbose` or without a result folder."""
+    if not (task.dropped or task.skipped):
+        return
+    if out is not None and not verbose:
+        counts = ([f"{len(task.dropped)} line pairs of the data (reference's rules)"] if task.dropped else []) + \
+                 ([f"{len(task.skipped)} pairs (cannot align)"] if task.skipped else [])
+        log.info(f"skipped    {' and '.join(counts)}: listed in {Path(out) / SKIPPED} with the results "
+                 "(--verbose prints them)")
+        return
     if task.dropped:
         log.info(f"skipped    {len(task.dropped)} line pairs of the data (the reference's rules):")
         for where, reason in task.dropped:
@@ -296,6 +306,10 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see {self.prog} --help)")
 
 
+# The commands that load a task (and report what it leaves out).
+LOADS_TASK = ("trace", "demo", "baseline", "compare", "stability", "evaluate")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxtrace", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
@@ -316,6 +330,10 @@ def build_parser() -> argparse.ArgumentParser:
             group.add_argument("--no-progress", action="store_true", help="no progress bar")
         sub.add_argument("--no-compile-cache", action="store_true",
                          help="compile every program anew (default: reuse them from the cache folder's compile/)")
+        if name in LOADS_TASK:
+            sub.add_argument("--verbose", action="store_true",
+                             help="print every data line and pair the task leaves out (default: how many, and "
+                                  "where the list is: skipped.csv in --out)")
         sub.set_defaults(run=run)
         return sub
 

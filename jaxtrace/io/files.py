@@ -1,5 +1,6 @@
 """Files written atomically: a temporary file in the same folder, then a rename, so a reader (or a killed writer)
-never sees half a file. Every writer of the package goes through these."""
+never sees half a file. Every writer of the package goes through these. A file gets the permissions any other new
+file of the user gets (0666 less the umask), not a temporary file's private 0600."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import csv
 import errno
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -23,10 +24,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     if not path.parent.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, f"cannot be written: {path.parent} is not a folder", str(path))
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        tmp = _new_file(path)
     except OSError as error:
         raise OSError(error.errno, error.strerror or str(error), str(path)) from None
-    os.close(fd)
     try:
         yield Path(tmp)
         os.replace(tmp, path)
@@ -36,6 +36,19 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         if isinstance(error, OSError) and error.filename in (None, tmp, str(tmp)):
             raise OSError(error.errno, error.strerror or str(error), str(path)) from error
         raise
+
+
+def _new_file(path: Path) -> str:
+    """A new empty file next to `path` with a name no other writer uses, created as `open` would create it
+    (mode 0666 less the umask; `tempfile.mkstemp` makes it 0600, which a rename would keep)."""
+    for _ in range(100):
+        tmp = str(path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.close(os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+        except FileExistsError:
+            continue
+        return tmp
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

@@ -5,7 +5,9 @@ when every result file is in place.
   the folder; a lock left by a dead process on this host is taken over.
 - `run.json` records the run's identity (model weights and config, task data and options, objective, search
   hyperparameters; see `jaxtrace.runs.identity`). A folder that holds a run is refused unless the run is resumed
-  with the same identity (a mismatch names the field) or the user asks to `--overwrite` it.
+  with the same identity (a mismatch names the field) or the user asks to `--overwrite` it. A folder that holds
+  only a run's identity (a run that ended before its first checkpoint) holds the start of that run: the same run
+  starts there afresh, resumed or not; another is refused. Resuming a folder that holds no run at all is refused.
 - `--overwrite` replaces a run only once the new one has finished: the old run's files are set aside in
   `.replaced/` while the new run writes the folder, removed when it ends well and put back when it fails (an error
   or an interrupt). A run killed meanwhile leaves them there: the next run that ends well removes them, the next
@@ -99,7 +101,8 @@ class ResultFolder:
 
     `identity`: the run's identity (JSON-able dict); `finished`: the file whose presence means the run finished;
     `resume`: continue the run the folder holds (same identity); `overwrite`: discard whatever it holds;
-    `resumable`: whether the kind of run can resume at all (for the refusal's advice).
+    `resumable`: whether the kind of run can resume at all (for the refusal's advice). `with_results`: writers of
+    files every `publish` adds to its own (e.g. the list of skipped data, `jaxtrace.runs.common.result_folder`).
     """
 
     def __init__(self, path: str | Path, identity: dict, finished: str = "circuit.json", resume: bool = False,
@@ -107,15 +110,24 @@ class ResultFolder:
         self.path, self.identity, self.finished = Path(path), identity, finished
         self.resume, self.overwrite, self.resumable = resume, overwrite, resumable
         self._locked = self._replacing = False
+        self.with_results: dict[str, Callable[[Path], None]] = {}
 
     @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 
+    def has_checkpoints(self) -> bool:
+        """Whether the folder holds a checkpoint (Orbax step folders are named by the epoch count)."""
+        return self.checkpoints.is_dir() and any(p.name.isdigit() for p in self.checkpoints.iterdir())
+
     def holds_run(self) -> bool:
         """Whether the folder holds (part of) a run: its identity, checkpoints or a finished result."""
-        checkpoints = self.checkpoints.is_dir() and any(p.name.isdigit() for p in self.checkpoints.iterdir())
-        return (self.path / IDENTITY).is_file() or (self.path / self.finished).exists() or checkpoints
+        return (self.path / IDENTITY).is_file() or (self.path / self.finished).exists() or self.has_checkpoints()
+
+    def only_started(self) -> bool:
+        """Whether the folder holds a run's identity and nothing more: no checkpoint, no finished result."""
+        return (self.path / IDENTITY).is_file() and not (self.path / self.finished).exists() \
+            and not self.has_checkpoints()
 
     def __enter__(self) -> ResultFolder:
         check_out(self.path)
@@ -160,9 +172,17 @@ class ResultFolder:
             self._unlock()
 
     def _check(self) -> None:
-        if self.overwrite or not self.holds_run():
+        if self.overwrite:
             return
-        if not self.resume:
+        if not self.holds_run():
+            if self.resume and self.resumable:
+                from jaxtrace.io.checkpoints import CheckpointError
+
+                raise CheckpointError(f"no checkpoint to resume from in {self.checkpoints}: {self.path} holds no run "
+                                      "(no run.json, checkpoint or result); run without --resume to start it")
+            return
+        started = self.only_started()
+        if not self.resume and not started:
             what = "a finished run" if (self.path / self.finished).exists() else "an unfinished run"
             advice = "pass --resume to continue (or re-report) it, " if self.resumable else ""
             raise FileExistsError(f"{self.path} already holds {what}: {advice}pass --overwrite to replace it, or "
@@ -174,6 +194,10 @@ class ResultFolder:
         saved = read_json(saved_file, "run identity")
         differences = identity_differences(saved.get("identity", {}) if isinstance(saved, dict) else {},
                                            self.identity)
+        if differences and started and not self.resume:
+            raise FileExistsError(f"{self.path} holds the start of a different run, with no checkpoint "
+                                  f"({'; '.join(differences[:4])}" + ("; ..." if len(differences) > 4 else "")
+                                  + "): pass --overwrite to replace it, or choose another --out")
         if differences:
             raise ValueError(f"cannot resume {self.path}: it holds a different run ({'; '.join(differences[:4])}"
                              + ("; ..." if len(differences) > 4 else "") + "); use --overwrite or another --out")
@@ -259,6 +283,7 @@ class ResultFolder:
         a failure after that leaves a folder without its `finished` file. Either is a `ResultFolderError` naming the
         file (or the Orbax writer's own one-line error)."""
         staging = self.path / STAGING
+        writers = {**self.with_results, **writers}
         try:
             failed = self._stage(staging, writers) if is_writer() else None
             if _any(failed is not None):  # every process stops if process 0 could not stage the files

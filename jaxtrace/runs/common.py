@@ -139,10 +139,29 @@ def progress_bar(total: int, desc: str, enabled: bool = True) -> Iterator:
         bar.close()
 
 
+SKIPPED = "skipped.csv"
+
+
+def skipped_rows(task) -> list[dict]:
+    """What a task left out, as `skipped.csv` rows (file, lines, reason): the data lines its loader dropped, then
+    the pairs that cannot be aligned (no file or lines: the reason names the pair)."""
+    rows = []
+    for where, reason in task.dropped:
+        file, _, lines = where.rpartition(":")
+        rows.append({"file": file or where, "lines": lines if file else "", "reason": reason})
+    rows += [{"file": "", "lines": "", "reason": f"pair {label}: {reason}"} for label, reason in task.skipped]
+    return rows
+
+
 def result_folder(out: str | Path | None, kind: str, objective: Objective, provenance: Provenance, settings: dict,
                   resume: bool = False, overwrite: bool = False, finished: str = "circuit.json"):
-    """The locked result folder of a run (a null context without `out`); only `trace` runs resume."""
+    """The locked result folder of a run (a null context without `out`); only `trace` runs resume. Its results
+    include `skipped.csv`, the list of what the task left out, when it left out anything."""
     if out is None:
         return contextlib.nullcontext(None)
-    return ResultFolder(out, identity(kind, objective, provenance, settings), finished, resume, overwrite,
-                        resumable=kind == "trace")
+    folder = ResultFolder(out, identity(kind, objective, provenance, settings), finished, resume, overwrite,
+                          resumable=kind == "trace")
+    rows = skipped_rows(objective.task)
+    if rows:
+        folder.with_results[SKIPPED] = lambda path: write_csv(path, rows)
+    return folder

@@ -113,7 +113,9 @@ def sweep_models(models: list[str], tasks: list[TaskSpec], objective: ObjectiveC
                 "batch_size": objective.batch_size, "attention": objective.attention,
                 "search": {k: v for k, v in dataclasses.asdict(config).items() if k != "epochs"},
                 "tasks": [{"task": t.task, "data": t.data, "options": t.options()} for t in tasks]}
-    with ResultFolder(out, identity, "report.md", resume=True, overwrite=overwrite) as folder:
+    folder = ResultFolder(out, identity, "report.md", overwrite=overwrite)
+    folder.resume = folder.holds_run()  # the sweep the folder holds, if any, continues
+    with folder:
         out = folder.path
         pairs = [{"model": spec, "slug": slugs[spec], "task": task.task, "folder": f"{slugs[spec]}/{task.task}"}
                  for spec in models for task in tasks]

@@ -53,6 +53,8 @@ def trace_objective(objective: Objective, config: SearchConfig = SearchConfig(),
     with result_folder(out, "trace", objective, provenance, settings, resume, overwrite) as folder:
         began = time.perf_counter()
         if target_size is None:
+            # A folder holding only the run's identity (it ended before its first checkpoint) starts afresh.
+            resume = resume and folder is not None and folder.has_checkpoints()
             result = checkpointed_search(objective, runs, folder, resume, progress)
             record, seconds = dataclasses.asdict(result.config), result.seconds
         else:

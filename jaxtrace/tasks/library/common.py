@@ -1,6 +1,7 @@
 """What the task modules share: reading the public data files (UTF-8 text, line pairs, dataset folders), the
 reference's pronouns, and parsers and checks for task options."""
 
+import codecs
 import math
 from pathlib import Path
 
@@ -17,10 +18,11 @@ def dataset_dir(data: PathLike, name: str) -> Path:
 
 
 def read_text(path: Path) -> str:
-    """A UTF-8 text file's contents; bytes that are not UTF-8 are a ValueError naming the file, line and column."""
+    """A UTF-8 text file's contents, without the byte-order mark some editors write first; bytes that are not UTF-8
+    are a ValueError naming the file, line and column."""
     if not path.is_file():
         raise FileNotFoundError(f"data file not found: {path}")
-    data = path.read_bytes()
+    data = path.read_bytes().removeprefix(codecs.BOM_UTF8)
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as error:
