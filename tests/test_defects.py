@@ -338,3 +338,22 @@ def test_skipped_pairs_are_one_line_and_a_file(gpt2_dir, tmp_path, capsys):
     assert code == 0, err
     assert "skipped    38 line pairs of the data (the reference's rules):" in stdout
     assert sum(line.startswith(f"           {where}: ") for line in stdout.splitlines() for where, _ in dropped) == 38
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--num-processes", "2", "--process-id", "5"], "--process-id 5 is outside 0..1 (--num-processes 2)"),
+    (["--num-processes", "0"], "--num-processes must be >= 1, got 0"),
+    (["--num-processes", "2", "--process-id", "1"], "needs --coordinator host:port"),
+    (["--process-id", "3"], "needs --coordinator host:port"),
+    (["--process-id", "-1"], "--process-id must be >= 0, got -1"),
+])
+def test_impossible_multi_process_flags_are_refused(flags, message, tmp_path, capsys, monkeypatch):
+    """Multi-process flags that cannot describe a run were ignored by a single-process run: now one line, before
+    any model is loaded (the model folder does not even exist)."""
+    for name in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    out = tmp_path / "run"
+    assert main(["trace", "--model", str(tmp_path / "no-model"), "--task", "ioi", "--out", str(out), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("jaxtrace: error: ") and message in err, err
+    assert not out.exists()

@@ -56,13 +56,24 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
     none of them set, `jax.distributed.initialize()` is left to detect a TPU pod, SLURM or Open MPI itself, and
     nothing is done on a plain machine.
     """
+    if num_processes is not None and num_processes < 1:
+        raise ValueError(f"--num-processes must be >= 1, got {num_processes}")
     env = os.environ
     coordinator = coordinator or env.get("JAX_COORDINATOR_ADDRESS")
     num_processes = num_processes or (int(env["JAX_NUM_PROCESSES"]) if "JAX_NUM_PROCESSES" in env else None)
     if process_id is None and "JAX_PROCESS_ID" in env:
         process_id = int(env["JAX_PROCESS_ID"])
     cluster = any(key in env for key in ("TPU_WORKER_HOSTNAMES", "SLURM_JOB_ID", "OMPI_COMM_WORLD_SIZE"))
+    if process_id is not None and process_id < 0:
+        raise ValueError(f"--process-id must be >= 0, got {process_id}")
+    if process_id is not None and num_processes is not None and process_id >= num_processes:
+        raise ValueError(f"--process-id {process_id} is outside 0..{num_processes - 1} (--num-processes "
+                         f"{num_processes})")
     if coordinator is None and not cluster:
+        if (num_processes or 1) > 1 or (process_id or 0) > 0:
+            raise ValueError(f"--num-processes {num_processes} --process-id {process_id} describe a multi-process "
+                             "run, which needs --coordinator host:port (or $JAX_COORDINATOR_ADDRESS); a "
+                             "single-process run takes neither")
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over TCP (tests, CI)
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
