@@ -279,7 +279,8 @@ def run_searches(objective: Objective, configs: Sequence[SearchConfig] | Runs,
     keys = jax.random.wrap_key_data(state.keys)
     epochs = range(start_epoch, start_epoch if settled else config.epochs)
     previous = [c.select(zr) for zr, c in zip(state.z, configs)]
-    scales = np.array([data_scale(objective, c) for c in configs], np.float32) if epochs else None
+    # one scale for every run: --scale and the transform are not sweepable
+    scales = np.full(n_runs, data_scale(objective, config), np.float32) if epochs else None
     run_pairs = [None] * n_runs if pairs is None else check_pairs(objective, pairs, n_runs)
     orders = {epoch: [batcher.epoch(k, epoch, p) for k, p in zip(keys, run_pairs)] for epoch in epochs}
     # One packed shape for every step of the run: one compilation.
