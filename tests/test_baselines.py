@@ -160,18 +160,24 @@ def test_baseline_and_compare_cli(tiny_gpt2, tmp_path, capsys):
     assert "![effect against circuit size](curve.png)" in report and "(faithfulness.png)" in report
     assert (tmp_path / "cmp" / "faithfulness.png").stat().st_size > 0
     slug = model_slugs([str(folder)])[str(folder)]
-    for method in ("pgbct", "greedy"):
-        mib = tmp_path / "cmp" / "mib" / f"{method}_patching_node" / f"winogender_{slug}"
-        files = sorted(p.name for p in mib.iterdir())
-        assert files == sorted(["importances.json"] + [f"circuit_{p:g}.json" for p in faith["fractions"]])
+    assert "task winogender has no MIB name" in report and f"model {slug} has no MIB name" in report
+    for method in ("pgbct", "greedy"):  # importances alone; fixed circuits in their own folder (MIB's layout)
+        scored = tmp_path / "cmp" / "mib" / f"{method}_patching_node" / f"winogender_{slug}"
+        fixed = tmp_path / "cmp" / "mib" / f"{method}-circuits_patching_node" / f"winogender_{slug}"
+        assert [p.name for p in scored.iterdir()] == ["importances.json"]
+        assert sorted(p.name for p in fixed.iterdir()) == sorted(f"circuit_{p:g}.json" for p in faith["fractions"]
+                                                                 if p <= 0.5)
         scores = np.asarray(curve["rankings"][method])
-        graph = json.loads((mib / "importances.json").read_text())
-        assert graph["nodes"]["a1.h2"]["score"] == pytest.approx(scores[1, 2])
-        assert all(node["in_graph"] for node in graph["nodes"].values())
-        half = json.loads((mib / "circuit_0.5.json").read_text())
-        in_graph = {name for name, node in half["nodes"].items() if name.startswith("a") and node["in_graph"]}
-        top = np.argsort(-scores, axis=None, kind="stable")[:4]
-        assert in_graph == {f"a{i // 4}.h{i % 4}" for i in top}
+        graph = json.loads((scored / "importances.json").read_text())
+        assert graph["jaxtrace"]["ranking"][1][2] == pytest.approx(scores[1, 2])
+        node_scores = [node["score"] for name, node in graph["nodes"].items() if name != "logits"]
+        assert len(node_scores) == len(set(node_scores)) == 11  # input, 8 heads, 2 MLP blocks: distinct scores
+        half = json.loads((fixed / "circuit_0.5.json").read_text())
+        in_graph = {name for name, node in half["nodes"].items() if node["in_graph"]}
+        order = np.argsort(-scores, axis=None, kind="stable")  # the MLP blocks rank as zeros, before negatives
+        names = [f"a{i // 4}.h{i % 4}" for i in order if scores.flat[i] >= 0] + ["m0", "m1"] + [
+            f"a{i // 4}.h{i % 4}" for i in order if scores.flat[i] < 0]
+        assert in_graph == {"input", "logits", *names[:4]}  # int(0.5 · 11) = 5 nodes, input first
 
 
 def test_greedy_restricted_to_candidates(objective):

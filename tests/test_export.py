@@ -186,7 +186,7 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
     path = tmp_path / "graph.json"
     path.write_text("old")
 
-    def broken_dump(obj, f):
+    def broken_dump(obj, f, **options):
         f.write("partial")
         raise OSError("disk full")
 

@@ -19,8 +19,9 @@ IE(∅) = 0, and f(C) = 1 − IE(A \\ C) / IE(A). For other metrics f is the sam
 Curves of a ranking (scores [L, C], larger first; ties broken by the flat component index, `ranking_masks`): at
 MIB's fractions p of the n components (`MIB_FRACTIONS`: 0.1, 0.2, 0.5, 1, 2, 5, 10, 20, 50, 100 %) the circuit is
 the top k(p) = max(1, int(p·n)) components: MIB's `int(pct * n_scored_items)` (floor of the float64 product), but at
-least one component (MIB would score an empty circuit, f = 0). Small models repeat sizes (8 components: k = 1 up
-to 20 %). MIB's node-level evaluation ranks by |score| by default (`--absolute`); pass `np.abs(scores)` for that.
+least one component (MIB scores an empty circuit, f = 0: its k = 0 node circuit keeps `input`; `mib_score`
+below is MIB's exact variant). Small models repeat sizes (8 components: k = 1 up to 20 %). MIB's default ranking is
+signed (largest score first: CPR); the leaderboard's CMD run ranks by |score| (pass `np.abs(scores)` for that).
 The areas are MIB's trapezoids over consecutive fractions on the linear fraction axis (its default, log_scale=False),
 from the first fraction to the last — no point at 0 is added, so the area spans [0.001, 1]:
 

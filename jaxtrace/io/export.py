@@ -25,14 +25,47 @@ Mapping of a jaxtrace circuit:
   `prune()` drops edges into nodes that are out; nothing more is pruned since every node has in-graph edges from
   "input" and to "logits".
 
-`eap_graph` builds the same graph from any node scores [L, C] in z's place (a ranking's: MIB's importances files and
-thresholded circuits, written by `jaxtrace compare --mib`).
+`eap_graph` builds the same graph from any node scores [L, C] in z's place. An `eap` file is one circuit (its
+untraced nodes in graph, as jaxtrace never patched them); the files MIB scores are written by `write_mib_submission`.
+
+MIB's files (`jaxtrace compare --mib`; `../shared/reference/mib.md`). MIB's circuit track evaluates at node level
+with EAP-IG's `apply_topn(n, absolute, level="node")`: every node whose score is NaN or missing is unscored and
+ALWAYS kept, the others are sorted by score with torch's unstable argsort and the top n kept, n = int(p · n_scored)
+(truncated: 0 at small p; asking for more than n_scored fails an assertion). Its default ranking is signed (largest
+score first; CPR), the leaderboard's CMD run takes |score|. Its k = 0 circuit keeps `input` (and `logits`, always
+in); dropping `input` disconnects every node after pruning (f = 0). A submission folder holds either one importances
+file or up to 9 binary circuit files at fractions ≤ 50 %, never both. So, per method:
+
+    <root>/<method>_patching_node/<task>_<model>/importances.json            every node scored, nothing else
+    <root>/<method>-circuits_patching_node/<task>_<model>/circuit_<p>.json   in_graph only, p = 0.001 ... 0.5
+
+- Every node is scored, so n_scored = 1 + L (H + 1) (`input`, every head, every MLP block; `logits` is always in):
+  `input` ranks first (jaxtrace never patches the embeddings, and a circuit without it is disconnected); the traced
+  nodes follow the ranking; an untraced node (MLP blocks on head sites, heads on MLP sites) and a traced one whose
+  score is NaN have no score and rank as a score of 0, after the traced zeros, in node order. MIB's top-n then
+  takes the ranking's components in its order, and the other kind only where the ranking would place a zero.
+- `mlp_out` / `mlp_hidden` units: MIB counts MLP blocks, so a block is one node scored by its largest unit score
+  (where the ranking first reaches the block); sizes and fractions count nodes, not units.
+- Scores are distinct, so MIB's unstable sort cannot reorder ties: a node's exported score is ±(n − a), a the
+  node's position in the |score| order (0 first), with the sign of its score (+ for `input` and the zeros). The
+  signed order of these is the ranking's (score descending, ties by node order; `input` first, the zeros between
+  the positives and the negatives) and the |score| order is the ranking's |score| order, except ties: equal
+  |score| puts the positive scores first, then the negative ones last node first (a negative tie cannot be first
+  in both orders). The ranking's own scores are kept under "jaxtrace" (non-finite as null); JSON has no NaN, and
+  files are written with `allow_nan=False`.
+- circuit_<p>.json holds the top int(p · n) nodes of the signed order in graph (MIB's default ranking), the empty
+  circuit (int(p · n) = 0) as MIB builds it: `input` and `logits` only; edges in graph iff both ends are (what
+  node-level top-n and `prune()` leave); no scores, so MIB scores the folder as fixed circuits.
+- Folders use MIB's names (`mib_task`, `mib_model`; `<task>` with "_" as "-", as run_evaluation.py looks it up);
+  a task or model MIB has no name for keeps jaxtrace's name (`mib_folder` says so in one line).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
+from pathlib import Path
 from typing import Any, Callable
 
 from jaxtrace.core.sites import get_site
@@ -97,12 +130,143 @@ def eap_graph(model_config: dict, site: str, selected, scores, model: str | None
 def write_graph(graph: dict, path: str | os.PathLike) -> None:
     """Write a graph JSON dict to `path`, atomically."""
     with atomic_path(path) as tmp, open(tmp, "w") as f:
-        json.dump(graph, f)
+        json.dump(graph, f, allow_nan=False)
 
 
 def write_eap_graph(circuit: Circuit | dict, path: str | os.PathLike) -> None:
     """Write `to_eap_graph(circuit)` as JSON to `path`, atomically."""
     write_graph(to_eap_graph(circuit), path)
+
+
+# MIB's names (MIB_circuit_track/utils.py): jaxtrace task -> MIB task; model file or folder name (lower case) -> MIB
+# model, the checkpoints MIB evaluates (`MODEL_NAME_TO_FULLNAME`).
+MIB_TASKS = {"ioi": "ioi"}
+MIB_MODELS = {"gpt2": "gpt2", "gpt2-small": "gpt2", "qwen2.5-0.5b": "qwen2.5", "gemma-2-2b": "gemma2",
+              "llama-3.1-8b": "llama3"}
+
+
+def mib_task(task: str | None) -> str | None:
+    """MIB's name of a jaxtrace task (None: MIB has no such task)."""
+    return MIB_TASKS.get(task or "")
+
+
+def mib_model(model: str | None) -> str | None:
+    """MIB's name of a model spec, by its file or folder name (None: not a model MIB evaluates)."""
+    return MIB_MODELS.get(Path(model).name.lower()) if model else None
+
+
+def mib_folder(task: str | None, model: str | None, model_slug: str) -> tuple[str, list[str]]:
+    """The submission folder name `<task>_<model>` (MIB's names, "_" in the task as "-", as run_evaluation.py
+    builds the path) and one line for each of the task and model MIB has no name for (jaxtrace's name is used)."""
+    notes = []
+    task_name = mib_task(task)
+    if task_name is None:
+        task_name = task or "task"
+        notes.append(f"task {task_name} has no MIB name (MIB's: {', '.join(sorted(set(MIB_TASKS.values())))}): "
+                     f"the folder uses jaxtrace's")
+    model_name = mib_model(model)
+    if model_name is None:
+        model_name = model_slug
+        notes.append(f"model {model_slug} has no MIB name (MIB's: {', '.join(sorted(set(MIB_MODELS.values())))}): "
+                     f"the folder uses jaxtrace's")
+    return f"{task_name.replace('_', '-')}_{model_name}", notes
+
+
+def _eap_nodes(n_layers: int, n_heads: int) -> list[str]:
+    """EAP-IG's scored node names in graph order: input, then per layer its heads and its MLP block (no logits)."""
+    return ["input"] + [name for layer in range(n_layers)
+                        for name in [*(f"a{layer}.h{head}" for head in range(n_heads)), f"m{layer}"]]
+
+
+def _node_scores(model_config: dict, site: str, ranking) -> dict[str, float | None]:
+    """{node: the ranking's score of it} (module docstring): heads and blocks as traced, an MLP block of a unit site
+    as its largest unit score; None for `input`, untraced nodes and NaN scores."""
+    spec = get_site(site)
+    n_layers, n_heads = model_config["n_layers"], model_config["n_heads"]
+    rows = [[float(value) for value in row] for row in ranking]
+    width = n_heads + spec.blocks if spec.heads else None  # unit sites: any width, the same in every layer
+    widths = {len(row) for row in rows}
+    if len(rows) != n_layers or len(widths) != 1 or widths == {0} or (width is not None and widths != {width}):
+        raise ValueError(f"a {site} ranking must be [L, C] with L = {n_layers} layers and C = "
+                         f"{width or 'the units'} per layer, got {[len(row) for row in rows]}")
+    scores: dict[str, float | None] = dict.fromkeys(_eap_nodes(n_layers, n_heads))
+    for layer, row in enumerate(rows):
+        if spec.heads:
+            scores.update({f"a{layer}.h{head}": row[head] for head in range(n_heads)})
+        if spec.blocks:
+            scores[f"m{layer}"] = row[n_heads]
+        elif not spec.heads:
+            scored = [value for value in row if not math.isnan(value)]
+            scores[f"m{layer}"] = max(scored) if scored else None
+    return {name: None if value is None or math.isnan(value) else value for name, value in scores.items()}
+
+
+def mib_scores(model_config: dict, site: str, ranking) -> dict[str, float]:
+    """{node: distinct score ±(n − position in the |score| order)} for MIB's node-level top-n of the ranking
+    (scores [L, C], larger first) of `site`'s components: `input` first, the ranking's order (signed and by
+    |score|), unscored nodes as zeros (module docstring)."""
+    scores = _node_scores(model_config, site, ranking)
+    names = list(scores)
+    position = {name: i for i, name in enumerate(names)}
+    signed = [name for name in names[1:] if scores[name]]
+    zeros = ([name for name in names[1:] if scores[name] == 0]
+             + [name for name in names[1:] if scores[name] is None])
+    by_magnitude = sorted(signed, key=lambda name: (-abs(scores[name]), scores[name] < 0,
+                                                    -position[name] if scores[name] < 0 else position[name]))
+    magnitude = {name: len(names) - i for i, name in enumerate(["input", *by_magnitude, *zeros])}
+    return {name: float(magnitude[name]) * (-1.0 if (scores[name] or 0) < 0 else 1.0) for name in names}
+
+
+def _node_graph(model_config: dict, nodes: dict[str, dict], about: dict) -> dict:
+    """A node-level graph JSON: `nodes` as given, `logits` in, each edge in iff both ends are (score 0.0)."""
+    n_layers, n_heads = model_config["n_layers"], model_config["n_heads"]
+    nodes = {**nodes, "logits": {"in_graph": True}}
+    edges = {name: {"score": 0.0, "in_graph": nodes[parent]["in_graph"] and nodes[child]["in_graph"]}
+             for name, parent, child in _eap_edges(n_layers, n_heads)}
+    return {"cfg": {"n_layers": n_layers, "n_heads": n_heads, "parallel_attn_mlp": False,
+                    "d_model": model_config["d_model"]},
+            "nodes": nodes, "edges": edges, "jaxtrace": about}
+
+
+def mib_importances(model_config: dict, site: str, ranking, about: dict | None = None) -> dict:
+    """MIB's importances graph JSON of a ranking (scores [L, C]): every node in graph with its `mib_scores` score;
+    the ranking itself under "jaxtrace" ("ranking", non-finite scores as null) with `about`."""
+    ranking = [[float(value) for value in row] for row in ranking]
+    scores = mib_scores(model_config, site, ranking)
+    nodes = {name: {"in_graph": True, "score": score} for name, score in scores.items()}
+    raw = [[value if math.isfinite(value) else None for value in row] for row in ranking]
+    return _node_graph(model_config, nodes, {**(about or {}), "site": site, "ranking": raw})
+
+
+def mib_circuits(model_config: dict, site: str, ranking, fractions, about: dict | None = None) -> dict[float, dict]:
+    """{p: MIB's binary circuit at fraction p}: the top int(p · n) of the n nodes by `mib_scores` (signed, MIB's
+    default ranking) in graph, the empty circuit keeping `input`; no scores. At most 9 fractions, each in (0, 0.5]."""
+    fractions = [float(p) for p in fractions]
+    if not 1 <= len(fractions) <= 9 or any(not 0 < p <= 0.5 for p in fractions):
+        raise ValueError(f"MIB scores 1 to 9 circuits at fractions in (0, 0.5], got {fractions}")
+    scores = mib_scores(model_config, site, ranking)
+    order = sorted(scores, key=lambda name: -scores[name])
+    circuits = {}
+    for p in fractions:
+        size = int(p * len(order))
+        kept = set(order[:size]) | {"input"}
+        nodes = {name: {"in_graph": name in kept} for name in _eap_nodes(model_config["n_layers"],
+                                                                        model_config["n_heads"])}
+        circuits[p] = _node_graph(model_config, nodes, {**(about or {}), "site": site, "fraction": p, "size": size})
+    return circuits
+
+
+def write_mib_submission(root: str | os.PathLike, method: str, folder: str, model_config: dict, site: str, ranking,
+                         fractions, about: dict | None = None) -> None:
+    """A ranking's MIB files under `root` (module docstring): <method>_patching_node/<folder>/importances.json alone,
+    and <method>-circuits_patching_node/<folder>/circuit_<p>.json for the `fractions` up to 0.5 (at most 9)."""
+    scored = Path(root) / f"{method}_patching_node" / folder
+    scored.mkdir(parents=True)
+    write_graph(mib_importances(model_config, site, ranking, about), scored / "importances.json")
+    fixed = Path(root) / f"{method}-circuits_patching_node" / folder
+    fixed.mkdir(parents=True)
+    for p, graph in mib_circuits(model_config, site, ranking, [p for p in fractions if p <= 0.5], about).items():
+        write_graph(graph, fixed / f"circuit_{p:g}.json")
 
 
 EXPORT_FORMATS: dict[str, Callable[[Circuit | dict, str | os.PathLike], None]] = {"eap": write_eap_graph}

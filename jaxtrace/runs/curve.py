@@ -18,15 +18,17 @@ then the components it did not reach by single effect) and `pgbct` (the mean of 
 kept under stronger penalties ranks higher; with one λ, that run's z). `random` has no ranking.
 
 MIB layout (`mib/`, for the methods of `--mib`), as MIB's `run_evaluation.py` looks circuits up
-(`<circuit_dir>/<method>_<ablation>_<level>/<task>_<model>/importances.json`, ablation `patching`: the
-counterfactual, level `node`):
+(`<circuit_dir>/<method>_<ablation>_<level>/<task>_<model>/`, ablation `patching`: the counterfactual, level `node`):
+a folder holds either importances or fixed circuits, never both (`jaxtrace.io.export.write_mib_submission`):
 
-    mib/<method>_patching_node/<task>_<model>/importances.json     every node scored by the ranking, all in graph
-    mib/<method>_patching_node/<task>_<model>/circuit_<p>.json     the top max(1, int(p·n)) components in graph,
-                                                                  p = 0.001 ... 1 (MIB's fractions)
+    mib/<method>_patching_node/<task>_<model>/importances.json            every node scored by the ranking
+    mib/<method>-circuits_patching_node/<task>_<model>/circuit_<p>.json   its top int(p·n) nodes, p = 0.001 ... 0.5
 
-each an EAP-IG graph JSON (`jaxtrace.io.export.eap_graph`; traced nodes scored by the ranking). <task> is the
-task's name with "_" as "-", <model> the model's folder-safe name (`model_slugs`).
+n counts MIB's nodes (`input`, every head, every MLP block), all scored: `input` first, the ranking's components in
+its order, the untraced kind as zeros; distinct scores, so MIB's unstable sort keeps the ranking's order. MIB ranks
+by the signed score by default (CPR; the leaderboard's CMD run by |score|), and its k = 0 circuit keeps `input`.
+<task> and <model> are MIB's names (`ioi`; `gpt2`, `qwen2.5`, `gemma2`, `llama3`), else jaxtrace's (the task's name,
+the model's folder-safe name `model_slugs`), said in one line in report.md.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import numpy as np
 from jaxtrace.core.options import option
 from jaxtrace.core.search import SearchConfig
 from jaxtrace.engine.faithfulness import (MIB_FRACTIONS, FaithfulnessCurve, circuit_faithfulness, curve_masks,
-                                          fraction_sizes, ranking_curves, ranking_masks)
+                                          fraction_sizes, ranking_curves)
 from jaxtrace.engine.loop import resolve
 from jaxtrace.engine.mesh import is_writer
 from jaxtrace.engine.methods import (Method, MethodContext, MethodResult, compare_methods, rankings_of, report_order,
@@ -51,7 +53,7 @@ from jaxtrace.engine.methods import (Method, MethodContext, MethodResult, compar
 from jaxtrace.engine.methods.greedy import greedy_ranking  # noqa: F401  (re-exported)
 from jaxtrace.engine.objective import Objective
 from jaxtrace.io import plots
-from jaxtrace.io.export import eap_graph, write_graph
+from jaxtrace.io.export import mib_folder, write_mib_submission
 from jaxtrace.io.files import write_json, write_text
 from jaxtrace.runs.common import Provenance, progress_bar, result_folder
 from jaxtrace.runs.model_sweep import model_slugs
@@ -340,32 +342,33 @@ def report_markdown(result: CompareResult, provenance: Provenance, mib: tuple[st
              *circuit_rows, "",
              f"Curves and circuits scored in {result.faithfulness.seconds:.1f} s."]
     if mib:
+        folder, notes = mib_submission_folder(provenance)
         lines += ["", "## MIB submission layout", "",
                   "EAP-IG graph JSON, node level, counterfactual patching: "
-                  + ", ".join(f"`mib/{name}_patching_node/`" for name in mib)
-                  + " (importances.json: the ranking; circuit_<p>.json: its top max(1, int(p·n)) components)."]
+                  + ", ".join(f"`mib/{name}_patching_node/{folder}/importances.json`" for name in mib)
+                  + " (the ranking, every node scored: MIB's top-n at every fraction) and "
+                  + ", ".join(f"`mib/{name}-circuits_patching_node/{folder}/`" for name in mib)
+                  + " (circuit_<p>.json: its top int(p·n) nodes at p ≤ 0.5, MIB's fixed circuits).",
+                  *(f"- {note}" for note in notes)]
     return "\n".join(lines) + "\n"
 
 
 def write_mib(path: Path, objective: Objective, result: CompareResult, methods: tuple[str, ...],
               provenance: Provenance) -> None:
-    """The rankings of `methods` and their thresholded circuits in MIB's layout under `path` (module docstring)."""
-    described = provenance.describe()
-    model = model_slugs([provenance.model])[provenance.model] if provenance.model else "model"
-    task = (described["task"] or "task").replace("_", "-")
+    """The rankings of `methods` as MIB's files under `path` (module docstring)."""
+    folder, _ = mib_submission_folder(provenance)
     config = dataclasses.asdict(objective.spec.config)
-    every = [[layer, index] for layer in range(objective.shape[0]) for index in range(objective.shape[1])]
-    fractions, sizes = result.faithfulness.fractions, result.faithfulness.sizes
-    rankings, ranking_of = result.rankings, result.ranking_of
+    about = {"model": provenance.model, "task": provenance.describe()["task"]}
     for method in methods:
-        scores = np.asarray(rankings[ranking_of[method]], np.float32)
-        folder = path / f"{method}_patching_node" / f"{task}_{model}"
-        folder.mkdir(parents=True)
-        graph = lambda selected: eap_graph(config, objective.site, selected, scores, provenance.model,  # noqa: E731
-                                           described["task"])
-        write_graph(graph(every), folder / "importances.json")
-        for p, mask in zip(fractions, ranking_masks(scores, sizes)):
-            write_graph(graph(np.argwhere(mask > 0).tolist()), folder / f"circuit_{p:g}.json")
+        scores = np.asarray(result.rankings[result.ranking_of[method]], np.float64)
+        write_mib_submission(path, method, folder, config, objective.site, scores, MIB_FRACTIONS,
+                             {**about, "method": method})
+
+
+def mib_submission_folder(provenance: Provenance) -> tuple[str, list[str]]:
+    """`<task>_<model>` with MIB's names, and a line for each name MIB lacks (`jaxtrace.io.export.mib_folder`)."""
+    slug = model_slugs([provenance.model])[provenance.model] if provenance.model else "model"
+    return mib_folder(provenance.describe()["task"], provenance.model, slug)
 
 
 def write_curve_plot(result: CompareResult, path) -> None:
