@@ -131,8 +131,10 @@ def test_baseline_and_compare_cli(tiny_gpt2, tmp_path, capsys):
     greedy = json.loads((tmp_path / "greedy" / "circuit.json").read_text())
     assert greedy["method"] == "greedy" and greedy["n_selected"] == 2 and greedy["status"] == "ok"
     assert main(["compare", *common, "--sizes", "1,2,4", "--n-lambdas", "2", "--epochs", "2", "--samples", "5",
-                 "--ig-steps", "2", "--mib", "pgbct,greedy", "--no-progress", "--out", str(tmp_path / "cmp")]) == 0
+                 "--ig-steps", "2", "--mib", "pgbct,greedy", "--direction", "patch", "--no-progress",
+                 "--out", str(tmp_path / "cmp")]) == 0
     curve = json.loads((tmp_path / "cmp" / "curve.json").read_text())
+    assert curve["direction"] == "patch"  # as the baselines above
     assert {1, 2, 4} <= {row["size"] for row in curve["rows"]} and set(curve["seconds"]) == {
         "pgbct", "pgbct_budgets", "greedy", "topk", "random"}
     assert (tmp_path / "cmp" / "curve.png").stat().st_size > 0

@@ -50,9 +50,9 @@ def test_builtin_methods_in_compare_and_report_order():
                                                        "ig")
     assert {m.name: m.ranking for m in reported} == {
         "pgbct": "mean final z of the λ sweep",
-        "pgbct_budgets": "budgeted circuits merged (keep direction, MIB's sizes)", "greedy": "order of addition, then single effects",
+        "pgbct_budgets": "budgeted circuits merged (MIB's sizes)", "greedy": "order of addition, then single effects",
         "topk": "single effects (= single)", "random": "none", "single": "effect alone",
-        "atp": "AtP score (gradient at no patch)", "ig": "IG score"}
+        "atp": "AtP score (gradient at nothing patched; keep: at nothing kept)", "ig": "IG score"}
 
 
 def test_registration_is_checked():
@@ -79,13 +79,14 @@ def test_a_registered_method_is_compared_and_offered(objective, tmp_path):
     with pytest.raises(ValueError, match="first_k has no ranking"):
         CurveConfig(mib=("first_k",))
 
-    # its circuits: the first k components, measured at every size
+    # its circuits: the first k components, measured at every size in compare's default direction, keep
     curve = json.loads((tmp_path / "cmp" / "curve.json").read_text())
-    assert curve == json.loads(json.dumps({**curve, **result.to_dict()}))
+    assert curve == json.loads(json.dumps({**curve, **result.to_dict()})) and curve["direction"] == "keep"
+    every = float(objective.evaluate_masks(np.ones((1, *objective.shape), np.float32))[0])
     for row in curve["rows"]:
-        first = np.zeros(objective.n_components, np.float32)
-        first[: row["size"]] = 1
-        expected = float(objective.evaluate_masks(first.reshape(1, *objective.shape))[0])
+        first = np.ones(objective.n_components, np.float32)  # the patch of the first k kept: the rest
+        first[: row["size"]] = 0
+        expected = every - float(objective.evaluate_masks(first.reshape(1, *objective.shape))[0])
         assert row["first_k"] == pytest.approx(expected, abs=1e-6)
     assert all(row["first_k"] is not None for row in curve["faithfulness_rows"])
     # its ranking: faithfulness curves, MIB export, wall time (not a search)
@@ -108,7 +109,7 @@ def test_compare_result_matches_curve_json_keys(objective):
     seen = []
     context = MethodContext(objective, (1, 2), search=SearchConfig(epochs=1), n_random=2, ig_steps=1)
     result = compare(context, report=lambda r: seen.append(r.to_dict()))
-    keys = {"rows", "seconds", "method_seconds", "greedy_max", "greedy_candidates", "n_random", "ig_steps",
+    keys = {"direction", "rows", "seconds", "method_seconds", "greedy_max", "greedy_candidates", "n_random", "ig_steps",
             "effect_all", "n_components", "n_pairs", "site", "metric", "pgbct_runs", "pgbct_budgets", "faithfulness",
             "faithfulness_rows", "rankings"}
     assert all(set(d) == keys for d in seen) and len(seen) == len(compare_methods()) + 1

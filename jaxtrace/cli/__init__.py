@@ -17,6 +17,7 @@ from jaxtrace.cli.options import add_options, from_args, given
 from jaxtrace.core.errors import one_line
 from jaxtrace.core.search import SearchConfig
 from jaxtrace.core.sites import MODEL_SITES, gate_shape
+from jaxtrace.engine.budgets import parse_budgets
 from jaxtrace.engine.mesh import MeshSpec, is_writer
 from jaxtrace.engine.objective import ObjectiveConfig, build_objective, check_task_fits
 from jaxtrace.io.cache import enable_compilation_cache
@@ -32,7 +33,7 @@ from jaxtrace.runs.info import model_summary, next_tokens, time_gated_step
 from jaxtrace.runs.model_sweep import find_circuits, summary_table, sweep_models
 from jaxtrace.runs.plan import PlanConfig, TaskShape, format_plan, plan
 from jaxtrace.runs.stability import StabilityConfig, stability_run, summary
-from jaxtrace.runs.trace import trace
+from jaxtrace.runs.trace import BudgetedTrace, trace, trace_budgets
 from jaxtrace.tasks import TASK_LOADERS, TaskSpec
 from jaxtrace.version import __version__
 
@@ -108,10 +109,29 @@ def cmd_trace(args) -> None:
     model_spec, model, task_spec, task = _load(args)
     log.info(model_summary(model, model_spec.model))
     log.info(f"task       {task_spec.task}: {len(task)} pairs; site {objective.site}; results in {args.out}")
+    if args.budgets is not None:
+        if args.target_size is not None:
+            raise ValueError("--budgets and --target-size: give one of them")
+        result = trace_budgets(build_objective(model, task, objective, mesh=mesh), search, args.budgets,
+                               out=args.out, resume=args.resume, overwrite=args.overwrite,
+                               progress=not args.no_progress, provenance=Provenance(model_spec.model, task_spec))
+        log.info(budgets_summary(result, Path(args.out)))
+        return
     circuit = trace(model, task, objective, search, mesh=mesh, out=args.out, resume=args.resume,
                     overwrite=args.overwrite, target_size=args.target_size, progress=not args.no_progress,
                     provenance=Provenance(model_spec.model, task_spec))
     log.info(circuit_summary(circuit, Path(args.out)))
+
+
+def budgets_summary(result: BudgetedTrace, out: Path) -> str:
+    """One line per budget: its circuit's size, effect and MIB faithfulness."""
+    lines = [f"budgets    {','.join(map(str, result.budgets))} ({result.direction} direction), "
+             f"all components {result.effect_all:+.4f}, {result.seconds:.0f} s"]
+    for (k, circuit), effect, f in zip(result.circuits.items(), result.effect, result.faithfulness):
+        lines.append(f"  budget {k}: {circuit.n_selected} of {circuit.n_components} components, effect {effect:+.4f}, "
+                     f"faithfulness {f:+.3f}")
+    lines.append(f"written    {out / 'budgets.json'}, circuits/, log.csv, ranking.png")
+    return "\n".join(lines)
 
 
 def cmd_demo(args) -> None:
@@ -293,6 +313,13 @@ def circuit_summary(circuit: Circuit, out: Path) -> str:
     ])
 
 
+def _budgets(text: str) -> str | list[int]:
+    try:
+        return parse_budgets(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def _comma_list(text: str) -> list[str]:
     return [item.strip() for item in text.split(",") if item.strip()]
 
@@ -355,13 +382,17 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--resume", action="store_true", help="continue (or re-report) the run in --out")
         sub.add_argument("--target-size", type=int,
                          help="search λ (vmapped sweeps) for a circuit of about this many components")
+        sub.add_argument("--budgets", type=_budgets, metavar="BUDGETS",
+                         help="one circuit per budget k, each of at most k components, all budgets as the runs of "
+                              "one vmapped program, and their merged ranking: comma-separated sizes such as 1,2,5,13, "
+                              "or mib (MIB's fractions of the components)")
 
     base = command("baseline", cmd_baseline, "a baseline circuit on the same objective", out="required")
     add_options(base, BaselineConfig, "baseline")
 
     comp = command("compare", cmd_compare, "the evaluation report: effect against size, effect share and "
                    "faithfulness (MIB's CPR, CMD) of PGB-CT, greedy, top-k, random, single, AtP and IG", searching,
-                   "required", exclude=no_init)
+                   "required", exclude={SearchConfig: ("init", "direction")})  # --direction: the curve's
     add_options(comp, CurveConfig, "curve")
 
     stable = command("stability", cmd_stability, "PGB-CT over seeds x bootstrap resamples of the pairs (one vmapped "

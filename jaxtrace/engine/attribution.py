@@ -5,6 +5,12 @@ many gate points, and from it attribution patching (AtP) and integrated gradient
     scores = integrated_gradients(objective, steps=32)  # [L, C], summing to about effect(all) - effect(none)
 
 Both differentiate the metric's trained form (accuracy: its logit-difference surrogate), as PGB-CT does.
+
+In the keep direction (`Objective.circuit_effects`: a kept set C scores IE(A) − IE(A \\ C)) the gates z keep
+components clean and the patch weights are 1 − z. AtP there is the gradient of IE(A) − IE(1 − z) at z = 0, i.e. of
+the mean effect at every component patched: the first-order estimate of keeping each component alone. IG's path
+from no component kept to all is the patch direction's path reversed, so its scores are the same in both
+directions.
 """
 
 from __future__ import annotations
@@ -46,10 +52,12 @@ def mask_gradients(objective: Objective, points) -> tuple[np.ndarray, np.ndarray
     return (grads / len(objective.task)).astype(np.float32), effects
 
 
-def attribution_patching(objective: Objective) -> np.ndarray:
-    """[L, C] AtP scores: the gradient of the task's mean effect with respect to the gates at z = 0 (no component
-    patched), the first-order estimate of each component's effect alone."""
-    return mask_gradients(objective, np.zeros((1, *objective.shape), np.float32))[0][0]
+def attribution_patching(objective: Objective, direction: str = "patch") -> np.ndarray:
+    """[L, C] AtP scores: the gradient of the task's mean effect with respect to the gates at no component patched
+    (patch direction) or at every component patched (keep direction: the gradient of the kept effect at nothing
+    kept), the first-order estimate of each component's effect alone in that direction."""
+    point = np.full((1, *objective.shape), 0.0 if direction == "patch" else 1.0, np.float32)
+    return mask_gradients(objective, point)[0][0]
 
 
 def ig_alphas(steps: int) -> np.ndarray:
@@ -63,7 +71,7 @@ def integrated_gradients(objective: Objective, steps: int = 32) -> np.ndarray:
     """[L, C] IG scores along the straight path z = α·1 from no component (α = 0) to all (α = 1): (1 - 0) times the
     mean gradient of the task's mean effect at the midpoints α_k = (k + 1/2) / steps, all evaluated in one vmapped
     program per batch. Completeness: the scores sum to effect(all) - effect(none) (the latter 0) up to the midpoint
-    rule's O(1 / steps²) error."""
+    rule's O(1 / steps²) error. The same scores in the keep direction (module docstring)."""
     points = ig_alphas(steps)[:, None, None] * np.ones((1, *objective.shape), np.float32)
     return mask_gradients(objective, points)[0].mean(0)
 
@@ -71,10 +79,11 @@ def integrated_gradients(objective: Objective, steps: int = 32) -> np.ndarray:
 ATTRIBUTIONS = ("atp", "ig")
 
 
-def attribution_scores(objective: Objective, method: str, ig_steps: int = 32) -> np.ndarray:
-    """[L, C] the scores of an attribution `method` ("atp" or "ig" with `ig_steps` steps)."""
+def attribution_scores(objective: Objective, method: str, ig_steps: int = 32,
+                       direction: str = "patch") -> np.ndarray:
+    """[L, C] the scores of an attribution `method` ("atp" or "ig" with `ig_steps` steps) in `direction`."""
     if method == "atp":
-        return attribution_patching(objective)
+        return attribution_patching(objective, direction)
     if method == "ig":
         return integrated_gradients(objective, ig_steps)
     raise ValueError(f"unknown attribution {method!r}; known: {', '.join(ATTRIBUTIONS)}")

@@ -26,21 +26,28 @@ from jaxtrace.engine.loop import SearchResult, run_searches
 from jaxtrace.engine.objective import Objective
 
 
-def budget_list(text: str | list[int], n_components: int) -> list[int]:
-    """Budgets from "1,2,5,13" or "mib" (MIB's sizes int(p·n) of the n components, zero dropped), sorted and
+def parse_budgets(text: str) -> str | list[int]:
+    """`--budgets`: "mib", or the sizes of "1,2,5" (integers >= 1)."""
+    if text.strip() == "mib":
+        return "mib"
+    try:
+        budgets = [int(item) for item in text.split(",") if item.strip()]
+    except ValueError:
+        raise ValueError(f"--budgets takes comma-separated circuit sizes such as 1,2,5 or mib, got {text!r}") from None
+    if not budgets or min(budgets) < 1:
+        raise ValueError(f"--budgets takes circuit sizes >= 1, got {text!r}")
+    return budgets
+
+
+def budget_list(budgets: str | list[int], n_components: int) -> list[int]:
+    """Budgets from "1,2,13", "mib" (MIB's sizes int(p·n) of the n components, zero dropped) or a list, sorted and
     distinct, each between 1 and n."""
-    if isinstance(text, str) and text.strip() == "mib":
-        budgets = mib_sizes(n_components, MIB_FRACTIONS)
-    else:
-        try:
-            budgets = [int(item) for item in text.split(",") if item.strip()] if isinstance(text, str) else list(text)
-        except ValueError:
-            raise ValueError(f"--budgets takes comma-separated circuit sizes such as 1,2,5 or mib, got {text!r}") \
-                from None
-        outside = [k for k in budgets if not 1 <= k <= n_components]
-        if outside or not budgets:
-            raise ValueError(f"--budgets: sizes between 1 and the {n_components} components, got {text!r}")
-    return sorted({k for k in budgets if k > 0})
+    parsed = parse_budgets(budgets) if isinstance(budgets, str) else list(budgets)
+    if parsed == "mib":
+        parsed = [k for k in mib_sizes(n_components, MIB_FRACTIONS) if k > 0]
+    elif not parsed or not all(1 <= k <= n_components for k in parsed):
+        raise ValueError(f"--budgets: sizes between 1 and the {n_components} components, got {budgets!r}")
+    return sorted(set(parsed))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +59,13 @@ class BudgetedRuns:
     results: list[SearchResult]
     circuits: dict[int, np.ndarray]
     ranking: np.ndarray
+
+    @classmethod
+    def of(cls, budgets: list[int], results: list[SearchResult]) -> BudgetedRuns:
+        """The runs of `budgets` (one result each, in order), their circuits and merged ranking."""
+        masks = np.stack([r.mask for r in results])
+        return cls(list(budgets), list(results), dict(zip(budgets, masks)),
+                   nested_ranking(budgets, masks, np.stack([r.z for r in results])))
 
 
 def nested_ranking(budgets: list[int], masks: np.ndarray, z: np.ndarray) -> np.ndarray:
@@ -69,9 +83,13 @@ def nested_ranking(budgets: list[int], masks: np.ndarray, z: np.ndarray) -> np.n
     return scores.reshape(masks[0].shape)
 
 
+def budget_configs(config: SearchConfig, budgets: list[int]) -> list[SearchConfig]:
+    """One run of `config` per budget (refused if `config` has its own budget)."""
+    if config.budget is not None:
+        raise ValueError(f"--budget {config.budget} and --budgets: give one of them")
+    return [config.replace(budget=k) for k in budgets]
+
+
 def run_budgets(objective: Objective, config: SearchConfig, budgets: list[int], **kwargs) -> BudgetedRuns:
     """One run of `config` per budget, all optimised together (one vmapped program); `kwargs` as `run_searches`."""
-    results = run_searches(objective, [config.replace(budget=k) for k in budgets], **kwargs)
-    masks = np.stack([r.mask for r in results])
-    return BudgetedRuns(list(budgets), results, dict(zip(budgets, masks)),
-                        nested_ranking(budgets, masks, np.stack([r.z for r in results])))
+    return BudgetedRuns.of(budgets, run_searches(objective, budget_configs(config, budgets), **kwargs))

@@ -201,10 +201,10 @@ def stacked_inputs(objective: Objective, batches: list[np.ndarray], shape=None):
 
 def starting_gates(objective: Objective, config: SearchConfig) -> np.ndarray:
     """[L, C] the gates a run starts from: every one at `config.init`, or with `config.warm_start` the attribution
-    scores mapped by `warm_start_z`."""
+    scores in the run's direction mapped by `warm_start_z`."""
     if config.warm_start is None:
         return np.full(objective.shape, config.init, np.float32)
-    return warm_start_z(attribution_scores(objective, config.warm_start), config.init)
+    return warm_start_z(attribution_scores(objective, config.warm_start, direction=config.direction), config.init)
 
 
 def data_scale(objective: Objective, config: SearchConfig) -> float:

@@ -22,7 +22,7 @@ from jaxtrace.core.metrics import METRICS, Metric, get_metric
 from jaxtrace.core.models import GatedLM, ModelConfig, init_model, pure
 from jaxtrace.core.options import option
 from jaxtrace.core.records import Batch, Cache
-from jaxtrace.core.search import SearchConfig, pgbct
+from jaxtrace.core.search import DIRECTIONS, SearchConfig, gates_of, pgbct
 from jaxtrace.core.sites import SITES, AttentionForm, gate_shape, get_site, source_bytes_per_pair
 from jaxtrace.engine import mesh as meshes
 from jaxtrace.engine.batcher import Batcher, PackShape
@@ -230,6 +230,10 @@ class Objective:
         """[M] mean effect over the task of each of M masks [M, L, C]."""
         return mask_effects(self, masks).mean(1)
 
+    def circuit_effects(self, masks, direction: str = "patch") -> np.ndarray:
+        """[M] mean effect over the task of each of M circuits [M, L, C] in a direction (`circuit_effects`)."""
+        return circuit_effects(self, masks, direction).mean(1)
+
     def effects(self, z) -> np.ndarray:
         """[N] per-pair effects of gates z [L, C] (soft or binary), checked to be finite."""
         return mask_effects(self, np.asarray(z)[None])[0]
@@ -399,6 +403,22 @@ def mask_effects(objective: Objective, masks) -> np.ndarray:
     for mask, row in zip(masks, out):
         check_finite(objective, row, np.arange(len(objective.task)), mask)
     return out
+
+
+def circuit_effects(objective: Objective, masks, direction: str = "patch") -> np.ndarray:
+    """[M, N] per-pair effect of each of M circuits [M, L, C] (binary or soft) in a direction. patch: IE(S), the
+    effect of patching S. keep: IE(A) − IE(A \\ C), what keeping C clean while every other component is patched
+    takes back of patching them all (m(C) − m(∅) for the logit difference; its mean over IE(A) is MIB's
+    faithfulness). Both are larger for a better circuit and equal IE(A) for every component; all masks (and A) in
+    one `mask_effects` call."""
+    if direction not in DIRECTIONS:
+        raise ValueError(f"--direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
+    masks = np.asarray(masks, np.float32)
+    if direction == "patch":
+        return mask_effects(objective, masks)
+    ones = np.ones((1, *objective.shape), np.float32)
+    effects = mask_effects(objective, np.concatenate([gates_of(masks, "keep"), ones]))
+    return effects[-1:] - effects[:-1]
 
 
 def check_finite(objective: Objective, values: np.ndarray, idx: np.ndarray, z) -> None:

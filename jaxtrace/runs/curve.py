@@ -1,7 +1,16 @@
-"""The evaluation report (`compare`): every method on one objective — PGB-CT (through a λ sweep), greedy, top-k,
-random, single, AtP and IG — with effect against circuit size, the effect-share and faithfulness curves of every
-ranking with MIB's CPR and CMD (`jaxtrace.engine.faithfulness`), the faithfulness of every circuit, each method's
-wall time, and a method's ranking and thresholded circuits in MIB's submission layout.
+"""The evaluation report (`compare`): every method on one objective — PGB-CT (through a λ sweep and through one run
+per budget), greedy, top-k, random, single, AtP and IG — run and scored in one direction (`--direction`), with
+effect against circuit size, the effect-share and faithfulness curves of every ranking with MIB's CPR and CMD
+(`jaxtrace.engine.faithfulness`), the faithfulness of every circuit, each method's wall time, and a method's ranking
+and thresholded circuits in MIB's submission layout.
+
+Direction (`CurveConfig.direction`, recorded in curve.json, the report and the run's identity). keep (the default,
+MIB's scorecard): a circuit C is kept clean and every other component patched; its effect is IE(all) − IE(all \\ C)
+(f(C) · IE(all), f MIB's faithfulness) and every search looks for that (greedy adds the component whose keeping most
+restores the model, PGB-CT's gates keep components clean, single and AtP score keeping one component alone). patch
+(the reference's): a circuit S is patched and its effect is IE(S). Rankings' curves and circuits' faithfulness are
+measured the same way in both directions (`jaxtrace.engine.faithfulness`). A curve.json without "direction" (from
+an older jaxtrace) is in the patch direction.
 
 The methods are those registered in `jaxtrace.engine.methods` with `compare` set: `compare` runs each in
 registration order on one shared `MethodContext` (single effects computed once) and returns a `CompareResult`
@@ -43,7 +52,7 @@ from typing import Any, Callable
 import numpy as np
 
 from jaxtrace.core.options import option
-from jaxtrace.core.search import SearchConfig
+from jaxtrace.core.search import DIRECTIONS, SearchConfig
 from jaxtrace.engine.faithfulness import (MIB_FRACTIONS, FaithfulnessCurve, circuit_faithfulness, curve_masks,
                                           fraction_sizes, ranking_curves)
 from jaxtrace.engine.loop import resolve
@@ -80,8 +89,12 @@ def method_list(text: str) -> tuple[str, ...]:
 
 @dataclasses.dataclass(frozen=True)
 class CurveConfig:
-    """Which sizes and how much of each method's search the curve runs, and what is exported."""
+    """Which direction and sizes the curve runs, how much of each method's search, and what is exported."""
 
+    direction: str = option("keep", "keep: every method keeps its circuit clean and patches the rest (MIB's "
+                            "faithfulness, the scorecard's); patch: every method patches its circuit (the "
+                            "reference's). Methods search, and circuits are scored, in this direction",
+                            choices=DIRECTIONS)
     sizes: tuple[int, ...] = option((1, 2, 4, 8, 16, 32), "comma-separated circuit sizes for the baselines (PGB-CT's "
                                     "own sizes are added)", parse=size_list)
     n_lambdas: int = option(6, "PGB-CT runs in the vmapped λ sweep")
@@ -97,6 +110,8 @@ class CurveConfig:
                                   "written in MIB's layout under mib/ (empty: none)", parse=method_list)
 
     def __post_init__(self):
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"--direction must be one of {', '.join(DIRECTIONS)}, got {self.direction!r}")
         if len(self.lambda_range) != 2 or not 0 < self.lambda_range[0] <= self.lambda_range[1] < float("inf"):
             raise ValueError(f"--lambda-range takes LOW,HIGH with 0 < LOW <= HIGH, got {self.lambda_range}")
         if self.n_lambdas < 1 or self.samples < 1 or self.ig_steps < 1:
@@ -146,6 +161,7 @@ class CompareResult:
     n_pairs: int
     site: str
     metric: str
+    direction: str = "patch"                 # what the circuits' effects are (`Objective.circuit_effects`)
     greedy_candidates: int | None = None
     n_random: int = 100
     ig_steps: int = 32
@@ -211,11 +227,12 @@ class CompareResult:
                 if name in own and result.scores is not None}
 
     def to_dict(self) -> dict:
-        """curve.json's content: rows, seconds, method_seconds, the methods' extras (pgbct_runs, greedy_max), the
-        options, IE(all) and the objective's sizes, faithfulness, faithfulness_rows and rankings (the last three
-        once every method has run)."""
+        """curve.json's content: the direction, rows, seconds, method_seconds, the methods' extras (pgbct_runs,
+        greedy_max), the options, IE(all) and the objective's sizes, faithfulness, faithfulness_rows and rankings
+        (the last three once every method has run)."""
         done = self.faithfulness is not None
-        return {"rows": self.rows, "seconds": self.seconds, "method_seconds": self.method_seconds, **self.extras,
+        return {"direction": self.direction, "rows": self.rows, "seconds": self.seconds,
+                "method_seconds": self.method_seconds, **self.extras,
                 "greedy_candidates": self.greedy_candidates, "n_random": self.n_random, "ig_steps": self.ig_steps,
                 "effect_all": self.effect_all, "n_components": self.n_components, "n_pairs": self.n_pairs,
                 "site": self.site, "metric": self.metric,
@@ -226,8 +243,8 @@ class CompareResult:
 
 
 def compare(context: MethodContext, report: Callable[[CompareResult], None] | None = None) -> CompareResult:
-    """Every registered method of the report (`compare_methods`, in registration order) on the context's objective:
-    its circuits by size, its ranking's faithfulness curves, and its wall time.
+    """Every registered method of the report (`compare_methods`, in registration order) on the context's objective,
+    in the context's direction: its circuits by size, its ranking's faithfulness curves, and its wall time.
 
     A method with `own_sizes` (PGB-CT: one vmapped sweep of (λ1, λ2) scaled by the context's `lambda_factors`) puts
     its circuits at their own sizes, which join the context's sizes so the methods after it are measured there too.
@@ -249,8 +266,8 @@ def compare(context: MethodContext, report: Callable[[CompareResult], None] | No
     running = compare_methods()
     results: dict[str, MethodResult] = {}
     result = CompareResult(report_order(running), sizes, results, effect_all, objective.n_components,
-                           len(objective.task), objective.site, objective.metric.name, context.greedy_candidates,
-                           context.n_random, context.ig_steps)
+                           len(objective.task), objective.site, objective.metric.name, context.direction,
+                           context.greedy_candidates, context.n_random, context.ig_steps)
     for method in running:
         results[method.name] = run_method(method, context)
         if method.own_sizes:
@@ -277,6 +294,11 @@ def compare(context: MethodContext, report: Callable[[CompareResult], None] | No
     return result
 
 
+EFFECT_OF = {"patch": "IE(S), the mean effect of patching the circuit S",
+             "keep": "IE(all) − IE(all \\ C), what keeping the circuit C clean while every other component is "
+                     "patched takes back of patching them all (f(C) · IE(all))"}  # a circuit's effect by direction
+
+
 def _cells(values, digits: int = 4) -> str:
     return " | ".join("–" if v is None else f"{v:+.{digits}f}" for v in values)
 
@@ -291,6 +313,7 @@ def table_markdown(result: CompareResult) -> str:
     lines = _table(result.columns, result.rows)
     lines.append("")
     lines.append(f"all {result.n_components} components: {result.effect_all:+.4f}")
+    lines.append(f"direction {result.direction}: a circuit's effect is {EFFECT_OF[result.direction]}")
     lines.append("wall time: " + ", ".join(f"{n} {s:.1f} s" for n, s in result.method_seconds.items()))
     return "\n".join(lines)
 
@@ -325,6 +348,10 @@ def report_markdown(result: CompareResult, provenance: Provenance, mib: tuple[st
              f"{result.n_pairs} pairs, {result.n_components} {result.site} components, metric "
              f"{result.metric}; IE(all) = {result.effect_all:+.4f} (the mean effect of patching every "
              "component from the counterfactual).", "",
+             f"Direction: {result.direction}. Every method searched for, and is scored by, "
+             + ("circuits kept clean with every other component patched (MIB's)" if result.direction == "keep"
+                else "circuits patched from the counterfactual (the reference's)")
+             + f"; a circuit's effect is {EFFECT_OF[result.direction]}.", "",
              "## Methods", "", methods_markdown(result), "",
              "CPR and CMD are MIB's areas under f and under |1 − f| over the fractions 0.001 … 1 of the components "
              "(trapezoids on the linear fraction axis; see `jaxtrace.engine.faithfulness`).", "",
@@ -378,9 +405,10 @@ def write_curve_plot(result: CompareResult, path) -> None:
 
 def curve_context(objective: Objective, search: SearchConfig, config: CurveConfig,
                   progress: bool = True) -> MethodContext:
-    """The methods' context of a comparison: `config`'s sizes and options, PGB-CT's λ factors spaced
-    geometrically over `lambda_range`, and a progress bar when `progress`."""
-    return MethodContext(objective, tuple(config.sizes), search=search,
+    """The methods' context of a comparison: `config`'s direction (the search's too), sizes and options, PGB-CT's λ
+    factors spaced geometrically over `lambda_range`, and a progress bar when `progress`."""
+    return MethodContext(objective, tuple(config.sizes), direction=config.direction,
+                         search=search.replace(direction=config.direction),
                          lambda_factors=np.geomspace(*config.lambda_range, config.n_lambdas),
                          greedy_max=config.greedy_max, greedy_candidates=config.greedy_candidates,
                          n_random=config.samples, seed=config.random_seed, ig_steps=config.ig_steps,
@@ -390,9 +418,10 @@ def curve_context(objective: Objective, search: SearchConfig, config: CurveConfi
 def compare_run(objective: Objective, search: SearchConfig, config: CurveConfig, *,
                 out: str | Path | None = None, overwrite: bool = False, progress: bool = True,
                 provenance: Provenance = Provenance()) -> CompareResult:
-    """The evaluation of every method on `objective`; with `out`, curve.json and curve.png are rewritten after every
-    method (a killed comparison keeps what it measured), then curve.md, faithfulness.png, mib/ and report.md (last)
-    are published."""
+    """The evaluation of every method on `objective` in `config.direction` (which the search's direction follows);
+    with `out`, curve.json and curve.png are rewritten after every method (a killed comparison keeps what it
+    measured), then curve.md, faithfulness.png, mib/ and report.md (last) are published."""
+    search = search.replace(direction=config.direction)
     settings = {"search": {k: v for k, v in dataclasses.asdict(resolve(objective, [search])[0]).items()},
                 "curve": dataclasses.asdict(config)}
     with result_folder(out, "compare", objective, provenance, settings, overwrite=overwrite,

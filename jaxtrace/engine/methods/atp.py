@@ -1,5 +1,6 @@
-"""atp: attribution patching, the gradient of the mean effect with respect to the gates at no patch
-(`jaxtrace.engine.attribution`); its circuits are its top scores at every size."""
+"""atp: attribution patching, the gradient of the mean effect with respect to the gates at no patch (keep
+direction: at every component patched, the gradient of the kept effect; `jaxtrace.engine.attribution`); its circuits
+are its top scores at every size."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ from jaxtrace.engine.objective import Objective
 
 
 def run(objective: Objective, context: MethodContext) -> MethodResult:
-    scores = attribution_patching(objective)
+    scores = attribution_patching(objective, context.direction)
     return MethodResult(top_circuits(context, scores), scores)
 
 
-METHOD = register(Method("atp", run, ranking="AtP score (gradient at no patch)", scores=True, report_order=60))
+METHOD = register(Method("atp", run, ranking="AtP score (gradient at nothing patched; keep: at nothing kept)",
+                         scores=True, report_order=60))

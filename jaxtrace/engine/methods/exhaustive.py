@@ -1,5 +1,5 @@
-"""exhaustive: the best mask of each size over all subsets up to the largest size (refused above 100,000 masks);
-a baseline only."""
+"""exhaustive: the best mask of each size, in the context's direction, over all subsets up to the largest size
+(refused above 100,000 masks); a baseline only."""
 
 from __future__ import annotations
 
@@ -20,9 +20,10 @@ def count_subsets(n: int, k: int) -> int:
     return sum(math.comb(n, size) for size in range(1, k + 1))
 
 
-def exhaustive_path(objective: Objective, k: int, max_masks: int = MAX_MASKS) -> Iterator[tuple[np.ndarray, float]]:
-    """(mask [L, C], mean effect) of the best mask of each size 1..k over all subsets; refused when there are more
-    than `max_masks`."""
+def exhaustive_path(objective: Objective, k: int, max_masks: int = MAX_MASKS,
+                    direction: str = "patch") -> Iterator[tuple[np.ndarray, float]]:
+    """(mask [L, C], mean effect) of the best mask of each size 1..k over all subsets, by the mean effect in
+    `direction` (`Objective.circuit_effects`); refused when there are more than `max_masks`."""
     n = objective.n_components
     total = count_subsets(n, k)
     if total > max_masks:
@@ -33,18 +34,19 @@ def exhaustive_path(objective: Objective, k: int, max_masks: int = MAX_MASKS) ->
         subsets = np.array(list(itertools.combinations(range(n), size)))
         masks = np.zeros((len(subsets), n), np.float32)
         np.put_along_axis(masks, subsets, 1.0, axis=1)
-        effects = objective.mask_effects(masks.reshape(-1, *shape)).mean(1)
+        effects = objective.circuit_effects(masks.reshape(-1, *shape), direction)
         best = int(np.argmax(effects))
         yield masks[best].reshape(shape) > 0, float(effects[best])
 
 
-def exhaustive(objective: Objective, k: int, max_masks: int = MAX_MASKS) -> list[np.ndarray]:
-    """The best mask of each size 1..k over all subsets; refused when there are more than `max_masks`."""
-    return [mask for mask, _ in exhaustive_path(objective, k, max_masks)]
+def exhaustive(objective: Objective, k: int, max_masks: int = MAX_MASKS, direction: str = "patch") -> list[np.ndarray]:
+    """The best mask of each size 1..k over all subsets in `direction`; refused when there are more than
+    `max_masks`."""
+    return [mask for mask, _ in exhaustive_path(objective, k, max_masks, direction)]
 
 
 def run(objective: Objective, context: MethodContext) -> MethodResult:
-    best = exhaustive_path(objective, max(context.sizes))
+    best = exhaustive_path(objective, max(context.sizes), direction=context.direction)
     return MethodResult({size: found for size, found in enumerate(best, 1) if size in context.sizes})
 
 

@@ -1,7 +1,8 @@
-"""greedy: forward selection, each round one batch of masks (every remaining candidate added to the current
-circuit), up to the context's `greedy_max` (default: the largest size) over its `greedy_candidates` best components
-by single effect (default: all), and at most to their number. Its ranking: the order of addition, then the
-components it did not reach by single effect."""
+"""greedy: forward selection in the context's direction (patch: add the component whose patching most raises the
+effect; keep: the one whose keeping clean most restores the model, every other component patched), each round one
+batch of masks (every remaining candidate added to the current circuit), up to the context's `greedy_max` (default:
+the largest size) over its `greedy_candidates` best components by single effect (default: all), and at most to
+their number. Its ranking: the order of addition, then the components it did not reach by single effect."""
 
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ from jaxtrace.engine.methods.single import single_of
 from jaxtrace.engine.objective import Objective
 
 
-def greedy_path(objective: Objective, k: int,
-                candidates: np.ndarray | None = None) -> Iterator[tuple[np.ndarray, float]]:
+def greedy_path(objective: Objective, k: int, candidates: np.ndarray | None = None,
+                direction: str = "patch") -> Iterator[tuple[np.ndarray, float]]:
     """Forward selection: yields (mask [L, C], mean effect) for sizes 1..k, each adding the candidate that
-    maximises the mean effect.
+    maximises the mean effect in `direction` (`Objective.circuit_effects`).
 
     Every round evaluates all remaining candidates (default: every component; or the flat indices given, e.g. the
     best by single effect, to bound the cost) as one batch of masks.
@@ -32,16 +33,16 @@ def greedy_path(objective: Objective, k: int,
         remaining = np.flatnonzero(pool & (current == 0))
         masks = np.repeat(current[None], len(remaining), axis=0)
         masks[np.arange(len(remaining)), remaining] = 1.0
-        effects = objective.mask_effects(masks.reshape(-1, *shape)).mean(1)
+        effects = objective.circuit_effects(masks.reshape(-1, *shape), direction)
         best = int(np.argmax(effects))
         current = masks[best]
         yield current.reshape(shape) > 0, float(effects[best])
 
 
-def greedy(objective: Objective, k: int,
-           candidates: np.ndarray | None = None) -> list[np.ndarray]:
+def greedy(objective: Objective, k: int, candidates: np.ndarray | None = None,
+           direction: str = "patch") -> list[np.ndarray]:
     """Greedy masks of sizes 1..k (see `greedy_path`)."""
-    return [mask for mask, _ in greedy_path(objective, k, candidates)]
+    return [mask for mask, _ in greedy_path(objective, k, candidates, direction)]
 
 
 def greedy_ranking(order: list[int], single: np.ndarray) -> np.ndarray:
@@ -59,7 +60,7 @@ def run(objective: Objective, context: MethodContext) -> MethodResult:
     limit = min(context.greedy_max or max(sizes), max(sizes), candidates or objective.n_components)
     pool = None if candidates is None else np.argsort(-single_of(context), axis=None)[:candidates]
     order, previous, circuits = [], np.zeros(objective.shape, bool), {}
-    for size, (mask, effect) in enumerate(greedy_path(objective, limit, pool), 1):
+    for size, (mask, effect) in enumerate(greedy_path(objective, limit, pool, context.direction), 1):
         order.append(int(np.flatnonzero(mask & ~previous)[0]))
         previous = mask
         if size in sizes:

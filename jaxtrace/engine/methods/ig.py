@@ -1,5 +1,6 @@
 """ig: integrated gradients along z = α·1 from no patch to all, the context's `ig_steps` midpoints
-(`jaxtrace.engine.attribution`); its circuits are its top scores at every size."""
+(`jaxtrace.engine.attribution`; the keep direction's path is the same path reversed, so the same scores); its
+circuits are its top scores at every size, scored in the context's direction."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """Budgeted PGB-CT as a method of the report: one run per budget (MIB's sizes of the components), all in one vmapped
-program (`jaxtrace.engine.budgets`), in the keep direction (the circuit kept clean, everything else patched: MIB's
-faithfulness) with the scale-free data term; the budget sets each circuit's size, so the L1 penalty is off. Its
-circuits land at their budgets; its ranking is the budgets' merged order."""
+program (`jaxtrace.engine.budgets`), in the context's direction (compare's default, keep: the circuit kept clean,
+everything else patched, MIB's faithfulness) with the scale-free data term; the budget sets each circuit's size, so
+the L1 penalty is off. Its circuits land at their budgets; its ranking is the budgets' merged order."""
 
 from __future__ import annotations
 
@@ -15,15 +15,19 @@ from jaxtrace.engine.objective import Objective
 def run(objective: Objective, context: MethodContext) -> MethodResult:
     if context.search is None:
         raise ValueError("pgbct_budgets needs a search config (MethodContext.search)")
-    config = context.search.replace(direction="keep", scale="effect", lambda1=0.0)
+    config = context.search.replace(direction=context.direction, scale="effect", lambda1=0.0, budget=None)
     budgets = budget_list("mib", objective.n_components)
     with context.progress(config.epochs * len(objective.batcher.in_order), "PGB-CT budgets") as on_step:
         result = run_budgets(objective, config, budgets, on_step=on_step)
     masks = np.stack([result.circuits[k] for k in budgets]).astype(np.float32)
-    circuits = {int(m.sum()): (m > 0, float(e)) for m, e in zip(masks, objective.evaluate_masks(masks)) if m.sum()}
+    circuits = {}
+    for mask, effect in zip(masks, context.effects(masks)):  # a run below its budget: the best of its size
+        size = int(mask.sum())
+        if size and float(effect) > circuits.get(size, (None, -np.inf))[1]:
+            circuits[size] = (mask > 0, float(effect))
     return MethodResult(circuits, result.ranking, extras={"pgbct_budgets": budgets})
 
 
-METHOD = register(Method("pgbct_budgets", run, ranking="budgeted circuits merged (keep direction, MIB's sizes)",
+METHOD = register(Method("pgbct_budgets", run, ranking="budgeted circuits merged (MIB's sizes)",
                          scores=True, search=True, baseline=False, own_sizes=True, extras={"pgbct_budgets": []},
                          report_order=11))

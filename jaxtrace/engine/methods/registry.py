@@ -24,7 +24,7 @@ from typing import Any, ContextManager
 
 import numpy as np
 
-from jaxtrace.core.search import SearchConfig
+from jaxtrace.core.search import DIRECTIONS, SearchConfig
 from jaxtrace.engine.faithfulness import ranking_masks
 from jaxtrace.engine.objective import Objective
 
@@ -42,6 +42,9 @@ class MethodContext:
     """What the methods of one evaluation share: the objective, the circuit sizes wanted, the options, a progress bar
     and a memo of intermediate results (`cached`), with every method's wall time so far (`seconds`).
 
+    `direction`: the direction every method searches and scores its circuits in (`Objective.circuit_effects`):
+    patch (IE(S) of patching S) or keep (IE(A) − IE(A \\ C), C kept clean and the rest patched: MIB's). A
+    method's circuits are the sets it selects (kept, in the keep direction) and their effects are in that direction.
     `rankings`: whether a method should also give its ranking when that costs extra (greedy's needs the single
     effects; `baseline` does not ask). `measure`: whether circuits' mean effects are measured where that costs an
     extra evaluation (`baseline` scores its one circuit afterwards); a circuit not measured has effect None.
@@ -49,7 +52,9 @@ class MethodContext:
 
     objective: Objective
     sizes: tuple[int, ...]                        # circuit sizes wanted, increasing
-    search: SearchConfig | None = None            # pgbct: the search, its λ scaled by each of `lambda_factors`
+    direction: str = "patch"                      # patch or keep: what every method's circuits are searched for
+    search: SearchConfig | None = None            # pgbct: the search (run in `direction`), its λ scaled by each of
+                                                  # `lambda_factors`
     lambda_factors: Sequence[float] = (1.0,)
     greedy_max: int | None = None                 # greedy: largest size (default: the largest of `sizes`)
     greedy_candidates: int | None = None          # greedy: only over this many best single components (default: all)
@@ -62,9 +67,17 @@ class MethodContext:
     memo: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
     seconds: dict[str, float] = dataclasses.field(default_factory=dict)  # method -> its wall time (`run_method`)
 
+    def __post_init__(self):
+        if self.direction not in DIRECTIONS:
+            raise ValueError(f"--direction must be one of {', '.join(DIRECTIONS)}, got {self.direction!r}")
+
     def replace(self, **changes) -> MethodContext:
         """A copy with `changes`, sharing the memo and the wall times."""
         return dataclasses.replace(self, **changes)
+
+    def effects(self, masks) -> np.ndarray:
+        """[M] mean effects of circuits [M, L, C] in the context's direction (`Objective.circuit_effects`)."""
+        return self.objective.circuit_effects(masks, self.direction)
 
     def cached(self, key: str, compute: Callable[[], Any]) -> Any:
         """The memo's `key`, computed by `compute()` the first time it is asked for."""
@@ -213,8 +226,9 @@ def run_method(method: Method, context: MethodContext) -> MethodResult:
 
 def top_circuits(context: MethodContext, scores: np.ndarray) -> dict[int, tuple[np.ndarray, float | None]]:
     """{size: (mask, mean effect)}: the top `size` components of a ranking (scores [L, C], larger first, ties by
-    flat index) at each of the context's sizes, their effects measured in one evaluation (None unless `measure`)."""
+    flat index) at each of the context's sizes, their effects in its direction measured in one evaluation (None
+    unless `measure`)."""
     masks = ranking_masks(scores, context.sizes)
-    effects = (map(float, context.objective.evaluate_masks(masks)) if context.measure
+    effects = (map(float, context.effects(masks)) if context.measure
                else [None] * len(context.sizes))
     return {size: (mask > 0, effect) for size, mask, effect in zip(context.sizes, masks, effects)}

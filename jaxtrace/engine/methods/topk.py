@@ -1,5 +1,5 @@
-"""topk: the k components with the largest single effects, at every size (the single effects reused from the
-context; its wall time includes single's)."""
+"""topk: the k components with the largest single effects (in the context's direction), at every size (the single
+effects reused from the context; its wall time includes single's)."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ from jaxtrace.engine.methods.single import single_effects, single_of
 from jaxtrace.engine.objective import Objective
 
 
-def topk(objective: Objective, k: int, single: np.ndarray | None = None) -> np.ndarray:
-    """Mask [L, C] of the k components with the largest single effects (or the given scores [L, C])."""
-    single = single_effects(objective) if single is None else single
+def topk(objective: Objective, k: int, single: np.ndarray | None = None, direction: str = "patch") -> np.ndarray:
+    """Mask [L, C] of the k components with the largest single effects in `direction` (or the given scores
+    [L, C])."""
+    single = single_effects(objective, direction) if single is None else single
     return ranking_masks(single, [k])[0] > 0
 
 
