@@ -2,7 +2,11 @@
 test_malformed.py (exit status, the one line naming the file or option, no traceback, earlier results unchanged)."""
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -346,6 +350,7 @@ def test_skipped_pairs_are_one_line_and_a_file(gpt2_dir, tmp_path, capsys):
     (["--num-processes", "2", "--process-id", "1"], "needs --coordinator host:port"),
     (["--process-id", "3"], "needs --coordinator host:port"),
     (["--process-id", "-1"], "--process-id must be >= 0, got -1"),
+    (["--coordinator-timeout", "0"], "--coordinator-timeout must be a positive number of seconds, got 0"),
 ])
 def test_impossible_multi_process_flags_are_refused(flags, message, tmp_path, capsys, monkeypatch):
     """Multi-process flags that cannot describe a run were ignored by a single-process run: now one line, before
@@ -357,3 +362,121 @@ def test_impossible_multi_process_flags_are_refused(flags, message, tmp_path, ca
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("jaxtrace: error: ") and message in err, err
     assert not out.exists()
+
+
+def cli_process(*argv, tmp_path: Path, code: str | None = None) -> subprocess.CompletedProcess:
+    """The command line in a process of its own (what it prints at exit and from other threads included); `code`:
+    Python run before it (a fault to inject)."""
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "JAXTRACE_CACHE": str(tmp_path / "cache")}
+    for name in ("XLA_FLAGS", "JAXTRACE_DEBUG", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        env.pop(name, None)
+    program = f"{code or ''}\nimport sys\nfrom jaxtrace.cli import main\nsys.exit(main(sys.argv[1:]))"
+    return subprocess.run([sys.executable, "-c", program, *map(str, argv)], env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def one_error_line(done: subprocess.CompletedProcess, *names) -> str:
+    assert "Traceback" not in done.stdout + done.stderr, done.stderr[-3000:]
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("jaxtrace: error: "), done.stderr[-3000:]
+    for name in names:
+        assert str(name) in lines[0], (name, lines[0])
+    return lines[0]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 10. Weights that are not finite
+
+
+@pytest.mark.parametrize("command", ["info", "trace", "evaluate"])
+def test_weights_that_are_not_finite_are_named(command, gpt2_dir, pairs, tmp_path, capsys):
+    import numpy as np
+    from safetensors.numpy import load_file, save_file
+
+    from test_malformed import evaluate_args
+
+    model = Path(shutil.copytree(gpt2_dir, tmp_path / "model"))
+    tensors = load_file(model / "model.safetensors")
+    name = "transformer.h.1.attn.c_attn.weight"
+    tensors[name][0, :3] = [np.nan, np.inf, -np.inf]
+    save_file(tensors, model / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "run"
+    argv = {"info": ["info", "--model", model], "trace": trace_args(model, pairs, out),
+            "evaluate": evaluate_args(model, "custom", pairs)}[command]
+    expect_error(capsys, *argv, names=[f"{model}: tensor '{name}' is not finite: 3 of its 3,072 values are NaN or "
+                                       "infinite"])
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 11. plan stays abstract whatever the sizes
+
+
+def test_a_plan_of_any_size_allocates_no_task(tmp_path, capsys):
+    """10^9 pairs of 200 tokens (their token arrays alone would take 3 TiB): a plan that says it does not fit."""
+    from jaxtrace.engine.plan import PlanReport
+
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "gpt2", "vocab_size": 96, "n_embd": 32, "n_layer": 2, "n_head": 4,
+                                  "n_positions": 256}))
+    code, stdout, err = run(capsys, "plan", "--model", config, "--pairs", 10**9, "--prompt-tokens", 200, "--site",
+                            "head_out", "--device-memory-gb", 0.01, "--json")
+    assert code == 0, err
+    report = PlanReport.from_dict(json.loads(stdout.splitlines()[-1]))
+    assert report.pairs == 10**9 and report.packed["training_rows"] == 32  # one pair a row, as in the run
+    assert report.fits == {"training": False, "evaluation": False}
+    assert not report.cached and report.cache_host_bytes > 10**9 * 200 * 4
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 12. A coordinator whose peers never arrive
+
+
+@pytest.mark.parametrize("process", [0, 1])
+def test_a_process_whose_peers_never_arrive_ends_in_one_line(process, tmp_path):
+    """It says what it waits for, and after --coordinator-timeout ends with one line and status 2 (JAX aborts with a
+    C++ stack at its own deadline). The model is not read before the processes have joined."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "run"
+    done = cli_process("trace", "--model", tmp_path / "no-model", "--task", "ioi", "--out", out, "--coordinator",
+                       f"localhost:{port}", "--num-processes", 2, "--process-id", process, "--coordinator-timeout", 2,
+                       tmp_path=tmp_path)
+    waits = f"process {process} waits at coordinator localhost:{port} for all 2 processes to join"
+    assert f"{waits} (--coordinator-timeout 2 s)" in done.stdout
+    one_error_line(done, f"process {process} waited 2 s at coordinator localhost:{port} for all 2 processes to join, "
+                         "and not all did (--coordinator-timeout 2)", "the same --coordinator and --num-processes")
+    assert not out.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# 13. Checkpoint faults: the one line, not Orbax's and asyncio's tracebacks from other threads
+
+
+def test_a_damaged_latest_checkpoint_is_one_line(gpt2_dir, pairs, finished, tmp_path):
+    out = Path(shutil.copytree(finished, tmp_path / "run"))
+    for file in (out / "checkpoints" / "1" / "state" / "d").iterdir():  # the arrays' data, cut short
+        file.write_bytes(file.read_bytes()[:20])
+    before = snapshot(out)
+    done = cli_process(*trace_args(gpt2_dir, pairs, out, "--resume"), tmp_path=tmp_path)
+    one_error_line(done, f"checkpoint {out / 'checkpoints' / '1'} cannot be read", "--overwrite")
+    assert snapshot(out) == before
+
+
+NO_SPACE_IN_BACKGROUND = """
+import errno
+from orbax.checkpoint._src.serialization import ocdbt_utils
+
+async def no_space(*args, **kwargs):  # in Orbax's background save thread
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+ocdbt_utils.merge_ocdbt_per_process_files = no_space
+"""
+
+
+def test_a_full_disk_during_a_checkpoint_save_is_one_line(gpt2_dir, pairs, tmp_path):
+    out = tmp_path / "run"
+    done = cli_process(*trace_args(gpt2_dir, pairs, out), tmp_path=tmp_path, code=NO_SPACE_IN_BACKGROUND)
+    one_error_line(done, f"cannot save checkpoint {out / 'checkpoints' / '1'}", "No space left on device")
+    assert not (out / "circuit.json").exists() and not (out / ".jaxtrace.lock").exists()

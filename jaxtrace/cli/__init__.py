@@ -21,6 +21,7 @@ from jaxtrace.engine.budgets import parse_budgets
 from jaxtrace.engine.mesh import MeshSpec, is_writer
 from jaxtrace.engine.objective import ObjectiveConfig, build_objective, check_task_fits
 from jaxtrace.io.cache import enable_compilation_cache
+from jaxtrace.io.checkpoints import quiet_background_errors
 from jaxtrace.io.circuit import Circuit
 from jaxtrace.io.export import EXPORT_FORMATS
 from jaxtrace.io.files import read_json
@@ -419,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
                        groups=(ModelSpec, TaskSpec, ObjectiveConfig, MeshSpec, TaskShape, PlanConfig),
                        defaults={TaskSpec: {"task": None}},
                        exclude={ModelSpec: ("allow_pickle",), MeshSpec: ("coordinator", "num_processes",
-                                                                         "process_id")})
+                                                                         "process_id", "coordinator_timeout")})
     planning.add_argument("--json", action="store_true", help="print the report as JSON")
 
     export = commands.add_parser("export", help="write a circuit in another tool's format")
@@ -456,6 +457,8 @@ def main(argv: list[str] | None = None) -> int:
         return done.code if isinstance(done.code, int) else 0
     if not getattr(args, "no_compile_cache", True):
         enable_compilation_cache()
+    if not os.environ.get("JAXTRACE_DEBUG"):
+        quiet_background_errors()
     with _console():
         try:
             args.run(args)

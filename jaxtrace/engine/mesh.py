@@ -13,9 +13,13 @@ that JAX reads itself (TPU pods, SLURM, Open MPI) or `JAX_COORDINATOR_ADDRESS`, 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import math
 import os
+import sys
+import threading
 from typing import Any
 
 import jax
@@ -25,6 +29,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxtrace.core.options import option
 
+log = logging.getLogger("jaxtrace")
 MESH_AXES = ("data", "model")
 LOGICAL_RULES = {"heads": "model", "kv_heads": "model", "mlp": "model", "vocab": "model"}
 
@@ -39,23 +44,28 @@ class MeshSpec:
                                      "$JAX_COORDINATOR_ADDRESS, or detected on TPU pods, SLURM and Open MPI)")
     num_processes: int | None = option(None, "multi-host: number of processes ($JAX_NUM_PROCESSES)")
     process_id: int | None = option(None, "multi-host: this process's index ($JAX_PROCESS_ID)")
+    coordinator_timeout: int = option(300, "multi-host: seconds to wait for every process to join, then exit with "
+                                      "status 2")
 
     def build(self) -> Mesh | None:
         """Join a multi-host run if one is configured, then the mesh (None on a single device with no --mesh)."""
-        initialize_distributed(self.coordinator, self.num_processes, self.process_id)
+        initialize_distributed(self.coordinator, self.num_processes, self.process_id, self.coordinator_timeout)
         if self.mesh is None and jax.device_count() == 1:
             return None
         return parse_mesh(self.mesh)
 
 
 def initialize_distributed(coordinator: str | None = None, num_processes: int | None = None,
-                           process_id: int | None = None) -> None:
+                           process_id: int | None = None, timeout: int = 300) -> None:
     """Join a multi-process JAX run (no-op for a single process with nothing configured).
 
     Arguments override the environment variables JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, JAX_PROCESS_ID; with
     none of them set, `jax.distributed.initialize()` is left to detect a TPU pod, SLURM or Open MPI itself, and
-    nothing is done on a plain machine.
+    nothing is done on a plain machine. A process whose peers have not all joined within `timeout` seconds ends
+    with one line and exit status 2 (`exit_unless_joined`).
     """
+    if type(timeout) is not int or timeout < 1:
+        raise ValueError(f"--coordinator-timeout must be a positive number of seconds, got {timeout!r}")
     if num_processes is not None and num_processes < 1:
         raise ValueError(f"--num-processes must be >= 1, got {num_processes}")
     env = os.environ
@@ -76,12 +86,40 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
                              "single-process run takes neither")
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over TCP (tests, CI)
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    who = "this process" if process_id is None else f"process {process_id}"
+    where = "the detected cluster's coordinator" if coordinator is None else f"coordinator {coordinator}"
+    awaited = "the processes" if num_processes is None else f"all {num_processes} processes"
+    log.info(f"hosts      {who} waits at {where} for {awaited} to join (--coordinator-timeout {timeout} s)")
+    with exit_unless_joined(f"{who} waited {timeout} s at {where} for {awaited} to join, and not all did "
+                            f"(--coordinator-timeout {timeout}): start every process with the same --coordinator "
+                            "and --num-processes", timeout):
+        jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
+                                   process_id=process_id, initialization_timeout=timeout + 60)  # never reached
+
+
+@contextlib.contextmanager
+def exit_unless_joined(message: str, timeout: int):
+    """Exit the process with `jaxtrace: error: message` and status 2 unless the block ends within `timeout`
+    seconds: `jax.distributed.initialize` waits in C++ and cannot be interrupted, and at its own deadline it
+    aborts the process (a C++ stack, status 134)."""
+    def give_up():
+        sys.stdout.flush()
+        print(f"jaxtrace: error: {message}", file=sys.stderr, flush=True)
+        os._exit(2)
+
+    timer = threading.Timer(timeout, give_up)
+    timer.daemon = True
+    timer.start()
+    try:
+        yield
+    finally:
+        timer.cancel()
 
 
 def is_writer() -> bool:
-    """Whether this process writes result files (process 0; every process joins collective checkpoints)."""
-    return jax.process_index() == 0
+    """Whether this process writes result files (process 0; every process joins collective checkpoints). Before
+    `initialize_distributed` every process is one (asking JAX its index would start its backend too early)."""
+    return not jax.distributed.is_initialized() or jax.process_index() == 0
 
 
 def parse_mesh(spec: str | None = None, devices: list | None = None) -> Mesh:

@@ -280,19 +280,26 @@ def build_objective(model: GatedLM | ModelConfig, task: EncodedTask, config: Obj
                               0 if task.noise is None else task.noise.seed, batcher.prefix_length,
                               resolve_attention(config.attention))
     budget = config.memory_budget if memory_budget is None else memory_budget
-    cache_bytes = len(task) * source_bytes_per_pair(model_config, site, task.arrays.cf_ids.shape[1],
-                                                    spec.prefix_length, spec.attention)
-    if cache is None:
-        cache = cache_bytes <= cache_limit_bytes
-    elif cache and cache_bytes > cache_limit_bytes:
-        advice = ("; head_out gates the same heads with memory linear in length, and so does attn_pattern with "
-                  "--attention fused" if site == "attn_pattern" and not spec.fused else "")
-        raise MemoryError(f"caching {site} sources needs {cache_bytes / 2**30:.1f} GiB, over the "
-                          f"{cache_limit_bytes / 2**30:.1f} GiB limit; use cache=False{advice}")
     objective = Objective(spec, params, batcher, None, budget)
-    if not cache:
+    if not resolve_cache(spec, len(task), task.arrays.cf_ids.shape[1], cache, cache_limit_bytes):
         return objective
     return objective.replace(cache=abstract_task_cache(objective) if abstract else precompute_cache(objective))
+
+
+def resolve_cache(spec: core.ObjectiveSpec, pairs: int, prompt_length: int, cache: bool | None,
+                  cache_limit_bytes: int) -> bool:
+    """Whether the sources of `pairs` pairs of `prompt_length`-token prompts are cached, as `build_objective` decides
+    for its `cache` (None: when they fit in `cache_limit_bytes`; True over the limit is a MemoryError)."""
+    cache_bytes = pairs * source_bytes_per_pair(spec.config, spec.site, prompt_length, spec.prefix_length,
+                                                spec.attention)
+    if cache is None:
+        return cache_bytes <= cache_limit_bytes
+    if cache and cache_bytes > cache_limit_bytes:
+        advice = ("; head_out gates the same heads with memory linear in length, and so does attn_pattern with "
+                  "--attention fused" if spec.site == "attn_pattern" and not spec.fused else "")
+        raise MemoryError(f"caching {spec.site} sources needs {cache_bytes / 2**30:.1f} GiB, over the "
+                          f"{cache_limit_bytes / 2**30:.1f} GiB limit; use cache=False{advice}")
+    return cache
 
 
 def check_metric(task: EncodedTask, metric: Metric) -> None:

@@ -1,15 +1,17 @@
 """Memory and FLOPs of a PGB-CT run's device programs, from XLA's own compile-time analysis of abstract shapes.
 
     shape = TaskShape(pairs=1000, prompt_tokens=16, target_tokens=1)
-    report = plan_programs(config, shape.encoded(), ObjectiveConfig("attn_pattern", batch_size=32), mesh=mesh)
+    report = plan_programs(config, shape, ObjectiveConfig("attn_pattern", batch_size=32), mesh=mesh)
     report.training.total_bytes, report.training.flops, report.evaluation.total_bytes
 
 Nothing is allocated and no weight is read: the objective is `build_objective`'s own, given a `ModelConfig` instead
 of a model (abstract: parameters built with `nnx.eval_shape`), and its parameters, the packed batch, the cache slice
 and the optimiser state are `jax.ShapeDtypeStruct`s with the shardings a run gives them (`jaxtrace.engine.mesh`).
 The programs lowered are the objective's own (`Objective.programs`), not copies: the PGB-CT step (R runs vmapped)
-and the vmapped mask evaluation (M masks per call), with the attention form the run resolves. Batches are packed on the host exactly as a run packs them, from the
-task's token arrays (`TaskShape.encoded` makes them for a task of given sizes), so the packed shapes are the run's.
+and the vmapped mask evaluation (M masks per call), with the attention form the run resolves. Batches are packed on
+the host exactly as a run packs them, from the task's token arrays, so the packed shapes are the run's; a task given
+by its sizes (`TaskShape`) has pairs all alike, of which one batch is made (`TaskShape.encoded`), so that a plan of
+any number of pairs stays small.
 
 Each program is compiled once for `memory_analysis()` (what XLA plans for one device: argument, output, alias,
 temporary and generated-code bytes) and `cost_analysis()`. XLA counts a loop's body once, so the FLOPs of the
@@ -46,7 +48,7 @@ from jaxtrace.core.search import RunInputs, SearchConfig
 from jaxtrace.engine import loop
 from jaxtrace.engine import mesh as meshes
 from jaxtrace.engine.objective import (Objective, ObjectiveConfig, abstract_task_cache, build_objective,
-                                       masks_per_chunk)
+                                       masks_per_chunk, resolve_cache)
 from jaxtrace.tasks import EncodedTask, PromptPair
 
 
@@ -180,11 +182,11 @@ def abstract_cache(objective: Objective) -> Cache:
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct((batcher.groups, batcher.slots, *a.shape[1:]), a.dtype), cache)
 
 
-def host_cache_bytes(objective: Objective) -> int:
-    """The bytes of the task's cache on the host (`Objective.cache`: every pair's sources, prefix keys and values
-    and ungated outputs, in the model's activation dtype), cached or not."""
+def host_cache_bytes(objective: Objective, pairs: int) -> int:
+    """The bytes on the host of the cache of `pairs` pairs like the objective's (`Objective.cache`: every pair's
+    sources, prefix keys and values and ungated outputs, in the model's activation dtype), cached or not."""
     cache = objective.cache if objective.cache is not None else abstract_task_cache(objective)
-    return sum(math.prod(a.shape) * a.dtype.itemsize for a in jax.tree.leaves(cache))
+    return pairs * sum(math.prod(a.shape[1:]) * a.dtype.itemsize for a in jax.tree.leaves(cache))
 
 
 def training_shape(objective: Objective, search: SearchConfig) -> tuple[int, int]:
@@ -270,7 +272,7 @@ def shard_bytes(tree) -> int:
     return sum(one(leaf) for leaf in jax.tree.leaves(tree))
 
 
-def plan_programs(config: ModelConfig, task: EncodedTask, objective: ObjectiveConfig = ObjectiveConfig(),
+def plan_programs(config: ModelConfig, task: EncodedTask | TaskShape, objective: ObjectiveConfig = ObjectiveConfig(),
                   mesh: Mesh | None = None, search: SearchConfig | None = None, runs: int = 1,
                   masks: int | None = None, cache: bool | None = None, cache_limit_bytes: int = 4 << 30,
                   device_memory_bytes: int = 80 << 30, name: str = "", simulated: bool = False) -> PlanReport:
@@ -279,20 +281,25 @@ def plan_programs(config: ModelConfig, task: EncodedTask, objective: ObjectiveCo
     `config`, on this process's devices (`mesh`, None: one device), and of its mask evaluation, `masks` masks a call
     (default: as many as the memory budget admits, as `mask_effects` chooses). The objective is `build_objective`'s
     own, abstract; `cache`, `cache_limit_bytes` as there (whether the task's sources are cached or recomputed every
-    step)."""
+    step). A `TaskShape`'s pairs are all alike, so only one batch of them is made and packed, whatever its size:
+    every batch of the task packs to that batch's shape."""
     if type(runs) is not int or runs < 1:
         raise ValueError(f"runs must be a positive integer, got {runs!r}")
     if masks is not None and (type(masks) is not int or masks < 1):
         raise ValueError(f"masks must be a positive integer, got {masks!r}")
     search = search or SearchConfig()
+    pairs = task.pairs if isinstance(task, TaskShape) else len(task)
+    if isinstance(task, TaskShape):
+        task = dataclasses.replace(task, pairs=min(task.pairs, objective.batch_size)).encoded()
 
-    def abstract(model_config: ModelConfig) -> Objective:
-        return build_objective(model_config, task, objective, mesh=mesh, cache=cache,
+    def abstract(model_config: ModelConfig, cached: bool) -> Objective:
+        return build_objective(model_config, task, objective, mesh=mesh, cache=cached,
                                cache_limit_bytes=cache_limit_bytes)
 
-    target = abstract(config)
+    cached = resolve_cache(abstract(config, False).spec, pairs, task.arrays.cf_ids.shape[1], cache,
+                           cache_limit_bytes)  # decided for every pair of the task, as a run decides
+    target = abstract(config, cached)
     spec, batcher = target.spec, target.batcher
-    cached = target.cache is not None
     masks = masks or masks_per_chunk(target, 1 << 30)
 
     def program(variant: Objective, kind: str) -> Program:
@@ -304,7 +311,7 @@ def plan_programs(config: ModelConfig, task: EncodedTask, objective: ObjectiveCo
     def cost(kind: str) -> ProgramCost:
         def layer_programs() -> tuple[Program, Program, int]:
             unroll = layer_unroll(config.n_layers)
-            base = target if unroll is not None else abstract(config.replace(n_layers=4))
+            base = target if unroll is not None else abstract(config.replace(n_layers=4), cached)
             unroll = unroll or 2
             unrolled = base.replace(spec=dataclasses.replace(base.spec, unroll=unroll))
             return (None if base is target else program(base, kind)), program(unrolled, kind), unroll
@@ -315,11 +322,11 @@ def plan_programs(config: ModelConfig, task: EncodedTask, objective: ObjectiveCo
     train_rows, n_logits = training_shape(target, search)
     return PlanReport(
         model=name, config=config, site=spec.site, metric=spec.metric.name, attention=str(spec.attention),
-        batch_size=batcher.batch_size, runs=runs, masks=masks, pairs=len(task),
+        batch_size=batcher.batch_size, runs=runs, masks=masks, pairs=pairs,
         mesh={"data": batcher.groups, "model": 1 if mesh is None else mesh.shape["model"]},
         devices=1 if mesh is None else mesh.devices.size,
         platform=(jax.devices()[0] if mesh is None else mesh.devices.flat[0]).platform, simulated=simulated,
         packed={"training_rows": train_rows, "evaluation_rows": batcher.in_order_shape[0],
                 "row_width": batcher.packer.width, "prefix_slots": batcher.packer.memory_width, "logits": n_logits},
-        weight_bytes=shard_bytes(target.params), cache_host_bytes=host_cache_bytes(target), cached=cached,
+        weight_bytes=shard_bytes(target.params), cache_host_bytes=host_cache_bytes(target, pairs), cached=cached,
         device_memory_bytes=device_memory_bytes, training=training, evaluation=evaluation)

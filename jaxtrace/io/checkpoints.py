@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import logging
+import sys
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +20,8 @@ import orbax.checkpoint as ocp
 from jaxtrace.core.errors import typed_line
 from jaxtrace.engine.loop import RunProgress, RunState
 
+DEBUG_LOG = logging.getLogger("jaxtrace.debug")
+
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, cannot be read or cannot be written (a one-line message naming it)."""
@@ -23,6 +29,40 @@ class CheckpointError(RuntimeError):
 
 # What Orbax's synchronous and asynchronous paths raise (asyncio's CancelledError is not an Exception).
 _ERRORS = (Exception, asyncio.CancelledError)
+# Where the code lives whose errors in background threads come after a CheckpointError has said it all.
+_BACKGROUND_CODE = tuple(str(Path(module.__file__).parent) for module in (ocp, asyncio))
+
+
+def _from_background_code(filename: str) -> bool:
+    return filename.startswith(_BACKGROUND_CODE)
+
+
+def _orbax_record_to_debug_log(record: logging.LogRecord) -> bool:
+    """A filter of absl's logger: Orbax's records go to `DEBUG_LOG`, others pass."""
+    if not _from_background_code(record.pathname):
+        return True
+    DEBUG_LOG.debug(record.getMessage(), exc_info=record.exc_info)
+    return False
+
+
+def _unraisable_to_debug_log(unraisable, previous) -> None:
+    """An unraisable exception raised in Orbax's or asyncio's code goes to `DEBUG_LOG`, any other to `previous`."""
+    frames = traceback.extract_tb(unraisable.exc_traceback)
+    if not any(_from_background_code(frame.filename) for frame in frames):
+        return previous(unraisable)
+    DEBUG_LOG.debug(f"{unraisable.err_msg or 'Exception ignored in'}: {unraisable.object!r}",
+                    exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback))
+
+
+def quiet_background_errors() -> None:
+    """Send what Orbax's and asyncio's background threads print on their own to `DEBUG_LOG` (DEBUG level) instead
+    of stderr, for the rest of the process: Orbax's logged errors with their tracebacks (a failed save) and the
+    exceptions of callbacks that arrive after their event loop closed (a damaged checkpoint; some come at exit).
+    Each of these failures is already a one-line `CheckpointError`."""
+    absl = logging.getLogger("absl")
+    if _orbax_record_to_debug_log not in absl.filters:
+        absl.addFilter(_orbax_record_to_debug_log)
+        sys.unraisablehook = functools.partial(_unraisable_to_debug_log, previous=sys.unraisablehook)
 
 
 class EpochCheckpoints:

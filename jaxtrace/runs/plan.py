@@ -106,8 +106,6 @@ def _plan(request: dict, task, simulated: bool) -> PlanReport:
         tokenizer = (tokenizer_for(model, request["tokenizer"]) if named else
                      tokenizer_for(None, request["tokenizer"]) if request["tokenizer"] else None)
         task = task.build(tokenizer)
-    elif isinstance(task, TaskShape):
-        task = task.encoded()
     mesh = request["mesh"]
     mesh = parse_mesh(mesh) if mesh is not None or jax.device_count() > 1 else None
     return plan_programs(config, task, ObjectiveConfig(**request["objective"]), mesh,

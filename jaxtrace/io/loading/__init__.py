@@ -17,7 +17,7 @@ from jaxtrace.core.models.config import DTYPES
 from jaxtrace.core.options import option
 from jaxtrace.io.cache import cache_dir, cached_sha256, files_digest, remember_sha256, sha256_file
 from jaxtrace.io.files import read_json, write_json
-from jaxtrace.io.loading.convert import CheckpointMismatchError, model_from_state_dict
+from jaxtrace.io.loading.convert import CheckpointMismatchError, NonFiniteWeightsError, model_from_state_dict
 from jaxtrace.io.loading.hf import PickledCheckpointError, read_hf_folder, weight_files
 from jaxtrace.io.loading.packaged import ChunkedFile, assembled_file, packaged_file
 
@@ -122,8 +122,8 @@ def load_model(spec: str | Path, dtype: str = "auto", allow_pickle: bool = False
         raise type(error)(f"{config_source}: {error}") from None
     try:
         model = model_from_state_dict(config, state_dict)
-    except CheckpointMismatchError as error:
-        raise CheckpointMismatchError(f"{weights_source}: {error}") from None
+    except (CheckpointMismatchError, NonFiniteWeightsError) as error:  # name the file the weights came from
+        raise type(error)(f"{weights_source}: {error}") from None
     return model, given_tokenizer if tokenizer is not None else default_tokenizer()
 
 
@@ -284,5 +284,6 @@ class ModelSpec:
         return load_model(self.model, dtype=self.dtype, allow_pickle=self.allow_pickle, tokenizer=self.tokenizer)
 
 
-__all__ = ["CONFIG_PRESETS", "CheckpointMismatchError", "MODEL_REGISTRY", "ModelSpec", "PickledCheckpointError",
-           "load_config", "load_model", "load_tokenizer", "resolve_model_path", "tokenizer_for", "weights_digest"]
+__all__ = ["CONFIG_PRESETS", "CheckpointMismatchError", "MODEL_REGISTRY", "ModelSpec", "NonFiniteWeightsError",
+           "PickledCheckpointError", "load_config", "load_model", "load_tokenizer", "resolve_model_path",
+           "tokenizer_for", "weights_digest"]

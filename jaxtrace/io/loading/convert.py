@@ -16,6 +16,10 @@ class CheckpointMismatchError(ValueError):
     """A checkpoint tensor is missing or its shape disagrees with the config."""
 
 
+class NonFiniteWeightsError(ValueError):
+    """A checkpoint tensor holds NaN or infinite values (every effect computed with it would be NaN)."""
+
+
 # Where a checkpoint keeps its decoder (the first prefix whose embedding it has) and its untied output head: text
 # models, then transformers 5's and older multimodal ones (Gemma3ForConditionalGeneration; their vision tower and
 # projector tensors are never read).
@@ -30,16 +34,21 @@ class _Reader:
         """Names lose the text model's prefix (the first of `_TEXT_PREFIXES` under which the state dict has the
         `embedding` tensor); the output head is `lm_head.weight`."""
         prefix = next((p for p in _TEXT_PREFIXES if p + embedding in state_dict), "")
-        self.tensors = {k.removeprefix(prefix): v for k, v in state_dict.items() if k not in _HEAD_NAMES}
-        self.tensors.update({"lm_head.weight": state_dict[k] for k in _HEAD_NAMES if k in state_dict})
+        self.state_dict = state_dict
+        self.names = {k.removeprefix(prefix): k for k in state_dict if k not in _HEAD_NAMES}  # short -> stored name
+        self.names.update({"lm_head.weight": k for k in _HEAD_NAMES if k in state_dict})
 
     def __call__(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-        if name not in self.tensors:
+        if name not in self.names:
             raise CheckpointMismatchError(f"checkpoint has no tensor {name!r}")
-        value = np.asarray(self.tensors[name])
+        value = np.asarray(self.state_dict[self.names[name]])
         if value.shape != shape:
             raise CheckpointMismatchError(
                 f"tensor {name!r} has shape {value.shape} but the config implies {shape}")
+        if not np.isfinite(value).all():
+            bad = np.count_nonzero(~np.isfinite(value))
+            raise NonFiniteWeightsError(f"tensor {self.names[name]!r} is not finite: {bad:,} of its {value.size:,} "
+                                        "values are NaN or infinite")
         return value
 
 
