@@ -17,6 +17,7 @@ is the circuit of budget k whenever the circuits below k are nested in it.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import numpy as np
 
@@ -69,9 +70,11 @@ def nested_ranking(budgets: list[int], masks: np.ndarray, z: np.ndarray) -> np.n
     return scores.reshape(masks[0].shape)
 
 
-def run_budgets(objective: Objective, config: SearchConfig, budgets: list[int], **kwargs) -> BudgetedRuns:
-    """One run of `config` per budget, all optimised together (one vmapped program); `kwargs` as `run_searches`."""
-    results = run_searches(objective, [config.replace(budget=k) for k in budgets], **kwargs)
+def run_budgets(objective: Objective, config: SearchConfig, budgets: list[int],
+                searches: Callable[..., list[SearchResult]] = run_searches, **kwargs) -> BudgetedRuns:
+    """One run of `config` per budget, all optimised together (one vmapped program) by `searches` (`run_searches`,
+    or a checkpointed one); `kwargs` as `run_searches`."""
+    results = searches(objective, [config.replace(budget=k) for k in budgets], **kwargs)
     masks = np.stack([r.mask for r in results])
     return BudgetedRuns(list(budgets), results, dict(zip(budgets, masks)),
                         nested_ranking(budgets, masks, np.stack([r.z for r in results])))

@@ -18,7 +18,7 @@ def run(objective: Objective, context: MethodContext) -> MethodResult:
     config = context.search.replace(direction="keep", scale="effect", lambda1=0.0)
     budgets = budget_list("mib", objective.n_components)
     with context.progress(config.epochs * len(objective.batcher.in_order), "PGB-CT budgets") as on_step:
-        result = run_budgets(objective, config, budgets, on_step=on_step)
+        result = run_budgets(objective, config, budgets, on_step=on_step, searches=context.searches)
     masks = np.stack([result.circuits[k] for k in budgets]).astype(np.float32)
     circuits = {int(m.sum()): (m > 0, float(e)) for m, e in zip(masks, objective.evaluate_masks(masks)) if m.sum()}
     return MethodResult(circuits, result.ranking, extras={"pgbct_budgets": budgets})
