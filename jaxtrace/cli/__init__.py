@@ -157,7 +157,7 @@ def cmd_compare(args) -> None:
     mesh = _mesh(args)
     model_spec, model, task_spec, task = _load(args)
     objective = build_objective(model, task, config, mesh=mesh)
-    result = compare_run(objective, search, curve, out=args.out,
+    result = compare_run(objective, search, curve, out=args.out, resume=args.resume,
                          overwrite=args.overwrite, progress=not args.no_progress,
                          provenance=Provenance(model_spec.model, task_spec))
     log.info(table_markdown(result))
@@ -171,7 +171,8 @@ def cmd_stability(args) -> None:
     mesh = _mesh(args)
     model_spec, model, task_spec, task = _load(args)
     objective = build_objective(model, task, config, mesh=mesh)
-    result = stability_run(objective, search, from_args(StabilityConfig, args), out=args.out, overwrite=args.overwrite, progress=not args.no_progress,
+    result = stability_run(objective, search, from_args(StabilityConfig, args), out=args.out, resume=args.resume,
+                           overwrite=args.overwrite, progress=not args.no_progress,
                            provenance=Provenance(model_spec.model, task_spec))
     log.info(summary(result))
     log.info(f"written    {Path(args.out) / 'stability.json'}, selection_frequency.png")
@@ -338,6 +339,10 @@ class _Parser(argparse.ArgumentParser):
 LOADS_TASK = ("trace", "demo", "baseline", "compare", "stability", "evaluate")
 
 
+def add_resume(sub: argparse.ArgumentParser) -> None:
+    sub.add_argument("--resume", action="store_true", help="continue (or re-report) the run in --out")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jaxtrace", description=__doc__)
     parser.add_argument("--version", action="version", version=__version__)
@@ -380,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
             ("demo", cmd_demo, "the main job: SmolLM2-135M, WinoBias dev, attention heads",
              {TaskSpec: {"task": "winobias"}}, "results/demo")):
         sub = command(name, run, help_text, searching, out, defaults, no_init)
-        sub.add_argument("--resume", action="store_true", help="continue (or re-report) the run in --out")
+        add_resume(sub)
         sub.add_argument("--target-size", type=int,
                          help="search λ (vmapped sweeps) for a circuit of about this many components")
         sub.add_argument("--budgets", type=_budgets, metavar="BUDGETS",
@@ -395,11 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "faithfulness (MIB's CPR, CMD) of PGB-CT, greedy, top-k, random, single, AtP and IG", searching,
                    "required", exclude={SearchConfig: ("init", "direction")})  # --direction: the curve's
     add_options(comp, CurveConfig, "curve")
+    add_resume(comp)
 
     stable = command("stability", cmd_stability, "PGB-CT over seeds x bootstrap resamples of the pairs (one vmapped "
                      "sweep): selection frequency, Jaccard similarity, effect interval", searching, "required",
                      exclude=no_init)
     add_options(stable, StabilityConfig, "stability")
+    add_resume(stable)
 
     evaluate = command("evaluate", cmd_evaluate, "the effect of a given subset of components", defaults={
         ModelSpec: {"model": None}, TaskSpec: {"task": None},  # default: the circuit file's

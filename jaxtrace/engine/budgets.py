@@ -17,6 +17,7 @@ is the circuit of budget k whenever the circuits below k are nested in it.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import numpy as np
 
@@ -90,6 +91,8 @@ def budget_configs(config: SearchConfig, budgets: list[int]) -> list[SearchConfi
     return [config.replace(budget=k) for k in budgets]
 
 
-def run_budgets(objective: Objective, config: SearchConfig, budgets: list[int], **kwargs) -> BudgetedRuns:
-    """One run of `config` per budget, all optimised together (one vmapped program); `kwargs` as `run_searches`."""
-    return BudgetedRuns.of(budgets, run_searches(objective, budget_configs(config, budgets), **kwargs))
+def run_budgets(objective: Objective, config: SearchConfig, budgets: list[int],
+                searches: Callable[..., list[SearchResult]] = run_searches, **kwargs) -> BudgetedRuns:
+    """One run of `config` per budget, all optimised together (one vmapped program) by `searches` (`run_searches`,
+    or a checkpointed one); `kwargs` as `run_searches`."""
+    return BudgetedRuns.of(budgets, searches(objective, budget_configs(config, budgets), **kwargs))

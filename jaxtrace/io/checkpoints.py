@@ -1,4 +1,5 @@
-"""Orbax checkpoints of a search: one atomic step per finished epoch (z, optimizer state, RNG key + JSON metadata).
+"""Orbax checkpoints of a search: one atomic step per finished epoch (z, optimizer state, RNG key + JSON metadata);
+and the finished methods of a comparison (`FinishedMethods`: one NumPy file each).
 
 The search's typed `RunState` and `RunProgress` are converted here, at the file boundary: a step holds `state`, the
 array pytree {"z", "opt_state", "keys"}, and `meta`, the JSON object {"configs", "epochs_done", "histories", "steps",
@@ -9,16 +10,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
 import sys
 import traceback
+import zipfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxtrace.core.errors import typed_line
 from jaxtrace.engine.loop import RunProgress, RunState
+from jaxtrace.engine.methods import MethodResult
+from jaxtrace.io.files import atomic_path
 
 DEBUG_LOG = logging.getLogger("jaxtrace.debug")
 
@@ -143,3 +149,55 @@ def load_tree(path: str | Path) -> Any:
         return checkpointer.restore(Path(path).absolute())
     finally:
         checkpointer.close()
+
+
+class FinishedMethods:
+    """The finished methods of a comparison, one file each (`directory/<method>.npz`: its circuits' masks
+    `mask_<size>`, its `scores`, and `meta`, the JSON of its sizes, effects, wall time and extras), and the arrays of
+    the methods' memo (`directory/memo.arrays.npz`, e.g. the single effects). Written atomically, read back
+    exactly."""
+
+    MEMO = "memo.arrays.npz"  # no method's name has a dot
+
+    def __init__(self, directory: str | Path):
+        self.directory = Path(directory).absolute()
+
+    def save(self, name: str, result: MethodResult, memo: dict[str, Any]) -> None:
+        """Write a finished method's result and the memo's arrays (the memo first: a result never lacks it)."""
+        self._write(self.directory / self.MEMO,
+                    {key: value for key, value in memo.items() if isinstance(value, np.ndarray)})
+        sizes = list(result.circuits)
+        meta = {"sizes": sizes, "effects": [result.circuits[size][1] for size in sizes], "seconds": result.seconds,
+                "extras": dict(result.extras)}
+        arrays = {f"mask_{size}": np.asarray(result.circuits[size][0]) for size in sizes}
+        if result.scores is not None:
+            arrays["scores"] = np.asarray(result.scores)
+        self._write(self.directory / f"{name}.npz", {**arrays, "meta": np.array(json.dumps(meta))})
+
+    def load(self) -> tuple[dict[str, MethodResult], dict[str, np.ndarray]]:
+        """({method: its result}, the memo's arrays) of the methods finished so far (none without the folder)."""
+        results, memo = {}, {}
+        for path in sorted(self.directory.glob("*.npz")) if self.directory.is_dir() else []:
+            try:
+                with np.load(path, allow_pickle=False) as saved:
+                    arrays = dict(saved)
+                if path.name == self.MEMO:
+                    memo = arrays
+                    continue
+                meta = json.loads(str(arrays["meta"]))
+                circuits = {size: (arrays[f"mask_{size}"], effect)
+                            for size, effect in zip(meta["sizes"], meta["effects"], strict=True)}
+                results[path.stem] = MethodResult(circuits, arrays.get("scores"), meta["seconds"], meta["extras"])
+            except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile) as error:
+                raise CheckpointError(f"finished method {path} cannot be read ({typed_line(error)}); move it away to "
+                                      "run the method again") from error
+        return results, memo
+
+    @staticmethod
+    def _write(path: Path, arrays: dict[str, np.ndarray]) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with atomic_path(path) as tmp, open(tmp, "wb") as file:
+                np.savez(file, **arrays)
+        except OSError as error:
+            raise CheckpointError(f"cannot save {path} ({error.strerror or error})") from error

@@ -117,8 +117,12 @@ class ResultFolder:
         return self.path / "checkpoints"
 
     def has_checkpoints(self) -> bool:
-        """Whether the folder holds a checkpoint (Orbax step folders are named by the epoch count)."""
-        return self.checkpoints.is_dir() and any(p.name.isdigit() for p in self.checkpoints.iterdir())
+        """Whether the folder holds saved progress: a finished epoch (an Orbax step folder, named by the epoch count)
+        in `checkpoints/` or in a search's folder below it, or a finished method there (a comparison's `.npz`)."""
+        if not self.checkpoints.is_dir():
+            return False
+        entries = [*self.checkpoints.iterdir(), *self.checkpoints.glob("*/*")]
+        return any(p.name.isdigit() or p.suffix == ".npz" for p in entries)
 
     def holds_run(self) -> bool:
         """Whether the folder holds (part of) a run: its identity, checkpoints or a finished result."""

@@ -6,8 +6,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import json
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import jax
 import numpy as np
@@ -15,11 +16,11 @@ from tqdm.auto import tqdm
 
 from jaxtrace.core.search import StepStats
 from jaxtrace.core.sites import component_labels
-from jaxtrace.engine.loop import EpochRow, StepRow
+from jaxtrace.engine.loop import EpochRow, Runs, SearchResult, StepRow, initial_state, run_searches
 from jaxtrace.engine.mesh import is_writer
 from jaxtrace.engine.objective import Objective
 from jaxtrace.io import plots
-from jaxtrace.io.checkpoints import save_tree
+from jaxtrace.io.checkpoints import EpochCheckpoints, save_tree
 from jaxtrace.io.circuit import Circuit
 from jaxtrace.io.files import write_csv
 from jaxtrace.io.loading import weights_digest
@@ -153,15 +154,50 @@ def skipped_rows(task) -> list[dict]:
     return rows
 
 
+RESUMABLE = ("trace", "compare", "stability")  # the kinds of run that --resume continues
+
+
 def result_folder(out: str | Path | None, kind: str, objective: Objective, provenance: Provenance, settings: dict,
                   resume: bool = False, overwrite: bool = False, finished: str = "circuit.json"):
-    """The locked result folder of a run (a null context without `out`); only `trace` runs resume. Its results
-    include `skipped.csv`, the list of what the task left out, when it left out anything."""
+    """The locked result folder of a run (a null context without `out`); the kinds of `RESUMABLE` resume. Its
+    results include `skipped.csv`, the list of what the task left out, when it left out anything."""
     if out is None:
         return contextlib.nullcontext(None)
     folder = ResultFolder(out, identity(kind, objective, provenance, settings), finished, resume, overwrite,
-                          resumable=kind == "trace")
+                          resumable=kind in RESUMABLE)
     rows = skipped_rows(objective.task)
     if rows:
         folder.with_results[SKIPPED] = lambda path: write_csv(path, rows)
     return folder
+
+
+def search_digest(runs: Runs, z0: np.ndarray | None = None, pairs: list[np.ndarray] | None = None) -> str:
+    """16 hex digits of SHA-256 over what a search runs: its resolved configs, its starting gates and its pairs."""
+    digest = hashlib.sha256(json.dumps([dataclasses.asdict(c) for c in runs.configs], sort_keys=True).encode())
+    for name, array in (("z0", z0), *((f"pairs{i}", p) for i, p in enumerate(pairs or ()))):
+        if array is not None:
+            array = np.ascontiguousarray(array)
+            digest.update(f"{name}{array.shape}{array.dtype}".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def checkpointed_searches(directory: Path) -> Callable[..., list[SearchResult]]:
+    """`run_searches` saving a checkpoint after every epoch in `directory/search-<search_digest>/` (named by what
+    the search runs) and continuing from the latest one there: a killed search resumes where it stopped, a finished
+    one gives its result again without a step, and either is bit-identical to an uninterrupted search."""
+    def searches(objective: Objective, configs, *, z0: np.ndarray | None = None,
+                 pairs: list[np.ndarray] | None = None, **kwargs) -> list[SearchResult]:
+        runs = Runs.of(objective, configs)
+        checkpoints = EpochCheckpoints(directory / f"search-{search_digest(runs, z0, pairs)}")
+        try:
+            start = checkpoints.restore(initial_state(objective, runs)) if checkpoints.steps() else None
+            results = run_searches(objective, runs, start=start, on_epoch=checkpoints.save, z0=z0, pairs=pairs,
+                                   **kwargs)
+        except BaseException:
+            checkpoints.close(quiet=True)  # the error on its way says what went wrong
+            raise
+        checkpoints.close()
+        return results
+
+    return searches

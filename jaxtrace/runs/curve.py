@@ -19,7 +19,8 @@ compared, reported and exportable without any change here.
 
 The run writes into its folder curve.json and curve.png after every method (a killed comparison keeps what it
 measured), then curve.md (the effect table), faithfulness.png, mib/ and report.md (the report, with the plots
-embedded; written last, its presence marks a finished run).
+embedded; written last, its presence marks a finished run). Under checkpoints/ it keeps every finished method and
+every PGB-CT search's epochs, from which `--resume` continues a killed comparison (`compare_run`).
 
 Rankings (scores [L, C], larger first) that give faithfulness curves: `single` (each component's effect alone;
 `topk` selects by it, so its curve is single's), `atp`, `ig` (their scores), `greedy` (its order of addition,
@@ -47,6 +48,7 @@ import functools
 import time
 from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Callable
 
 import numpy as np
@@ -64,7 +66,8 @@ from jaxtrace.engine.objective import Objective
 from jaxtrace.io import plots
 from jaxtrace.io.export import mib_folder, write_mib_submission
 from jaxtrace.io.files import write_json, write_text
-from jaxtrace.runs.common import Provenance, progress_bar, result_folder
+from jaxtrace.io.checkpoints import FinishedMethods
+from jaxtrace.runs.common import Provenance, checkpointed_searches, progress_bar, result_folder
 from jaxtrace.runs.model_sweep import model_slugs
 
 
@@ -242,7 +245,8 @@ class CompareResult:
                 if done else {}}
 
 
-def compare(context: MethodContext, report: Callable[[CompareResult], None] | None = None) -> CompareResult:
+def compare(context: MethodContext, report: Callable[[CompareResult], None] | None = None,
+            finished: Mapping[str, MethodResult] = MappingProxyType({})) -> CompareResult:
     """Every registered method of the report (`compare_methods`, in registration order) on the context's objective,
     in the context's direction: its circuits by size, its ranking's faithfulness curves, and its wall time.
 
@@ -251,7 +255,8 @@ def compare(context: MethodContext, report: Callable[[CompareResult], None] | No
     The single effects are computed once (the context's memo), for single, top-k and greedy's candidates and ranking.
     `report(result)` is called after every method with the result so far, and once more at the end with the
     rankings' curves and every circuit's faithfulness (the rankings' top-k circuits and every method's circuits
-    scored in one evaluation).
+    scored in one evaluation). `finished`: the results of methods that an earlier run of this comparison finished,
+    kept as they are (a resumed comparison, `compare_run`).
     """
     objective = context.objective
     ones = np.ones((1, *objective.shape), np.float32)
@@ -269,7 +274,11 @@ def compare(context: MethodContext, report: Callable[[CompareResult], None] | No
                            len(objective.task), objective.site, objective.metric.name, context.direction,
                            context.greedy_candidates, context.n_random, context.ig_steps)
     for method in running:
-        results[method.name] = run_method(method, context)
+        if method.name in finished:
+            results[method.name] = finished[method.name]
+            context.seconds[method.name] = finished[method.name].seconds
+        else:
+            results[method.name] = run_method(method, context)
         if method.own_sizes:
             context = context.replace(sizes=tuple(sorted(set(context.sizes) | set(results[method.name].circuits))))
         result = dataclasses.replace(result, sizes=context.sizes, results=dict(results))
@@ -416,23 +425,41 @@ def curve_context(objective: Objective, search: SearchConfig, config: CurveConfi
 
 
 def compare_run(objective: Objective, search: SearchConfig, config: CurveConfig, *,
-                out: str | Path | None = None, overwrite: bool = False, progress: bool = True,
+                out: str | Path | None = None, resume: bool = False, overwrite: bool = False, progress: bool = True,
                 provenance: Provenance = Provenance()) -> CompareResult:
     """The evaluation of every method on `objective` in `config.direction` (which the search's direction follows);
     with `out`, curve.json and curve.png are rewritten after every method (a killed comparison keeps what it
-    measured), then curve.md, faithfulness.png, mib/ and report.md (last) are published."""
+    measured), then curve.md, faithfulness.png, mib/ and report.md (last) are published.
+
+    With `out`, every finished method is saved (`checkpoints/methods/`, `FinishedMethods`) and every PGB-CT search
+    checkpointed after each epoch (`checkpoints/search-<digest>/`, `checkpointed_searches`). `resume` continues the
+    comparison the folder holds (a killed one, or a finished one re-reported; the same run only): its finished
+    methods are kept, a killed search continues from its last epoch, and the results are an uninterrupted run's
+    (wall times aside). `overwrite` replaces it."""
     search = search.replace(direction=config.direction)
     settings = {"search": {k: v for k, v in dataclasses.asdict(resolve(objective, [search])[0]).items()},
                 "curve": dataclasses.asdict(config)}
-    with result_folder(out, "compare", objective, provenance, settings, overwrite=overwrite,
+    with result_folder(out, "compare", objective, provenance, settings, resume, overwrite,
                        finished="report.md") as folder:
+        context = curve_context(objective, search, config, progress)
+        finished: dict[str, MethodResult] = {}
+        if folder is not None:  # what the folder holds of this run: nothing unless it is resumed
+            store = FinishedMethods(folder.checkpoints / "methods")
+            finished, memo = store.load()
+            context.memo.update(memo)
+            context = context.replace(searches=checkpointed_searches(folder.checkpoints))
+        saved = set(finished)
+
         def report(result: CompareResult) -> None:
             if folder is None or not is_writer():
                 return
+            for name in result.results.keys() - saved:
+                store.save(name, result.results[name], context.memo)
+                saved.add(name)
             write_json(folder.path / "curve.json", {**provenance.describe(), **result.to_dict()})
             write_curve_plot(result, folder.path / "curve.png")
 
-        result = compare(curve_context(objective, search, config, progress), report=report)
+        result = compare(context, report=report, finished=finished)
         if folder is not None:
             writers = {
                 "curve.md": lambda path: write_text(path, table_markdown(result) + "\n"),

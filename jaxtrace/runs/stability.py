@@ -11,7 +11,7 @@ Run (k, b) has seed `seed + k` and trains on resample b: N pair indices drawn un
   interpolation at (1 − confidence)/2 and (1 + confidence)/2), the bootstrap interval of the circuit's effect.
 
 The result folder holds stability.json (written last) and selection_frequency.png (components selected in at least
-half the runs marked).
+half the runs marked), and the sweep's checkpoints, from which `--resume` continues a killed sweep.
 """
 
 from __future__ import annotations
@@ -19,18 +19,18 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
 from jaxtrace.core.options import option
 from jaxtrace.core.search import SearchConfig
 from jaxtrace.core.sites import component_labels
-from jaxtrace.engine.loop import Runs, run_searches
+from jaxtrace.engine.loop import Runs, SearchResult, run_searches
 from jaxtrace.engine.objective import Objective
 from jaxtrace.io import plots
 from jaxtrace.io.files import write_json
-from jaxtrace.runs.common import Provenance, progress_bar, result_folder
+from jaxtrace.runs.common import Provenance, checkpointed_searches, progress_bar, result_folder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,11 +141,11 @@ class StabilityResult:
                           -1, record["n_pairs"])})
 
 
-def stability(objective: Objective, search: SearchConfig | Runs, config: StabilityConfig,
-              progress: bool = True) -> StabilityResult:
+def stability(objective: Objective, search: SearchConfig | Runs, config: StabilityConfig, progress: bool = True,
+              searches: Callable[..., list[SearchResult]] = run_searches) -> StabilityResult:
     """The sweep's runs, selection frequency [L, C], mean Jaccard similarity, and the circuits' effects on the full
     task with their percentile interval. `search` is the runs' base config (or its resolved `Runs`), resolved
-    once."""
+    once; `searches` runs the sweep (`run_searches`, or a checkpointed one)."""
     base = Runs.of(objective, search)
     n_pairs = len(objective.task)
     resamples = bootstrap_resamples(n_pairs, config.resamples, config.bootstrap_seed)
@@ -153,7 +153,7 @@ def stability(objective: Objective, search: SearchConfig | Runs, config: Stabili
     runs = base.sweep([{"seed": base.config.seed + k} for k, _ in grid])
     pairs = None if not config.resamples else [resamples[b] for _, b in grid]
     with progress_bar(base.config.epochs * len(objective.batcher.in_order), "stability sweep", progress) as on_step:
-        results = run_searches(objective, runs, on_step=on_step, pairs=pairs)
+        results = searches(objective, runs, on_step=on_step, pairs=pairs)
     masks = np.stack([r.mask for r in results])
     effects = objective.evaluate_masks(masks.astype(np.float32))
     labels = component_labels(objective.spec.config, objective.site)
@@ -189,14 +189,18 @@ def summary(result: StabilityResult) -> str:
 
 
 def stability_run(objective: Objective, search: SearchConfig, config: StabilityConfig, *,
-                  out: str | Path | None = None, overwrite: bool = False, progress: bool = True,
-                  provenance: Provenance = Provenance()) -> StabilityResult:
-    """The stability sweep on `objective`; with `out`, stability.json (last) and selection_frequency.png."""
+                  out: str | Path | None = None, resume: bool = False, overwrite: bool = False,
+                  progress: bool = True, provenance: Provenance = Provenance()) -> StabilityResult:
+    """The stability sweep on `objective`; with `out`, stability.json (last) and selection_frequency.png, and a
+    checkpoint of the sweep after every epoch (`checkpoints/search-<digest>/`). `resume` continues the sweep the
+    folder holds (a killed one from its last epoch, or a finished one re-reported; the same run only), with the
+    results of an uninterrupted sweep (wall time aside); `overwrite` replaces it."""
     base = Runs.of(objective, search)  # resolved once, for the run's identity and the sweep
     settings = {"search": dataclasses.asdict(base.config), "stability": dataclasses.asdict(config)}
-    with result_folder(out, "stability", objective, provenance, settings, overwrite=overwrite,
+    with result_folder(out, "stability", objective, provenance, settings, resume, overwrite,
                        finished="stability.json") as folder:
-        result = stability(objective, base, config, progress)
+        searches = run_searches if folder is None else checkpointed_searches(folder.checkpoints)
+        result = stability(objective, base, config, progress, searches)
         if folder is not None:
             frequency = result.selection_frequency
             folder.publish({

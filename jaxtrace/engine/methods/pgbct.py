@@ -1,14 +1,12 @@
 """PGB-CT as a method of the report: one vmapped sweep of (λ1, λ2) scaled by each of the context's `lambda_factors`
-(`jaxtrace.engine.loop.run_searches`), in the context's direction (keep: the gates keep components clean). Each
-run's circuit lands at its own size (the best of the runs of a size); the sizes join those of the methods after it.
-Its ranking: the mean of the runs' final z (a component kept under stronger penalties ranks higher; with one λ,
-that run's z)."""
+(`MethodContext.searches`), in the context's direction (keep: the gates keep components clean). Each run's circuit
+lands at its own size (the best of the runs of a size); the sizes join those of the methods after it. Its ranking:
+the mean of the runs' final z (a component kept under stronger penalties ranks higher; with one λ, that run's z)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from jaxtrace.engine.loop import run_searches
 from jaxtrace.engine.methods.registry import Method, MethodContext, MethodResult, register
 from jaxtrace.engine.objective import Objective
 
@@ -19,7 +17,7 @@ def run(objective: Objective, context: MethodContext) -> MethodResult:
     search = context.search.replace(direction=context.direction)
     configs = [search.replace(lambda1=search.lambda1 * f, lambda2=search.lambda2 * f) for f in context.lambda_factors]
     with context.progress(search.epochs * len(objective.batcher.in_order), "PGB-CT sweep") as on_step:
-        runs = run_searches(objective, configs, on_step=on_step)
+        runs = context.searches(objective, configs, on_step=on_step)
     masks = np.stack([r.mask for r in runs]).astype(np.float32)
     circuits, records = {}, []
     for result, effect in zip(runs, context.effects(masks)):

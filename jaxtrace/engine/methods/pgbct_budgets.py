@@ -18,7 +18,7 @@ def run(objective: Objective, context: MethodContext) -> MethodResult:
     config = context.search.replace(direction=context.direction, scale="effect", lambda1=0.0, budget=None)
     budgets = budget_list("mib", objective.n_components)
     with context.progress(config.epochs * len(objective.batcher.in_order), "PGB-CT budgets") as on_step:
-        result = run_budgets(objective, config, budgets, on_step=on_step)
+        result = run_budgets(objective, config, budgets, on_step=on_step, searches=context.searches)
     masks = np.stack([result.circuits[k] for k in budgets]).astype(np.float32)
     circuits = {}
     for mask, effect in zip(masks, context.effects(masks)):  # a run below its budget: the best of its size

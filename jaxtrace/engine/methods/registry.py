@@ -26,6 +26,7 @@ import numpy as np
 
 from jaxtrace.core.search import DIRECTIONS, SearchConfig
 from jaxtrace.engine.faithfulness import ranking_masks
+from jaxtrace.engine.loop import SearchResult, run_searches
 from jaxtrace.engine.objective import Objective
 
 OnStep = Callable[[int, dict], None]
@@ -48,6 +49,8 @@ class MethodContext:
     `rankings`: whether a method should also give its ranking when that costs extra (greedy's needs the single
     effects; `baseline` does not ask). `measure`: whether circuits' mean effects are measured where that costs an
     extra evaluation (`baseline` scores its one circuit afterwards); a circuit not measured has effect None.
+    `searches(objective, configs, **kwargs)`: what runs the methods' PGB-CT searches, as `run_searches` does (it,
+    or compare's checkpointed one, which continues a killed search from its last epoch).
     """
 
     objective: Objective
@@ -62,6 +65,7 @@ class MethodContext:
     seed: int = 0                                 # random: their seed
     ig_steps: int = 32                            # ig: integration steps
     progress: Progress = no_progress
+    searches: Callable[..., list[SearchResult]] = run_searches
     rankings: bool = True
     measure: bool = True
     memo: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False)
