@@ -18,4 +18,5 @@ Axis letters, used in every shape comment of the package (one letter, one axis):
 | U      | tokens of a target                     | W      | packed rows                           |
 | X      | shared-prefix tokens of a pair         | S      | tokens of a packed row                |
 | E      | prefix (memory) slots of a packed row  | Q      | logit positions of a packed batch     |
+| O      | residual writers (input, heads, MLPs)  |        |                                       |
 """

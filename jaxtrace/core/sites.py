@@ -14,6 +14,7 @@ of the layer's gates z [C] and the positions where gates apply. Gates carry a le
 |               |         |                  | its post-feedforward norm)                                       |
 | mlp_hidden    | [L, F]  | [B, T, F]        | the MLP's intermediate neurons (input of the down projection)   |
 | heads_mlp     | [L, H+1]| (set)            | `head_out` gates z[:, :H], `mlp_out` gates z[:, H] over all of D |
+| edges         | EdgeGates | [B, T, H+1, D] | each writer's output as each later reader reads it               |
 
 `attn_pattern` has two forms (`AttentionForm`) with the same effects and gradients. The explicit one caches the
 counterfactual's pattern (H·T² floats per layer and pair) and mixes it into the live pattern. The fused one (model
@@ -24,6 +25,10 @@ attention can be a fused kernel (`jax.nn.dot_product_attention`).
 
 H counts query heads (grouped-query models share values within a KV group). For `attn_pattern` the position
 restriction applies to query rows. `attn_keys`, `attn_values` ([B, T, K, Dh] after RoPE) can be captured, not gated.
+`edges` (`jaxtrace.core.edges`) gates the edges between the residual stream's writers (input, heads, MLPs) and readers
+(each head's q, k, v inputs, MLPs, logits): its gates are an `EdgeGates` pytree, not [L, C], its sources the
+counterfactual's writer outputs (`edges` [L, B, T, H + 1, D] and the embeddings `edges_input` [1, B, T, D], both
+returned by capturing `edges`), and it is gated alone; the search and methods do not take it yet (issue 22).
 Axis letters are those of `jaxtrace.core`.
 """
 
@@ -36,6 +41,7 @@ from typing import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from jaxtrace.core.edges import check_edges
 from jaxtrace.core.models.config import ModelConfig
 
 Gates = Mapping[str, jax.Array]        # site -> [L, C]
@@ -43,12 +49,13 @@ Activations = Mapping[str, jax.Array]  # site -> [L, B, ...]
 
 
 class SiteKind(enum.StrEnum):
-    """A site the forward gates (`model`), a set of model sites gated under one array (`set`), or a site that can
-    only be captured (`capture`)."""
+    """A site the forward gates (`model`), a set of model sites gated under one array (`set`), a site that can
+    only be captured (`capture`), or the residual stream's edges (`edges`: gates an `EdgeGates` pytree)."""
 
     MODEL = "model"
     SET = "set"
     CAPTURE = "capture"
+    EDGES = "edges"
 
 
 class AttentionForm(enum.StrEnum):
@@ -131,6 +138,10 @@ _ENTRIES = (
     Site("heads_mlp", "one gate per attention head (head_out) and one per whole MLP block (mlp_out), per layer",
          lambda c: c.n_heads + 1, kind=SiteKind.SET, heads=True, blocks=True, lr=0.1, parts=("head_out", "mlp_out"),
          expand=_heads_and_blocks),
+    Site("edges", "edges between residual writers (input, heads, MLPs) and readers (q, k, v inputs, MLPs, logits)",
+         lambda c: c.n_heads + 1, kind=SiteKind.EDGES, lr=0.1,
+         source_floats=lambda c, p: p * (c.n_heads + 1) * c.d_model + p * c.d_model // c.n_layers,
+         internal=True),  # not searched yet: the search takes [L, C] gates (issue 22)
     Site("attn_keys", "attention keys after RoPE", lambda c: c.n_kv_heads, kind=SiteKind.CAPTURE),
     Site("attn_values", "attention values", lambda c: c.n_kv_heads, kind=SiteKind.CAPTURE),
 )
@@ -223,6 +234,10 @@ def check_gates(config: ModelConfig, gates: Gates | None, source: Activations | 
     """Raise a clear error when gates and source do not match the model or each other."""
     if not gates:
         return
+    if "edges" in gates:
+        if len(gates) > 1:
+            raise ValueError(f"gates at 'edges' cannot be combined with other sites, got {', '.join(gates)}")
+        return check_edges(config, gates["edges"], source)
     for site, gate in gates.items():
         if site not in MODEL_SITES:
             raise ValueError(f"the forward takes gates at model sites ({', '.join(MODEL_SITES)}), got {site!r}; "

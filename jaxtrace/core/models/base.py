@@ -9,6 +9,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxtrace.core import edges
+from jaxtrace.core.edges import EdgeGates
 from jaxtrace.core.intervention import NO_INTERVENTION, Capture, Intervention
 from jaxtrace.core.models import layers
 from jaxtrace.core.models.config import ModelConfig
@@ -27,7 +29,11 @@ class GatedLM(nnx.Module):
     Subclasses define the parameters (`self.blocks` holds every layer's parameters stacked on a leading layer axis)
     and `embed(ids, positions) -> [B, T, D]`, `block(params, x, context, mixer) -> x` and
     `unembed(hidden [..., D]) -> logits [..., V]` (final norm and output head, float32). A block hands every site
-    value to `mixer(site, value)` (`layers.Mixer`), which mixes it where gated and records it where captured. A
+    value to `mixer(site, value)` (`layers.Mixer`), which mixes it where gated and records it where captured. The
+    forward through edges (`jaxtrace.core.edges`) runs the block's two halves apart:
+    `attention_writers(params, xq, xk, xv, context, mixer) -> (per-head outputs [B, T, H, D], their sum [B, T, D])`
+    from the residual streams [B, T, D] (or per head [B, T, H, D]) the queries, keys and values read, and
+    `mlp_block(params, x, mixer) -> [B, T, D]`, what the MLP adds to the residual stream x it reads. A
     layer's `context` is that of its kind (`context(..., windowed)`), chosen per layer inside the scan
     (`ModelConfig.windowed_layers`).
     """
@@ -73,10 +79,11 @@ class GatedLM(nnx.Module):
         sources = {}
         n_memory = 0 if memory is None else memory.keys.shape[2]
         for site in gates:
-            if source[site].shape[1] != batch:
-                raise ValueError(f"source for {site!r} has batch {source[site].shape[1]}, the input {batch}")
-            sources[site] = pad_source(site, source[site], length, n_memory)
-            where = where * (jnp.arange(length) < source_length(site, source[site])).astype(jnp.float32)[None, :]
+            for name in ("edges", "edges_input") if site == "edges" else (site,):
+                if source[name].shape[1] != batch:
+                    raise ValueError(f"source for {name!r} has batch {source[name].shape[1]}, the input {batch}")
+                sources[name] = pad_source(site, source[name], length, n_memory)
+                where = where * (jnp.arange(length) < source_length(site, source[name])).astype(jnp.float32)[None, :]
 
         position_ids = tokens.positions
         if position_ids is None:
@@ -94,6 +101,11 @@ class GatedLM(nnx.Module):
                 x = x + jnp.asarray(tokens.noise, x.dtype)
         stacked = nnx.to_pure_dict(nnx.state(self.blocks, nnx.Param))
         layer_memory = None if memory is None else {"keys": memory.keys, "values": memory.values}
+        if "edges" in gates or "edges" in capture:
+            if (start, stop) != (0, config.n_layers):
+                raise ValueError("a forward through edges runs every layer: layer_range is not supported")
+            return self._edge_states(x, stacked, contexts, gates.get("edges"), sources, where, capture, layer_memory,
+                                     fused)
         scanned = (stacked, jnp.asarray(windowed), gates, sources, layer_memory)
         if (start, stop) != (0, config.n_layers):
             scanned = jax.tree.map(lambda a: a[start:stop], scanned)
@@ -111,6 +123,55 @@ class GatedLM(nnx.Module):
             return self.block(params, x, context, mixer), mixer.captured
 
         return jax.lax.scan(layer, x, scanned, unroll=unroll)
+
+    def _edge_states(self, x: jax.Array, stacked: dict, contexts: dict, gates: EdgeGates | None, sources: dict,
+                     where: jax.Array, capture: Capture, memory: dict | None,
+                     fused: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """`hidden_states` through the residual stream's edges (`jaxtrace.core.edges`): every reader reads the live
+        stream plus its gated writers' deltas cf − live (none when `gates` is None). Also captures `edges` (each
+        layer's writer outputs [L, B, T, H + 1, D]: heads, then the MLP) and `edges_input` (the embeddings
+        [1, B, T, D]).
+
+        The layers run as a Python loop, each under `jax.checkpoint`, so that under differentiation the deltas are
+        kept once ([B, T, O, D] in the activations' dtype in all), not once per layer as a scan's carry would be."""
+        config, (batch, length, width) = self.config, x.shape
+        n_heads = config.n_heads
+        written = [] if gates is None else [(sources["edges_input"][0] - x)[:, :, None]]  # deltas [B, T, n, D]
+        embeddings, captured, outputs = x, [], []
+
+        def layer(layer_index, p, x, written, z_qkv, z_mlp, cf, layer_memory):
+            mixer = layers.Mixer({}, {}, where, capture, layer_memory, fused)
+            context = contexts[config.windowed_layers[layer_index]]
+            xq = xk = xv = x
+            if gates is not None:  # [B, T, 3, H, D] -> three [B, T, H, D]
+                reads = edges.read(x, z_qkv.reshape(3 * n_heads, -1), written, where)
+                xq, xk, xv = jnp.moveaxis(reads.reshape(batch, length, 3, n_heads, width), 2, 0)
+            per_head, out = self.attention_writers(p, xq, xk, xv, context, mixer)
+            x = x + out
+            if gates is None:
+                deltas, mlp = [], self.mlp_block(p, x, mixer)
+            else:
+                deltas = [cf[:, :, :n_heads] - per_head]
+                mlp = self.mlp_block(p, edges.read(x, z_mlp[None], written + deltas, where)[:, :, 0], mixer)
+                deltas.append(cf[:, :, n_heads:] - mlp[:, :, None])
+            writers = jnp.concatenate([per_head, mlp[:, :, None]], axis=2) if "edges" in capture else None
+            return x + mlp, deltas, writers, mixer.captured
+
+        layer = jax.checkpoint(layer, static_argnums=0, policy=jax.checkpoint_policies.dots_saveable,
+                               prevent_cse=False)
+        for index in range(config.n_layers):
+            at = lambda tree: jax.tree.map(lambda a: a[index], tree)  # noqa: E731
+            z_qkv, z_mlp, cf = (None,) * 3 if gates is None else (gates.qkv[index], gates.mlp[index],
+                                                                  sources["edges"][index])
+            x, deltas, writers, layer_captured = layer(index, at(stacked), x, written, z_qkv, z_mlp, cf, at(memory))
+            written, captured = written + deltas, captured + [layer_captured]
+            outputs.append(writers)
+        if gates is not None:
+            x = edges.read(x, gates.logits[None], written, where)[:, :, 0]
+        acts = jax.tree.map(lambda *a: jnp.stack(a), *captured) if captured[0] else {}
+        if "edges" in capture:
+            acts = {**acts, "edges": jnp.stack(outputs), "edges_input": embeddings[None]}
+        return x, acts
 
     def context(self, attention_mask, position_ids, key_positions=None, windowed: bool = False) -> dict[str, jax.Array]:
         """Per-forward tensors the layers of one kind (sliding-window or not) read: the attention bias; RoPE tables

@@ -54,16 +54,33 @@ class GPT2(GatedLM):
     def embed(self, input_ids: jax.Array, position_ids: jax.Array) -> jax.Array:
         return self.embed_tokens[...][input_ids] + self.embed_positions[...][position_ids]
 
-    def block(self, p: dict, x: jax.Array, context: dict, mixer: layers.Mixer) -> jax.Array:
-        eps = self.config.norm_eps
-        h = layers.layer_norm(x, p["attn_norm"], p["attn_norm_bias"], eps)
-        q, k, v = (layers.add_bias(jnp.einsum("btd,dhk->bthk", h, p[n]), p[f"{n}_bias"]) for n in "qkv")
-        heads = layers.gated_attention(q, k, v, context["bias"], mixer)
-        x = x + layers.add_bias(jnp.einsum("bthk,hkd->btd", heads, p["o"]), p["o_bias"])
-        h = layers.layer_norm(x, p["mlp_norm"], p["mlp_norm_bias"], eps)
+    def heads(self, p: dict, xq: jax.Array, xk: jax.Array, xv: jax.Array, context: dict,
+              mixer: layers.Mixer) -> jax.Array:
+        """Per-head attention outputs [B, T, H, Dh] of the residual streams the queries, keys and values read:
+        [B, T, D] each, or per head [B, T, H, D] (edges)."""
+        eps, spec = self.config.norm_eps, "btd,dhk->bthk" if xq.ndim == 3 else "bthd,dhk->bthk"
+        q, k, v = (layers.add_bias(jnp.einsum(spec, layers.layer_norm(x, p["attn_norm"], p["attn_norm_bias"], eps),
+                                              p[n]), p[f"{n}_bias"]) for n, x in zip("qkv", (xq, xk, xv)))
+        return layers.gated_attention(q, k, v, context["bias"], mixer)
+
+    def attention_writers(self, p: dict, xq: jax.Array, xk: jax.Array, xv: jax.Array, context: dict,
+                          mixer: layers.Mixer) -> tuple[jax.Array, jax.Array]:
+        """(each head's output [B, T, H, D] (its share h·W_O[h] + b_O / H), their sum [B, T, D])."""
+        per_head = jnp.einsum("bthk,hkd->bthd", self.heads(p, xq, xk, xv, context, mixer), p["o"])
+        per_head = layers.add_bias(per_head, p["o_bias"] / self.config.n_heads)
+        return per_head, per_head.sum(2)
+
+    def mlp_block(self, p: dict, x: jax.Array, mixer: layers.Mixer) -> jax.Array:
+        """The MLP's output [B, T, D] read from the residual stream x [B, T, D]."""
+        h = layers.layer_norm(x, p["mlp_norm"], p["mlp_norm_bias"], self.config.norm_eps)
         act = layers.activation(self.config.activation)
         hidden = mixer("mlp_hidden", act(layers.add_bias(h @ p["up"], p["up_bias"])))
-        return x + mixer("mlp_out", layers.add_bias(hidden @ p["down"], p["down_bias"]))
+        return mixer("mlp_out", layers.add_bias(hidden @ p["down"], p["down_bias"]))
+
+    def block(self, p: dict, x: jax.Array, context: dict, mixer: layers.Mixer) -> jax.Array:
+        heads = self.heads(p, x, x, x, context, mixer)
+        x = x + layers.add_bias(jnp.einsum("bthk,hkd->btd", heads, p["o"]), p["o_bias"])
+        return x + self.mlp_block(p, x, mixer)
 
     def unembed(self, x: jax.Array) -> jax.Array:
         x = layers.layer_norm(x, self.final_norm[...], self.final_norm_bias[...], self.config.norm_eps)

@@ -189,8 +189,9 @@ def gated_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, m
     """Grouped-query attention with the `attn_pattern` (explicit and fused) and `head_out` sites.
 
     q: [B, T, H, Dh]; k, v: [B, T, K, Dh] (after RoPE; captured at the `attn_keys`, `attn_values` sites, and q with
-    k at `attn_pattern_qk` as [B, T, H + K, Dh]); bias: [B, 1, T, E + T], keys being the intervention's E memory
-    tokens, then the T live ones. Scale default Dh ** -0.5. Returns the per-head outputs [B, T, H, Dh].
+    k at `attn_pattern_qk` as [B, T, H + K, Dh]; K = H through edges, where each query head has its own keys and
+    values); bias: [B, 1, T, E + T], keys being the intervention's E memory tokens (their K heads repeated to k's),
+    then the T live ones. Scale default Dh ** -0.5. Returns the per-head outputs [B, T, H, Dh].
 
     The fused form mixes attention(q, k, v) with attention(q_cf, k_cf, v), the counterfactual's queries and keys
     over the live values (the memory's keys are shared: no gate changes a shared prefix).
@@ -204,7 +205,9 @@ def gated_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, m
     def with_memory(keys_or_values: jax.Array, name: str) -> jax.Array:
         if mixer.memory is None:
             return keys_or_values
-        return jnp.concatenate([mixer.memory[name].astype(keys_or_values.dtype), keys_or_values], axis=1)
+        memory = mixer.memory[name].astype(keys_or_values.dtype)  # [B, E, K, Dh]; per query head under edges
+        memory = jnp.repeat(memory, keys_or_values.shape[2] // memory.shape[2], axis=2)
+        return jnp.concatenate([memory, keys_or_values], axis=1)
 
     values = with_memory(v, "values")
     out = attend(q, with_memory(k, "keys"), values, bias, scale, logit_softcap, mixer.fused, mixer)

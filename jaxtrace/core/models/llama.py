@@ -55,6 +55,16 @@ def _linear(x: jax.Array, p: dict, name: str, spec: str) -> jax.Array:
     return layers.add_bias(y, p[f"{name}_bias"]) if f"{name}_bias" in p else y
 
 
+def _per_head(h: jax.Array, p: dict, name: str) -> jax.Array:
+    """[B, T, H, Dh]: per-head inputs h [B, T, H, D] projected by their own head's weights p[name] [D, H or K, Dh]
+    (a KV head's shared by its H / K query heads)."""
+    w = p[name]
+    group = h.shape[2] // w.shape[1]
+    y = jnp.einsum("bthd,dhk->bthk", h, jnp.repeat(w, group, axis=1))
+    bias = p.get(f"{name}_bias")
+    return y if bias is None else layers.add_bias(y, jnp.repeat(bias, group, axis=0))
+
+
 class Llama(GatedLM):
     """Pre-norm layers: x + attention(norm(x)), then x + mlp(norm(x)). Subclasses change `norm` and, with
     `post_norms`, get the parameters of norms around the two outputs."""
@@ -81,16 +91,35 @@ class Llama(GatedLM):
     def embed(self, input_ids: jax.Array, position_ids: jax.Array) -> jax.Array:
         return self.embed_tokens[...][input_ids]
 
-    def attention(self, p: dict, h: jax.Array, context: dict, mixer: layers.Mixer) -> jax.Array:
-        """The attention output [B, T, D] (after the output projection) of normed inputs h [B, T, D]."""
+    def heads(self, p: dict, hq: jax.Array, hk: jax.Array, hv: jax.Array, context: dict,
+              mixer: layers.Mixer) -> jax.Array:
+        """Per-head attention outputs [B, T, H, Dh] of the normed inputs of the queries, keys and values: [B, T, D]
+        each, or per query head [B, T, H, D] (edges: keys and values then per query head, from its KV head's
+        weights)."""
         config = self.config
-        q, k, v = (_linear(h, p, n, "btd,dhk->bthk") for n in "qkv")
+        if hq.ndim == 3:
+            q, k, v = (_linear(h, p, n, "btd,dhk->bthk") for n, h in zip("qkv", (hq, hk, hv)))
+        else:
+            q, k, v = (_per_head(h, p, n) for n, h in zip("qkv", (hq, hk, hv)))
         if config.qk_norm:
             q, k = self.norm(q, p["q_norm"]), self.norm(k, p["k_norm"])
         q = layers.apply_rope(q, context["cos"], context["sin"])
         k = layers.apply_rope(k, context["cos"], context["sin"])
-        heads = layers.gated_attention(q, k, v, context["bias"], mixer, config.attn_scale, config.attn_logit_softcap)
-        return _linear(heads, p, "o", "bthk,hkd->btd")
+        return layers.gated_attention(q, k, v, context["bias"], mixer, config.attn_scale, config.attn_logit_softcap)
+
+    def attention(self, p: dict, h: jax.Array, context: dict, mixer: layers.Mixer) -> jax.Array:
+        """The attention output [B, T, D] (after the output projection) of normed inputs h [B, T, D]."""
+        return _linear(self.heads(p, h, h, h, context, mixer), p, "o", "bthk,hkd->btd")
+
+    def attention_writers(self, p: dict, xq: jax.Array, xk: jax.Array, xv: jax.Array, context: dict,
+                          mixer: layers.Mixer) -> tuple[jax.Array, jax.Array]:
+        """(each head's output [B, T, H, D] (its share h·W_O[h] + b_O / H), their sum [B, T, D]) from the residual
+        streams [B, T, (H,) D] its queries, keys and values read."""
+        normed = (self.norm(x, p["attn_norm"]) for x in (xq, xk, xv))
+        per_head = jnp.einsum("bthk,hkd->bthd", self.heads(p, *normed, context, mixer), p["o"])
+        if "o_bias" in p:
+            per_head = layers.add_bias(per_head, p["o_bias"] / self.config.n_heads)
+        return per_head, per_head.sum(2)
 
     def mlp(self, p: dict, h: jax.Array, mixer: layers.Mixer) -> jax.Array:
         """The gated MLP's output [B, T, D] of normed inputs h [B, T, D], with the `mlp_hidden` site."""
@@ -98,9 +127,13 @@ class Llama(GatedLM):
         hidden = mixer("mlp_hidden", act(_linear(h, p, "gate", "btd,df->btf")) * _linear(h, p, "up", "btd,df->btf"))
         return _linear(hidden, p, "down", "btf,fd->btd")
 
+    def mlp_block(self, p: dict, x: jax.Array, mixer: layers.Mixer) -> jax.Array:
+        """What the MLP adds [B, T, D] to the residual stream x [B, T, D]."""
+        return mixer("mlp_out", self.mlp(p, self.norm(x, p["mlp_norm"]), mixer))
+
     def block(self, p: dict, x: jax.Array, context: dict, mixer: layers.Mixer) -> jax.Array:
         x = x + self.attention(p, self.norm(x, p["attn_norm"]), context, mixer)
-        return x + mixer("mlp_out", self.mlp(p, self.norm(x, p["mlp_norm"]), mixer))
+        return x + self.mlp_block(p, x, mixer)
 
     def unembed(self, x: jax.Array) -> jax.Array:
         x = self.norm(x, self.final_norm[...])
