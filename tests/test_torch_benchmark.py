@@ -102,7 +102,7 @@ STEP_BATCHES = (np.arange(BATCH), np.arange(BATCH, 2 * BATCH)[::-1])  # epochs 0
 def jaxtrace_steps(setup):
     """[(loss, z)] after each of two jaxtrace steps from z = 0.5 (`pgbct`'s update: Adam, then the projection)."""
     _, _, _, objective = setup
-    config = SearchConfig(lr=LR, lambda1=LAMBDA1, lambda2=LAMBDA2).resolve(objective.site, objective.metric)
+    config = SearchConfig(lr=LR, lambda1=LAMBDA1, lambda2=LAMBDA2, scale="none").resolve(objective.site, objective.metric)
     search = pgbct(objective.spec, config)
     update = jax.jit(search.update)
     state, out = search.init(jnp.full(objective.shape, 0.5, jnp.float32)), []

@@ -29,21 +29,25 @@ PENALTIES = ("mean", "sum")
 WARM_STARTS = ("atp",)  # attribution scores a run's gates may start from
 DIRECTIONS = ("patch", "keep")
 SCALES = ("none", "effect")
+DEFAULT_LAMBDA = {"effect": 0.5, "none": 0.05}  # λ1 = λ2 by scale (benchmarks/LAMBDA.md: similar sizes on WinoBias)
 
 
 @dataclasses.dataclass(frozen=True)
 class SearchConfig:
-    """Hyperparameters of one PGB-CT run (defaults follow the reference, except `penalty`).
+    """Hyperparameters of one PGB-CT run (defaults follow the reference, except `penalty` and `scale`).
 
     `penalty="mean"` divides the L1 and binary penalties by the number of components; `"sum"` is the reference's
-    form, which on SmolLM2-135M drives every gate to zero within the first epoch. `lr` and `transform` left at None
+    form, which on SmolLM2-135M drives every gate to zero within the first epoch. `scale="effect"` divides the data
+    term by the effect of patching everything, so one λ (0.5) gives circuits of similar relative size whatever the
+    metric's units; `scale="none"` with λ 0.05 is the reference's. `lr` and `transform` left at None
     mean the site's and the metric's defaults (`resolve`).
     """
 
     epochs: int = option(15, "epochs (passes over the task's pairs)")
     lr: float | None = option(None, "Adam learning rate (default: the site's, 0.1 for heads, 0.5 for MLP units)")
-    lambda1: float = option(0.05, "L1 penalty weight")
-    lambda2: float = option(0.05, "binary z(1 - z) penalty weight")
+    lambda1: float | None = option(None, "L1 penalty weight (default: 0.5 with --scale effect, the reference's 0.05 "
+                                   "with --scale none)")
+    lambda2: float | None = option(None, "binary z(1 - z) penalty weight (default: as --lambda1's)")
     schedule: str = option("linear", "penalty schedule over epochs e: linear λ(e+1), exp λ·2^e, poly λ·e², constant",
                            choices=SCHEDULES)
     penalty: str = option("mean", "penalties divided by the number of components (mean) or summed (sum, the "
@@ -64,13 +68,18 @@ class SearchConfig:
                             "reference's); keep: keep the selected components clean and patch the rest, minimising "
                             "that effect (MIB's faithfulness; the patch weight of a component is 1 - z)",
                             choices=DIRECTIONS)
-    scale: str = option("none", "the data term in the metric's units (none, the reference's) or divided by the "
-                        "transformed effect of patching every component, measured once before the search (effect: "
-                        "one λ for every metric and task)", choices=SCALES)
+    scale: str = option("effect", "the data term divided by the transformed effect of patching every component, "
+                        "measured once before the search (effect: one λ for every metric and task), or in the "
+                        "metric's units (none, the reference's)", choices=SCALES)
     budget: int | None = option(None, "a circuit of this many components: every step projects z onto {0 <= z <= 1, "
                                 "sum z <= budget} and the selection is the budget's largest nonzero z")
 
     def __post_init__(self):
+        if self.scale not in SCALES:
+            raise ValueError(f"--scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
+        for name in ("lambda1", "lambda2"):  # left at None: the scale's default
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, DEFAULT_LAMBDA.get(self.scale))
         for name in ("lr", "lambda1", "lambda2", "threshold", "init", "tolerance"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
@@ -91,8 +100,6 @@ class SearchConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.direction not in DIRECTIONS:
             raise ValueError(f"--direction must be one of {', '.join(DIRECTIONS)}, got {self.direction!r}")
-        if self.scale not in SCALES:
-            raise ValueError(f"--scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule: unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
         if self.penalty not in PENALTIES:
