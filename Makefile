@@ -7,8 +7,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 DATA ?= ../shared/data
-PYTHON_NEXT ?= $(firstword $(wildcard $(shell pyenv root 2>/dev/null)/versions/3.12*/bin/python3.12) \
-                           $(shell command -v python3.12))
+PYENV_ROOT ?= $(HOME)/.pyenv
+PYTHON_NEXT ?= $(firstword $(wildcard $(PYENV_ROOT)/versions/3.12*/bin/python3.12 /usr/local/bin/python3.12 \
+                                      /usr/bin/python3.12))
 VENV_NEXT := .venv312
 BIN_NEXT := $(VENV_NEXT)/bin
 NEWEST := jax flax optax orbax-checkpoint transformers
