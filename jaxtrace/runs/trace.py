@@ -129,7 +129,7 @@ def trace_budgets(objective: Objective, config: SearchConfig, budgets: str | lis
     with result_folder(out, "trace", objective, provenance, {**settings, "budgets": sizes}, resume, overwrite,
                        finished="budgets.json") as folder:
         resume = resume and folder is not None and folder.has_checkpoints()
-        searched = BudgetedRuns.of(sizes, checkpointed_searches(objective, runs, folder, resume, progress))
+        searched = BudgetedRuns.of(sizes, folder_searches(objective, runs, folder, resume, progress))
         circuits = {k: summarize(objective, r.mask, r.z, provenance, "pgbct", dataclasses.asdict(r.config), r.history,
                                  r.seconds)[0] for k, r in zip(sizes, searched.results)}
         scored = circuit_faithfulness(objective, np.stack([searched.circuits[k] for k in sizes]).astype(np.float32))
@@ -159,12 +159,12 @@ def trace_budgets(objective: Objective, config: SearchConfig, budgets: str | lis
 
 def checkpointed_search(objective: Objective, config: SearchConfig | Runs, folder, resume: bool,
                         progress: bool) -> SearchResult:
-    """One checkpointed run of `config` (or its resolved `Runs`; see `checkpointed_searches`)."""
-    return checkpointed_searches(objective, config, folder, resume, progress)[0]
+    """One checkpointed run of `config` (or its resolved `Runs`; see `folder_searches`)."""
+    return folder_searches(objective, config, folder, resume, progress)[0]
 
 
-def checkpointed_searches(objective: Objective, config: SearchConfig | Runs, folder, resume: bool,
-                          progress: bool) -> list[SearchResult]:
+def folder_searches(objective: Objective, config: SearchConfig | Runs, folder, resume: bool,
+                    progress: bool) -> list[SearchResult]:
     """The checkpointed runs of `config` (or its resolved `Runs`, optimised together), resumed from the folder's
     latest checkpoint if asked."""
     runs = Runs.of(objective, config)
