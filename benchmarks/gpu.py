@@ -279,7 +279,9 @@ def run_trace(setup: Setup, cell: dict, args) -> dict:
     objective = jaxtrace.build_objective(model, task, ObjectiveConfig(site=SITE, batch_size=setup.batch))
     setup_s = time.perf_counter() - started
     started = time.perf_counter()
-    result = jaxtrace.run_search(objective, jaxtrace.SearchConfig(epochs=setup.trace_epochs))
+    # synthetic pairs have no effect to scale the data term by: the reference's scaling there (same step cost)
+    scale = "effect" if setup.task == "winobias" else "none"
+    result = jaxtrace.run_search(objective, jaxtrace.SearchConfig(epochs=setup.trace_epochs, scale=scale))
     search_s = time.perf_counter() - started
     return {"load_s": load_s, "setup_s": setup_s, "search_s": search_s, "wall_s": time.perf_counter() - began,
             "pairs": len(task), "epochs_run": len(result.history), "selected": int(result.mask.sum()),

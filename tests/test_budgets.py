@@ -88,7 +88,8 @@ def test_scale_free_data_term(planted):  # noqa: F811
     """`scale="effect"` divides the data term by |t(IE(all)) - t(0)|: the step's data term is the unscaled one over
     that number, and the gradients, hence the gates, follow the rescaled loss."""
     objective, _ = planted
-    base = SearchConfig(epochs=1, lambda1=0.0, lambda2=0.0, transform="neg").resolve(objective.site, objective.metric)
+    base = SearchConfig(epochs=1, lambda1=0.0, lambda2=0.0, transform="neg", scale="none").resolve(objective.site,
+                                                                                                   objective.metric)
     scale = data_scale(objective, base.replace(scale="effect"))
     effect_all = float(objective.evaluate_masks(np.ones((1, *objective.shape), np.float32))[0])
     assert scale == pytest.approx(abs(effect_all), rel=1e-6) and data_scale(objective, base) == 1.0

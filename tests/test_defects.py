@@ -238,8 +238,8 @@ def test_a_run_that_ended_before_its_first_checkpoint_starts_again(again, gpt2_d
     assert sorted(p.name for p in out.iterdir()) == ["checkpoints", "run.json"]
     # Another run is refused, naming what differs; the folder is left as it was.
     before = snapshot(out)
-    expect_error(capsys, *trace_args(gpt2_dir, pairs, out, "--lambda1", "0.5"),
-                 names=[f"{out} holds the start of a different run", "settings.lambda1", "--overwrite"])
+    expect_error(capsys, *trace_args(gpt2_dir, pairs, out, "--lambda1", "0.7"),
+                 names=[f"{out} holds the start of a different run", "settings.lambda1 0.5 -> 0.7", "--overwrite"])
     assert snapshot(out) == before
     # The same run starts afresh, resumed or not.
     code, _, err = run(capsys, *trace_args(gpt2_dir, pairs, out, *([again] if again != "plain" else [])))

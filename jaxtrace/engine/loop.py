@@ -209,9 +209,12 @@ def starting_gates(objective: Objective, config: SearchConfig) -> np.ndarray:
 
 def data_scale(objective: Objective, config: SearchConfig) -> float:
     """What the data term is divided by: 1 (`scale="none"`), or |t(IE(all)) - t(0)|, the transformed effect of
-    patching every component against patching none (`scale="effect"`), measured once on the whole task."""
+    patching every component against patching none (`scale="effect"`), measured once on the whole task with the
+    metric the search trains (accuracy's surrogate, the logit difference, for accuracy)."""
     if config.scale == "none":
         return 1.0
+    if objective.metric.trained is not objective.metric:
+        objective = objective.replace(spec=dataclasses.replace(objective.spec, metric=objective.metric.trained))
     transform = TRANSFORMS[config.transform]
     effect_all = float(objective.evaluate_masks(np.ones((1, *objective.shape), np.float32))[0])
     scale = abs(float(transform(np.float32(effect_all))) - float(transform(np.float32(0.0))))
