@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from jaxtrace.cli import main
+from jaxtrace.io.results import LOCK, FolderBusyError, ResultFolder
 from test_malformed import expect_error, finished, gpt2_dir, pairs, run, snapshot, trace_args  # noqa: F401 (fixtures)
 
 
@@ -198,8 +199,6 @@ def test_a_failed_overwrite_leaves_the_earlier_result(gpt2_dir, pairs, finished,
 def test_a_killed_overwrite_keeps_the_run_it_replaced(tmp_path):
     """A run killed while it overwrites leaves the run it replaced in .replaced/: the next --overwrite keeps that one
     (not the killed run's start) until it ends, and puts it back if it fails."""
-    from jaxtrace.io.results import ResultFolder
-
     out = tmp_path / "run"
     with ResultFolder(out, {"run": 1}) as folder:
         (folder.path / "circuit.json").write_text("first")
@@ -480,3 +479,30 @@ def test_a_full_disk_during_a_checkpoint_save_is_one_line(gpt2_dir, pairs, tmp_p
     done = cli_process(*trace_args(gpt2_dir, pairs, out), tmp_path=tmp_path, code=NO_SPACE_IN_BACKGROUND)
     one_error_line(done, f"cannot save checkpoint {out / 'checkpoints' / '1'}", "No space left on device")
     assert not (out / "circuit.json").exists() and not (out / ".jaxtrace.lock").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Corpus: stale, garbage and foreign-host lock files
+
+
+@pytest.mark.parametrize("content, taken_over, names", [
+    ("{host} 999999999", True, []),                                   # a process of this host that is gone
+    ("\x00\xff garbage that names no process", False, ["another process"]),
+    ("", False, ["another process"]),
+    ("node-17.cluster 4242", False, ["process 4242 on node-17.cluster"]),  # alive or not, it cannot be checked
+])
+def test_lock_files_left_behind(content, taken_over, names, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / LOCK).write_text(content.format(host=socket.gethostname()), errors="surrogateescape")
+    if taken_over:
+        with ResultFolder(out, {"kind": "test"}):
+            assert (out / LOCK).read_text() == f"{socket.gethostname()} {os.getpid()}"
+        assert not (out / LOCK).exists()
+        return
+    with pytest.raises(FolderBusyError) as error:
+        ResultFolder(out, {"kind": "test"}).__enter__()
+    message = str(error.value)
+    assert "\n" not in message and all(name in message for name in names)
+    assert f"lock {out / LOCK}" in message and "remove the lock" in message
+    assert sorted(p.name for p in out.iterdir()) == [LOCK]  # nothing else written

@@ -99,6 +99,9 @@ def test_configs_without_weights():
                  marks=pytest.mark.slow),
     (["--model", "CONFIG", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["--model", "NOT_JSON"], "not valid JSON model config"),
+    (["--device-memory-gb", "-1"], "--device-memory-gb must be a positive number"),
+    (["--device-memory-gb", "nan"], "--device-memory-gb must be a positive number, got nan"),
+    (["--devices", "3", "--mesh", "data=2,model=2"], "--mesh data=2,model=2 needs 4 devices; there are 3"),
 ])
 def test_bad_inputs_are_one_line_errors(flags, message, tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps(HF))
