@@ -506,3 +506,22 @@ def test_lock_files_left_behind(content, taken_over, names, tmp_path):
     assert "\n" not in message and all(name in message for name in names)
     assert f"lock {out / LOCK}" in message and "remove the lock" in message
     assert sorted(p.name for p in out.iterdir()) == [LOCK]  # nothing else written
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Corpus: resuming across the options that change what a run computes
+
+
+@pytest.mark.parametrize("flags, field", [
+    (["--dtype", "bfloat16"], "dtype"),
+    (["--warm-start", "atp"], "settings.warm_start None -> 'atp'"),
+    (["--scale", "none"], "settings.scale 'effect' -> 'none'"),
+    (["--direction", "keep"], "settings.direction 'patch' -> 'keep'"),
+])
+def test_a_resume_with_another_computation_is_refused_naming_it(flags, field, gpt2_dir, pairs, finished, tmp_path,
+                                                                capsys):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    before = snapshot(out)
+    expect_error(capsys, *trace_args(gpt2_dir, pairs, out, "--resume", *flags), names=[f"cannot resume {out}", field])
+    assert snapshot(out) == before
