@@ -325,7 +325,7 @@ def test_early_stop_gives_the_full_run_circuit(tiny_gpt2, small_task):
     _, model, _ = tiny_gpt2
     objective = build_objective(model, small_task.replace_arrays(sign=-small_task.arrays.sign), "attn_pattern",
                                 batch_size=20)
-    config = SearchConfig(epochs=12, lambda1=0.05, lambda2=0.05, schedule="exp")
+    config = SearchConfig(epochs=12, lambda1=0.05, lambda2=0.05, schedule="exp", scale="none")
     full = run_search(objective, config.replace(patience=0))
     early = run_search(objective, config)
     assert len(early.history) < len(full.history) == 12
