@@ -12,6 +12,7 @@ import pytest
 from jaxtrace.cli import build_parser, main
 from jaxtrace.core.search import SearchConfig
 from jaxtrace.engine.attribution import attribution_patching
+from jaxtrace.engine.faithfulness import MIB_FRACTIONS, mib_score
 from jaxtrace.engine.methods.greedy import greedy_path
 from jaxtrace.engine.objective import build_objective
 from jaxtrace.runs import baselines
@@ -104,6 +105,22 @@ def test_compare_runs_and_records_the_keep_direction(objective, kept, tmp_path):
     greedy = [_set(m) for m, _ in greedy_path(objective, 4, direction="keep")]
     assert [_set(result.results["greedy"].circuits[k][0]) for k in (1, 2, 4)] == [greedy[0], greedy[1], greedy[3]]
     assert {run["size"] for run in curve["pgbct_runs"]} and curve["pgbct_budgets"] == [1, 4, 8]
+
+    # MIB's exact scoring of every ranking beside jaxtrace's variant, and the budgeted circuits as MIB's
+    # multiple-circuits submission: 8 components, so MIB's sizes int(p·8) are 0 up to 10 %, then 1 and 4
+    exact = curve["faithfulness"]["mib"]
+    for name, of in result.ranking_of.items():
+        alone = mib_score(objective, result.rankings[of])
+        assert exact[name]["sizes"] == [0] * 7 + [1, 4, 8] and exact[name]["signed"][:7] == [0.0] * 7
+        assert exact[name]["cpr"] == pytest.approx(alone.cpr, abs=1e-5), name
+        assert exact[name]["cmd"] == pytest.approx(alone.cmd, abs=1e-5), name
+    budgets = result.results["pgbct_budgets"].circuits
+    largest = {k: max(size for size in budgets if size <= k) for k in (1, 4)}
+    f = [0.0] * 7 + [result.circuit_faithfulness[("pgbct_budgets", largest[k])] for k in (1, 4)]
+    x, y = MIB_FRACTIONS, [*f, 1.0]  # the full model appended at 1.0
+    by_hand = sum((x[i + 1] - x[i]) * (y[i] + y[i + 1]) / 2 for i in range(9))
+    assert curve["faithfulness"]["mib_circuits"]["pgbct_budgets"]["cpr"] == pytest.approx(by_hand)
+    assert "multiple-circuits submission" in (tmp_path / "cmp" / "report.md").read_text()
     with pytest.raises(ValueError, match="--direction"):
         CurveConfig(direction="sideways")
     parsed = build_parser().parse_args(["compare", "--task", "winobias", "--out", "x", "--direction", "patch"])

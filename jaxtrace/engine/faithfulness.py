@@ -35,6 +35,7 @@ vmapped evaluation (`mask_effects`).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -203,17 +204,41 @@ class MibScore:
     cmd: float
 
 
+def mib_masks(scores, sizes) -> np.ndarray:
+    """[2F, L, C] the circuits MIB scores a ranking (scores [L, C]) by: its top k by score, then by |score|, at each
+    of MIB's sizes k (`mib_sizes`; an empty mask where k = 0)."""
+    scores = np.asarray(scores, np.float64)
+    return np.concatenate([ranking_masks(scores, sizes), ranking_masks(np.abs(scores), sizes)])
+
+
+def mib_score_of(fractions, sizes, faithfulnesses) -> MibScore:
+    """MIB's areas from the faithfulness [2F] of `mib_masks` (an empty circuit scores 0 whatever was measured)."""
+    f = np.where(np.tile(np.asarray(sizes) > 0, 2), np.asarray(faithfulnesses, np.float64), 0.0)
+    signed, absolute = f[: len(sizes)], f[len(sizes):]
+    return MibScore([float(p) for p in fractions], list(sizes), signed.tolist(), absolute.tolist(),
+                    cpr(fractions, signed), cmd(fractions, absolute))
+
+
 def mib_score(objective: Objective, scores, fractions=MIB_FRACTIONS) -> MibScore:
     """MIB's CPR and CMD of a ranking (scores [L, C]) on the objective: the top int(p·n) components by score (CPR)
     and by |score| (CMD), each circuit kept clean with the rest patched, f = 0 for an empty circuit; every circuit
     in one evaluation (`circuit_faithfulness`)."""
-    scores = np.asarray(scores, np.float64)
     sizes = mib_sizes(objective.n_components, fractions)
-    masks = np.concatenate([ranking_masks(scores, sizes), ranking_masks(np.abs(scores), sizes)])
-    f = np.where(np.tile(np.asarray(sizes) > 0, 2), circuit_faithfulness(objective, masks).faithfulness, 0.0)
-    signed, absolute = f[: len(sizes)], f[len(sizes):]
-    return MibScore([float(p) for p in fractions], sizes, signed.tolist(), absolute.tolist(),
-                    cpr(fractions, signed), cmd(fractions, absolute))
+    scored = circuit_faithfulness(objective, mib_masks(scores, sizes))
+    return mib_score_of(fractions, sizes, scored.faithfulness)
+
+
+def budget_faithfulness(circuit_faithfulness_by_size: Mapping[int, float], n_components: int,
+                        fractions=MIB_FRACTIONS) -> list[float]:
+    """The faithfulness of the fixed circuits a budgeted method submits in MIB's multiple-circuits mode: at each of
+    MIB's sizes k = int(p·n) up to p = 0.5, its circuit of at most k components (the largest it has; one run per
+    budget never exceeds its budget), f = 0 where k = 0 or it has none."""
+    sizes = [k for p, k in zip(fractions, mib_sizes(n_components, fractions)) if p <= 0.5]
+    out = []
+    for k in sizes:
+        fits = [size for size in circuit_faithfulness_by_size if 1 <= size <= k]
+        out.append(float(circuit_faithfulness_by_size[max(fits)]) if fits else 0.0)
+    return out
 
 
 def mib_multiple_circuits(faithfulnesses, fractions=MIB_FRACTIONS) -> tuple[float, float]:

@@ -55,8 +55,9 @@ import numpy as np
 
 from jaxtrace.core.options import option
 from jaxtrace.core.search import DIRECTIONS, SearchConfig
-from jaxtrace.engine.faithfulness import (MIB_FRACTIONS, FaithfulnessCurve, circuit_faithfulness, curve_masks,
-                                          fraction_sizes, ranking_curves)
+from jaxtrace.engine.faithfulness import (MIB_FRACTIONS, FaithfulnessCurve, MibScore, budget_faithfulness,
+                                          circuit_faithfulness, curve_masks, fraction_sizes, mib_masks,
+                                          mib_multiple_circuits, mib_score_of, mib_sizes, ranking_curves)
 from jaxtrace.engine.loop import resolve
 from jaxtrace.engine.mesh import is_writer
 from jaxtrace.engine.methods import (Method, MethodContext, MethodResult, compare_methods, rankings_of, report_order,
@@ -136,19 +137,35 @@ class CurveConfig:
             raise ValueError(f"--mib: {', '.join(unknown)} has no ranking; rankings: {', '.join(rankings)}")
 
 
+@dataclasses.dataclass(frozen=True)
+class MibCircuits:
+    """A budgeted method's circuits as MIB's multiple-circuits submission: their faithfulness at MIB's sizes up to
+    50 % (`budget_faithfulness`) and MIB's areas with the full model appended at f = 1."""
+
+    faithfulness: list[float]
+    cpr: float
+    cmd: float
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class RankingFaithfulness:
-    """The faithfulness curves of every ranking at MIB's fractions (`curves`: by method, topk's being single's) and
+    """The faithfulness curves of every ranking at MIB's fractions, jaxtrace's variant (`curves`: at least one
+    component per size) and MIB's exact scoring (`mib`: sizes int(p·n), CPR signed, CMD absolute), by method (topk's
+    being single's); the budgeted methods' circuits as MIB's multiple-circuits submission (`mib_circuits`); and
     the time it took to score them with every circuit."""
 
     fractions: list[float]
     sizes: list[int]
     seconds: float
     curves: Mapping[str, FaithfulnessCurve]
+    mib: Mapping[str, MibScore]
+    mib_circuits: Mapping[str, MibCircuits]
 
     def to_dict(self) -> dict:
         return {"fractions": list(self.fractions), "sizes": list(self.sizes), "seconds": self.seconds,
-                "curves": {name: dataclasses.asdict(curve) for name, curve in self.curves.items()}}
+                "curves": {name: dataclasses.asdict(curve) for name, curve in self.curves.items()},
+                "mib": {name: dataclasses.asdict(score) for name, score in self.mib.items()},
+                "mib_circuits": {name: dataclasses.asdict(score) for name, score in self.mib_circuits.items()}}
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -285,18 +302,32 @@ def compare(context: MethodContext, report: Callable[[CompareResult], None] | No
         if report is not None:
             report(result)
 
-    start = time.perf_counter()  # the rankings' curves and every circuit in one evaluation
+    start = time.perf_counter()  # the rankings' curves (both scorings) and every circuit in one evaluation
     curve_sizes = fraction_sizes(objective.n_components, MIB_FRACTIONS)
+    exact_sizes = mib_sizes(objective.n_components, MIB_FRACTIONS)
     rankings = result.rankings
-    ranked_masks = (curve_masks(rankings, curve_sizes) if rankings
-                    else np.zeros((0, *objective.shape), np.float32))
+    empty = np.zeros((0, *objective.shape), np.float32)
+    ranked_masks = curve_masks(rankings, curve_sizes) if rankings else empty
+    exact_masks = (np.concatenate([mib_masks(scores, exact_sizes) for scores in rankings.values()]) if rankings
+                   else empty)
     listed = [(name, size, mask) for name in result.columns for size, (mask, _) in results[name].circuits.items()]
     circuits = np.asarray([mask for _, _, mask in listed], np.float32).reshape(-1, *objective.shape)
-    scored = circuit_faithfulness(objective, np.concatenate([ranked_masks, circuits]))
+    scored = circuit_faithfulness(objective, np.concatenate([ranked_masks, exact_masks, circuits]))
     ranked = ranking_curves(list(rankings), MIB_FRACTIONS, curve_sizes, scored)
-    by_circuit = {(name, size): float(f) for (name, size, _), f in zip(listed, scored.faithfulness[len(ranked_masks):])}
+    exact_f = scored.faithfulness[len(ranked_masks): len(ranked_masks) + len(exact_masks)]
+    exact = {name: mib_score_of(MIB_FRACTIONS, exact_sizes, f)
+             for name, f in zip(rankings, np.split(exact_f, max(len(rankings), 1)))}
+    by_circuit = {(name, size): float(f) for (name, size, _), f in
+                  zip(listed, scored.faithfulness[len(ranked_masks) + len(exact_masks):])}
+    budgeted = {}
+    for method in result.methods:
+        if method.budgeted and method.name in results:
+            f = budget_faithfulness({size: by_circuit[(method.name, size)] for size in results[method.name].circuits},
+                                    objective.n_components)
+            budgeted[method.name] = MibCircuits(f, *mib_multiple_circuits(f))
     faithfulness = RankingFaithfulness(list(MIB_FRACTIONS), curve_sizes, time.perf_counter() - start,
-                                       {name: ranked[of] for name, of in result.ranking_of.items()})
+                                       {name: ranked[of] for name, of in result.ranking_of.items()},
+                                       {name: exact[of] for name, of in result.ranking_of.items()}, budgeted)
     result = dataclasses.replace(result, faithfulness=faithfulness, circuit_faithfulness=by_circuit)
     if report is not None:
         report(result)
@@ -328,14 +359,22 @@ def table_markdown(result: CompareResult) -> str:
 
 
 def methods_markdown(result: CompareResult) -> str:
-    """Every method's wall time, ranking and faithfulness areas, as a Markdown table."""
-    curves = result.faithfulness.curves if result.faithfulness is not None else {}
+    """Every method's wall time, ranking and faithfulness areas (MIB's exact scoring and jaxtrace's variant), and the
+    budgeted methods' circuits as MIB's multiple-circuits submission, as Markdown."""
+    faith = result.faithfulness
+    curves, exact = (faith.curves, faith.mib) if faith is not None else ({}, {})
     seconds = result.method_seconds
-    lines = ["| method | wall time (s) | ranking | CPR ↑ | CMD ↓ |", "|---|---:|---|---:|---:|"]
+    lines = ["| method | wall time (s) | ranking | CPR ↑ (MIB) | CMD ↓ (MIB) | CPR, ≥ 1 per size | CMD, ≥ 1 per size |",
+             "|---|---:|---|---:|---:|---:|---:|"]
     for method in result.methods:
-        curve, took = curves.get(method.name), seconds.get(method.name)
+        curve, score, took = curves.get(method.name), exact.get(method.name), seconds.get(method.name)
         lines.append(f"| {method.name} | {'–' if took is None else f'{took:.1f}'} | {method.ranking} | "
+                     + ("– | –" if score is None else f"{score.cpr:.4f} | {score.cmd:.4f}") + " | "
                      + ("– | –" if curve is None else f"{curve.cpr:.4f} | {curve.cmd:.4f}") + " |")
+    for name, circuits in (faith.mib_circuits.items() if faith is not None else ()):
+        lines += ["", f"{name}'s circuits as MIB's multiple-circuits submission (one per budget, at most int(p·n) "
+                  f"components at p = 0.001 … 0.5, the full model at 1): CPR {circuits.cpr:.4f}, CMD "
+                  f"{circuits.cmd:.4f}; f = " + ", ".join(f"{f:+.3f}" for f in circuits.faithfulness) + "."]
     return "\n".join(lines)
 
 
@@ -363,7 +402,10 @@ def report_markdown(result: CompareResult, provenance: Provenance, mib: tuple[st
              + f"; a circuit's effect is {EFFECT_OF[result.direction]}.", "",
              "## Methods", "", methods_markdown(result), "",
              "CPR and CMD are MIB's areas under f and under |1 − f| over the fractions 0.001 … 1 of the components "
-             "(trapezoids on the linear fraction axis; see `jaxtrace.engine.faithfulness`).", "",
+             "(trapezoids on the linear fraction axis; see `jaxtrace.engine.faithfulness`). MIB's columns score as "
+             "its `evaluate_area_under_curve` does: the top int(p·n) components (an empty circuit scores f = 0), CPR "
+             "by the signed ranking, CMD by |score|. The '≥ 1 per size' columns are jaxtrace's variant: at least one "
+             "component at every fraction, both areas by the signed ranking (the curves below).", "",
              "## Effect against circuit size", "", table_markdown(result), "",
              "![effect against circuit size](curve.png)", "",
              "## Faithfulness of the rankings", "",

@@ -119,6 +119,8 @@ class Method:
     compare: `compare` runs it. baseline: `baseline --method` offers it (its circuit of size k: the one it gives,
       else the top k of its ranking).
     own_sizes: its circuits land at their own sizes, which join the sizes of the methods after it (pgbct).
+    budgeted: it gives one circuit per budget at MIB's sizes, each of at most its budget (pgbct_budgets): compare
+      also scores them as MIB's multiple-circuits submission.
     includes: methods whose wall time counts in its own (topk: single, whose effects it selects by).
     extras: the keys its extras add to compare's report, with their values until it has run.
     report_order: its place in the report's tables (smaller first; ties in registration order).
@@ -134,6 +136,7 @@ class Method:
     compare: bool = True
     baseline: bool = True
     own_sizes: bool = False
+    budgeted: bool = False
     includes: tuple[str, ...] = ()
     extras: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     report_order: float = math.inf
