@@ -525,3 +525,58 @@ def test_a_resume_with_another_computation_is_refused_naming_it(flags, field, gp
     before = snapshot(out)
     expect_error(capsys, *trace_args(gpt2_dir, pairs, out, "--resume", *flags), names=[f"cannot resume {out}", field])
     assert snapshot(out) == before
+
+
+def test_a_resume_across_attention_forms_is_refused_naming_it(gpt2_dir, pairs, tmp_path, capsys):
+    """attn_pattern computed in the explicit form, resumed in the fused one: refused naming the field; `auto`,
+    which resolves to the form the run used, resumes."""
+    out = tmp_path / "run"
+    args = [*trace_args(gpt2_dir, pairs, out)[:-1], "--site", "attn_pattern", "--no-progress"]
+    assert run(capsys, *args, "--attention", "explicit")[0] == 0
+    before = snapshot(out)
+    expect_error(capsys, *args, "--resume", "--attention", "fused",
+                 names=[f"cannot resume {out}", "objective.attention 'explicit' -> 'fused'"])
+    assert snapshot(out) == before
+    code, _, err = run(capsys, *args, "--resume", "--attention", "auto", "--epochs", "2")
+    assert code == 0, err
+    assert len(json.loads((out / "circuit.json").read_text())["history"]) == 2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Corpus: a damaged or unwritable compiled-program cache
+
+
+def test_a_damaged_compiled_program_cache_is_one_line(gpt2_dir, pairs, tmp_path):
+    """Every compiled program in the user cache overwritten with garbage: the run compiles them again and finds the
+    same circuit, saying so in one line naming the cache (JAX warns twice a line for every entry, on every run)."""
+    every_program = ("import functools, jaxtrace.io.cache as cache\n"  # kept however fast it compiled
+                     "cache.enable_compilation_cache = functools.partial(cache.enable_compilation_cache, "
+                     "min_seconds=0)")
+    first = cli_process(*trace_args(gpt2_dir, pairs, tmp_path / "first"), tmp_path=tmp_path, code=every_program)
+    assert first.returncode == 0, first.stderr[-3000:]
+    folder = tmp_path / "cache" / "compile"
+    entries = [path for path in folder.iterdir() if path.is_file()]
+    assert entries
+    for entry in entries:
+        entry.write_bytes(b"\0garbage" * (entry.stat().st_size // 8 + 1))
+    again = cli_process(*trace_args(gpt2_dir, pairs, tmp_path / "again"), tmp_path=tmp_path, code=every_program)
+    assert again.returncode == 0 and again.stderr == "", again.stderr[-3000:]
+    notes = [line for line in again.stdout.splitlines() if "compiled-program cache" in line]
+    assert len(notes) == 1 and notes[0].startswith(f"compiled-program cache {folder}: an entry cannot be read (")
+    assert notes[0].endswith(f"its program was compiled again (remove {folder} to rebuild the cache)")
+    selected = [json.loads((tmp_path / run / "circuit.json").read_text())["selected"] for run in ("first", "again")]
+    assert selected[0] == selected[1]
+
+
+def test_an_unwritable_compiled_program_cache_is_one_line(gpt2_dir, pairs, tmp_path, monkeypatch, capsys):
+    """A cache folder whose compile/ cannot be made (a file in its place): the run goes on without the cache, and
+    one line says so."""
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "compile").write_text("")
+    monkeypatch.setenv("JAXTRACE_CACHE", str(tmp_path / "cache"))
+    code, out, err = run(capsys, *trace_args(gpt2_dir, pairs, tmp_path / "run"))
+    assert code == 0 and err == ""
+    notes = [line for line in out.splitlines() if "compiled-program cache" in line]
+    assert notes == [f"compiled-program cache {tmp_path / 'cache' / 'compile'} cannot be written (File exists): "
+                     "every program is compiled anew (--no-compile-cache says the same without this line)"]
+    assert (tmp_path / "run" / "circuit.json").exists()

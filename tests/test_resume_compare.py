@@ -144,3 +144,26 @@ def test_a_killed_stability_sweep_resumes_to_an_uninterrupted_runs_results(gpt2_
     code, _, err = run(capsys, *stability_args(gpt2_dir, pairs, out, "--resume"))
     assert code == 0, err
     assert result(out / "stability.json") == result(reference / "stability.json")
+
+
+def budgets_args(model, pairs, out, *more):
+    return ["trace", *common(model, pairs, out, "--budgets", "1,2,5", "--lambda1", "0", "--direction", "keep", *more)]
+
+
+@pytest.mark.slow
+def test_a_killed_budgeted_trace_resumes_bit_identical(gpt2_dir, pairs, tmp_path, capsys):
+    """`trace --budgets` killed after its first epoch's checkpoint, then resumed: budgets.json and every budget's
+    circuit are an uninterrupted run's (wall times aside); a resume into another budget list is refused."""
+    reference, out = tmp_path / "reference", tmp_path / "killed"
+    code, _, err = run(capsys, *budgets_args(gpt2_dir, pairs, reference))
+    assert code == 0, err
+    killed("epoch", 1, *budgets_args(gpt2_dir, pairs, out))
+    assert not (out / "budgets.json").exists()
+    expect_error(capsys, *budgets_args(gpt2_dir, pairs, out, "--resume", "--budgets", "1,2"),
+                 names=[f"cannot resume {out}", "settings.budgets"])
+    code, _, err = run(capsys, *budgets_args(gpt2_dir, pairs, out, "--resume"))
+    assert code == 0, err
+    saved = result(out / "budgets.json")
+    assert saved == result(reference / "budgets.json")
+    for entry in saved["circuits"]:
+        assert result(out / entry["file"]) == result(reference / entry["file"])

@@ -462,11 +462,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except SystemExit as done:  # --help, --version
         return done.code if isinstance(done.code, int) else 0
-    if not getattr(args, "no_compile_cache", True):
-        enable_compilation_cache()
     if not os.environ.get("JAXTRACE_DEBUG"):
         quiet_background_errors()
     with _console():
+        if not getattr(args, "no_compile_cache", True):
+            enable_compilation_cache()
         try:
             args.run(args)
         except KeyboardInterrupt:

@@ -282,6 +282,10 @@ def run_searches(objective: Objective, configs: Sequence[SearchConfig] | Runs,
     keys = jax.random.wrap_key_data(state.keys)
     epochs = range(start_epoch, start_epoch if settled else config.epochs)
     previous = [c.select(zr) for zr, c in zip(state.z, configs)]
+    # run -> (binary mask, its effect), re-evaluated on change; a resumed run's from its last epoch, so that it
+    # evaluates the masks an uninterrupted run does, in the same groups (bit-identical effects)
+    evaluated = {run: (mask.tobytes(), history[-1].effect)
+                 for run, (mask, history) in enumerate(zip(previous, histories)) if history}
     # one scale for every run: --scale and the transform are not sweepable
     scales = np.full(n_runs, data_scale(objective, config), np.float32) if epochs else None
     run_pairs = [None] * n_runs if pairs is None else check_pairs(objective, pairs, n_runs)
@@ -290,7 +294,6 @@ def run_searches(objective: Objective, configs: Sequence[SearchConfig] | Runs,
     every_batch = [idx for runs_orders in orders.values() for order in runs_orders for idx in order]
     shape = batcher.shape(every_batch) if every_batch else None
     n_batches = len(batcher.in_order)
-    evaluated: dict[int, tuple[bytes, float]] = {}  # run -> (binary mask, its effect), re-evaluated on change
     for epoch in epochs:
         began = time.perf_counter()
         inputs = run_inputs(objective, configs, epoch, scales)

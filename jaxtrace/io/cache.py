@@ -7,12 +7,18 @@ and writing in place keeps the inode and size, but every change of a file sets i
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import logging
 import os
+import tempfile
+import warnings
 from pathlib import Path
 
 from jaxtrace.io.files import write_json
+
+log = logging.getLogger("jaxtrace")
 
 
 def cache_dir() -> Path:
@@ -95,14 +101,49 @@ def _file_digests(paths: list[Path]) -> list[str]:
     return digests
 
 
-def enable_compilation_cache(folder: Path | None = None, min_seconds: float = 0.5) -> Path:
+def enable_compilation_cache(folder: Path | None = None, min_seconds: float = 0.5) -> Path | None:
     """Keep XLA's compiled programs that took at least `min_seconds` to compile in `folder` (default: the cache
     folder's `compile/`) with JAX's persistent compilation cache, so that a second identical run loads them instead
-    of compiling them again. Takes effect for a process's compilations from the first one on: call it before any."""
+    of compiling them again. Takes effect for a process's compilations from the first one on: call it before any.
+
+    A folder that cannot be written is not used (None; one line says so, and every program is compiled anew). JAX
+    warns twice a line for every entry it cannot read (a damaged file: the program is compiled again, the entry is
+    never replaced) or write; those warnings become one line per process naming the folder."""
     import jax
 
     folder = Path(folder or cache_dir() / "compile")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        log.warning(f"compiled-program cache {folder} cannot be written ({error.strerror or error}): every program "
+                    "is compiled anew (--no-compile-cache says the same without this line)")
+        return None
     jax.config.update("jax_compilation_cache_dir", str(folder))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_seconds)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+    previous = warnings.showwarning
+    if isinstance(previous, functools.partial) and previous.func is _one_line_cache_warnings:
+        previous = previous.keywords["previous"]  # enabled again in this process: replaced, not stacked
+    warnings.showwarning = functools.partial(_one_line_cache_warnings, folder=folder, said=set(), previous=previous)
     return folder
+
+
+_CACHE_WARNINGS = {"Error reading persistent compilation cache entry": "cannot be read",
+                   "Error writing persistent compilation cache entry": "cannot be written"}
+
+
+def _one_line_cache_warnings(message, category, filename, lineno, file=None, line=None, *, folder: Path,
+                             said: set, previous):
+    """`warnings.showwarning` for JAX's compilation-cache warnings: one line per kind and process, the rest as
+    `previous` shows them."""
+    text = str(message)
+    kind = next((words for start, words in _CACHE_WARNINGS.items() if text.startswith(start)), None)
+    if kind is None:
+        return previous(message, category, filename, lineno, file, line)
+    if kind not in said:
+        said.add(kind)
+        reason = text.split(": ", 1)[-1]
+        log.warning(f"compiled-program cache {folder}: an entry {kind} ({reason}); its program was compiled "
+                    f"again (remove {folder} to rebuild the cache)")
