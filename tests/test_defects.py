@@ -542,6 +542,24 @@ def test_a_resume_across_attention_forms_is_refused_naming_it(gpt2_dir, pairs, t
     assert len(json.loads((out / "circuit.json").read_text())["history"]) == 2
 
 
+def test_a_resume_of_an_early_stopped_run(gpt2_dir, pairs, tmp_path, capsys):
+    """A run that stopped early stays stopped when resumed with more --epochs (the same circuit and history);
+    resuming it with another --patience is another run, refused naming the field."""
+    out = tmp_path / "run"
+    args = [*trace_args(gpt2_dir, pairs, out)[:-1], "--scale", "none", "--lambda1", "0.05", "--lambda2", "0.05",
+            "--schedule", "exp", "--no-progress"]
+    assert run(capsys, *args, "--epochs", "12")[0] == 0
+    stopped = json.loads((out / "circuit.json").read_text())
+    assert len(stopped["history"]) < 12
+    assert run(capsys, *args, "--epochs", "14", "--resume")[0] == 0
+    resumed = json.loads((out / "circuit.json").read_text())
+    assert (resumed["selected"], resumed["history"]) == (stopped["selected"], stopped["history"])
+    before = snapshot(out)
+    expect_error(capsys, *args, "--epochs", "14", "--patience", "0", "--resume",
+                 names=[f"cannot resume {out}", "settings.patience 2 -> 0"])
+    assert snapshot(out) == before
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Corpus: a damaged or unwritable compiled-program cache
 
