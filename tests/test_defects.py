@@ -88,6 +88,33 @@ def test_a_changed_converted_model_cache_entry_is_converted_again(tmp_path, monk
                           tensors["model.embed_tokens.weight"])  # the entry is whole again
 
 
+def test_an_unwritable_converted_model_cache_is_one_line(tmp_path, monkeypatch, caplog):
+    """A cache whose converted/ cannot be made (a file in its place): the GGUF loads, converted anew each time, and
+    each load says so in one line naming the folder."""
+    import gguf
+    import numpy as np
+
+    import jaxtrace
+    from test_gguf import gguf_tensors, tiny_model, write_gguf
+
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "converted").write_text("")
+    monkeypatch.setenv("JAXTRACE_CACHE", str(tmp_path / "cache"))
+    add_token_list = gguf.GGUFWriter.add_token_list  # and BPE merges: a tokenizer the GGUF holds
+    monkeypatch.setattr(gguf.GGUFWriter, "add_token_list", lambda w, tokens: (
+        add_token_list(w, ["t", "1", "t1", *tokens[3:]]), w.add_token_merges(["t 1"])))
+    model = tiny_model("llama", tie_word_embeddings=False)
+    path = write_gguf(tmp_path / "tiny.gguf", "llama", model.config, gguf_tensors(model, "llama"))
+    loaded = []
+    for _ in range(2):
+        caplog.clear()
+        loaded.append(np.asarray(jaxtrace.load_model(path)[0].embed_tokens[...]))
+        assert [r.getMessage() for r in caplog.records] == [
+            f"converted-model cache {tmp_path / 'cache' / 'converted'} cannot be written (Not a directory): "
+            f"{path} is converted again at every load"]
+    assert np.array_equal(*loaded)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 3. evaluate --circuit on a model other than the circuit's
 

@@ -172,7 +172,8 @@ def _converted_problem(folder: Path) -> str | None:
 
 def save_converted(path: Path, hf_config: dict, state_dict: dict, tokenizer) -> None:
     """Keep a GGUF's conversion where `converted_folder` finds it, with the SHA-256 of each file it holds
-    (`sha256.json`); a cache that cannot be written is skipped (loading converts again next time)."""
+    (`sha256.json`); a cache that cannot be written is skipped, one line saying so (loading converts again next
+    time)."""
     from safetensors.numpy import save_file
 
     folder = _converted_path(path)
@@ -188,8 +189,9 @@ def save_converted(path: Path, hf_config: dict, state_dict: dict, tokenizer) -> 
         os.replace(temporary, folder)
         for name, digest in digests.items():  # so that the first load does not hash them again
             remember_sha256(folder / name, digest)
-    except OSError:
-        pass
+    except OSError as error:
+        log.warning(f"converted-model cache {folder.parent} cannot be written ({error.strerror or error}): "
+                    f"{path} is converted again at every load")
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
 
