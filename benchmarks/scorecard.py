@@ -35,18 +35,20 @@ def command(cell: str, data: str, out: Path) -> list[str]:
             "--ig-steps", "16", "--mib", "pgbct_budgets", "--no-progress", "--out", str(out)]
 
 
-def summary(curve: dict) -> dict:
-    """A cell's scorecard from its curve.json: per method wall time, MIB's CPR/CMD and jaxtrace's, and each
-    circuit's faithfulness by size; the budgeted PGB-CT's multiple-circuits score."""
+def summary(curve: dict, budgets: list[int]) -> dict:
+    """A cell's scorecard from its curve.json: per method wall time, MIB's CPR/CMD and jaxtrace's, and at each
+    budget k the faithfulness of its most faithful circuit of at most k components; the budgeted PGB-CT's
+    multiple-circuits score."""
     faith = curve["faithfulness"]
     methods = {}
     for name, seconds in curve["method_seconds"].items():
         exact, own = faith["mib"].get(name), faith["curves"].get(name)
+        by_size = {row["size"]: row[name] for row in curve["faithfulness_rows"] if row.get(name) is not None}
         methods[name] = {"seconds": seconds,
                          "mib_cpr": exact and exact["cpr"], "mib_cmd": exact and exact["cmd"],
                          "cpr": own and own["cpr"], "cmd": own and own["cmd"],
-                         "faithfulness": {str(row["size"]): row.get(name) for row in curve["faithfulness_rows"]
-                                          if row.get(name) is not None}}
+                         "faithfulness": {str(k): max(f for size, f in by_size.items() if size <= k)
+                                          for k in budgets if any(size <= k for size in by_size)}}
     return {"n_components": curve["n_components"], "n_pairs": curve["n_pairs"], "effect_all": curve["effect_all"],
             "methods": methods, "mib_circuits": faith["mib_circuits"]}
 
@@ -61,7 +63,8 @@ def markdown(cells: dict, commands: dict) -> str:
              "`jaxtrace compare` per cell (commands below). CPR ↑ / CMD ↓ (MIB): as MIB's `evaluate_area_under_curve` "
              "(sizes int(p·n), an empty circuit f = 0, CPR by the signed ranking, CMD by |score|); '≥ 1': "
              "jaxtrace's variant (at least one component per fraction). pgbct_budgets is scored by its merged "
-             "ranking and, as circuits, as MIB's multiple-circuits submission (one circuit per budget).", ""]
+             "ranking and, as circuits, as MIB's multiple-circuits submission (one circuit per budget). f @k: the "
+             "faithfulness of the method's most faithful circuit of at most k components (MIB's sizes).", ""]
     for cell, result in cells.items():
         sizes = sorted({int(s) for m in result["methods"].values() for s in m["faithfulness"]})
         lines += [f"## {cell}: {result['n_components']} heads, {result['n_pairs']} pairs, "
@@ -94,7 +97,8 @@ def main(data: str, work: Path) -> None:
             print(f"{cell}: {commands[cell]}", flush=True)
             subprocess.run([str(Path(sys.executable).parent / args[0]), *args[1:], *resume], check=True)
             print(f"{cell}: {time.perf_counter() - began:.0f} s", flush=True)
-        cells[cell] = summary(json.loads((out / "curve.json").read_text()))
+        budgets = [int(k) for k in SIZES[CELLS[cell][0]].split(",")]
+        cells[cell] = summary(json.loads((out / "curve.json").read_text()), budgets)
         (HERE / "scorecard.json").write_text(json.dumps({"cells": cells, "commands": commands}, indent=1) + "\n")
         (HERE / "SCORECARD.md").write_text(markdown(cells, commands))
 

@@ -115,8 +115,8 @@ def test_compare_runs_and_records_the_keep_direction(objective, kept, tmp_path):
         assert exact[name]["cpr"] == pytest.approx(alone.cpr, abs=1e-5), name
         assert exact[name]["cmd"] == pytest.approx(alone.cmd, abs=1e-5), name
     budgets = result.results["pgbct_budgets"].circuits
-    largest = {k: max(size for size in budgets if size <= k) for k in (1, 4)}
-    f = [0.0] * 7 + [result.circuit_faithfulness[("pgbct_budgets", largest[k])] for k in (1, 4)]
+    f = [0.0] * 7 + [max(result.circuit_faithfulness[("pgbct_budgets", size)] for size in budgets if size <= k)
+                     for k in (1, 4)]
     x, y = MIB_FRACTIONS, [*f, 1.0]  # the full model appended at 1.0
     by_hand = sum((x[i + 1] - x[i]) * (y[i] + y[i + 1]) / 2 for i in range(9))
     assert curve["faithfulness"]["mib_circuits"]["pgbct_budgets"]["cpr"] == pytest.approx(by_hand)

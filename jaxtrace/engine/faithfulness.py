@@ -231,14 +231,12 @@ def mib_score(objective: Objective, scores, fractions=MIB_FRACTIONS) -> MibScore
 def budget_faithfulness(circuit_faithfulness_by_size: Mapping[int, float], n_components: int,
                         fractions=MIB_FRACTIONS) -> list[float]:
     """The faithfulness of the fixed circuits a budgeted method submits in MIB's multiple-circuits mode: at each of
-    MIB's sizes k = int(p·n) up to p = 0.5, its circuit of at most k components (the largest it has; one run per
-    budget never exceeds its budget), f = 0 where k = 0 or it has none."""
+    MIB's sizes k = int(p·n) up to p = 0.5, its most faithful circuit of at most k components (any of them fits
+    that budget: a larger budget's run that lands below a smaller one's circuit does not count against it), f = 0
+    where k = 0 or it has none."""
     sizes = [k for p, k in zip(fractions, mib_sizes(n_components, fractions)) if p <= 0.5]
-    out = []
-    for k in sizes:
-        fits = [size for size in circuit_faithfulness_by_size if 1 <= size <= k]
-        out.append(float(circuit_faithfulness_by_size[max(fits)]) if fits else 0.0)
-    return out
+    return [max((float(f) for size, f in circuit_faithfulness_by_size.items() if 1 <= size <= k), default=0.0)
+            for k in sizes]
 
 
 def mib_multiple_circuits(faithfulnesses, fractions=MIB_FRACTIONS) -> tuple[float, float]:
