@@ -57,7 +57,8 @@ def test_capture_matches_transformers(loaded):
         if site == "head_out":
             expected = expected.reshape(acts[site].shape)
         assert acts[site].shape == expected.shape, site
-        np.testing.assert_allclose(np.asarray(acts[site]), expected, atol=2e-5, err_msg=f"{name} {site}")
+        # float32 activations up to |25|: XLA and torch sum in other orders (newer jax: a few 1e-6 relative)
+        np.testing.assert_allclose(np.asarray(acts[site]), expected, atol=2e-5, rtol=2e-6, err_msg=f"{name} {site}")
 
 
 @pytest.mark.parametrize("site", list(SITES))
