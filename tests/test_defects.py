@@ -13,7 +13,8 @@ import pytest
 
 from jaxtrace.cli import main
 from jaxtrace.io.results import LOCK, FolderBusyError, ResultFolder
-from test_malformed import expect_error, finished, gpt2_dir, pairs, run, snapshot, trace_args  # noqa: F401 (fixtures)
+from test_malformed import (expect_error, finished, gpt2_dir, pairs, record_message, run, snapshot,  # noqa: F401
+                            trace_args)
 
 
 def sweep_args(model, pairs, out, epochs, *more):
@@ -112,6 +113,7 @@ def test_an_unwritable_converted_model_cache_is_one_line(tmp_path, monkeypatch, 
         assert [r.getMessage() for r in caplog.records] == [
             f"converted-model cache {tmp_path / 'cache' / 'converted'} cannot be written (Not a directory): "
             f"{path} is converted again at every load"]
+        record_message(caplog.records[0].getMessage())
     assert np.array_equal(*loaded)
 
 
@@ -407,6 +409,7 @@ def one_error_line(done: subprocess.CompletedProcess, *names) -> str:
     assert done.returncode == 2 and len(lines) == 1 and lines[0].startswith("jaxtrace: error: "), done.stderr[-3000:]
     for name in names:
         assert str(name) in lines[0], (name, lines[0])
+    record_message(lines[0])
     return lines[0]
 
 
@@ -609,6 +612,7 @@ def test_a_damaged_compiled_program_cache_is_one_line(gpt2_dir, pairs, tmp_path)
     notes = [line for line in again.stdout.splitlines() if "compiled-program cache" in line]
     assert len(notes) == 1 and notes[0].startswith(f"compiled-program cache {folder}: an entry cannot be read (")
     assert notes[0].endswith(f"its program was compiled again (remove {folder} to rebuild the cache)")
+    record_message(notes[0])
     selected = [json.loads((tmp_path / run / "circuit.json").read_text())["selected"] for run in ("first", "again")]
     assert selected[0] == selected[1]
 
@@ -624,4 +628,5 @@ def test_an_unwritable_compiled_program_cache_is_one_line(gpt2_dir, pairs, tmp_p
     notes = [line for line in out.splitlines() if "compiled-program cache" in line]
     assert notes == [f"compiled-program cache {tmp_path / 'cache' / 'compile'} cannot be written (File exists): "
                      "every program is compiled anew (--no-compile-cache says the same without this line)"]
+    record_message(notes[0])
     assert (tmp_path / "run" / "circuit.json").exists()

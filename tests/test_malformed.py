@@ -4,6 +4,7 @@ CLI's catch-all summary of an unexpected exception), and leaves earlier results 
 
 import errno
 import json
+import os
 import re
 import shutil
 from pathlib import Path
@@ -40,7 +41,17 @@ def expect_error(capsys, *argv, names=(), code=2) -> str:
     assert not CATCH_ALL.match(lines[0].removeprefix(prefix)), f"the CLI's catch-all answered: {lines[0]}"
     for name in names:
         assert str(name) in lines[0], (name, lines[0])
+    record_message(lines[0])
     return lines[0]
+
+
+def record_message(line: str) -> None:
+    """With JAXTRACE_MESSAGES=FILE, append the test's name and the one line it checked to FILE (the corpus's
+    messages, for a report)."""
+    if os.environ.get("JAXTRACE_MESSAGES"):
+        test = os.environ.get("PYTEST_CURRENT_TEST", "?").split(" ")[0]
+        with open(os.environ["JAXTRACE_MESSAGES"], "a") as file:
+            file.write(f"{test}\t{line}\n")
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
