@@ -69,7 +69,8 @@ def _number(value, digits=3) -> str:
 def markdown(cells: dict, commands: dict) -> str:
     lines = ["# The scorecard: every method in the keep direction, MIB's scoring", "",
              "`python benchmarks/scorecard.py ../shared/data` on this project's 2-core CPU (float32), one "
-             "`jaxtrace compare` per cell (commands below). CPR ↑ / CMD ↓ (MIB): as MIB's `evaluate_area_under_curve` "
+             "`jaxtrace compare` per cell (commands below). CPR ↑ / CMD ↓ (MIB): as MIB's "
+             "`evaluate_area_under_curve` "
              "(sizes int(p·n), an empty circuit f = 0, CPR by the signed ranking, CMD by |score|); '≥ 1': "
              "jaxtrace's variant (at least one component per fraction). pgbct_budgets is scored by its merged "
              "ranking and, as circuits, as MIB's multiple-circuits submission (one circuit per budget). f @k: the "
@@ -103,7 +104,9 @@ FINDINGS = [
     "and ig 0.124 / budgeted PGB-CT 0.131 / single 0.134 are level on Gemma. CMD rewards f close to 1 at every "
     "fraction; PGB-CT's circuits overshoot (f > 1: they leave out heads that work against the behaviour).",
     "- **Budgeted PGB-CT at small budgets** loses to greedy and ig (SmolLM2: f 0.022 at 1 head against 0.158, 0.210 "
-    "at 5 against greedy's 0.356 and ig's 0.364). Tried on SmolLM2 × IOI (one `run_budgets`, `/tmp`-script): "
+    "at 5 against greedy's 0.356 and ig's 0.364). Tried on SmolLM2 × IOI, 32 prompts, attn_pattern: "
+    "`run_budgets(objective, SearchConfig(direction='keep', scale='effect', lambda1=0.0, ...), "
+    "budget_list('mib', 270))`: "
     "`--warm-start atp` lifts budget 1 to 0.158 and 27 to 1.060 (5: 0.217, 13: 0.493), still below greedy's 0.706 "
     "at 13; 45 epochs instead of 15 makes small budgets worse (13: 0.354). Why: the capped-simplex projection "
     "starts every gate at k/n, and Adam's per-coordinate steps move them by the gradient's sign, not its size, so "

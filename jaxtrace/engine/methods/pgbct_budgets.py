@@ -29,5 +29,5 @@ def run(objective: Objective, context: MethodContext) -> MethodResult:
 
 
 METHOD = register(Method("pgbct_budgets", run, ranking="budgeted circuits merged (MIB's sizes)",
-                         scores=True, search=True, baseline=False, own_sizes=True, budgeted=True, extras={"pgbct_budgets": []},
-                         report_order=11))
+                         scores=True, search=True, baseline=False, own_sizes=True, budgeted=True,
+                         extras={"pgbct_budgets": []}, report_order=11))
