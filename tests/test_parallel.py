@@ -97,7 +97,8 @@ def _free_port() -> int:
 
 
 def test_two_processes_trace_like_one(tiny_gpt2, tmp_path):
-    """`jaxtrace trace` as two processes of 4 CPU devices each (gloo over TCP) against one process."""
+    """`jaxtrace trace` as two processes of 4 CPU devices each (gloo over TCP) against one process: the same
+    circuit, and on jax 0.12 no deadlock on programs from the compiled-program cache (which such runs skip)."""
     folder = tiny_gpt2[0]
     common = ["-m", "jaxtrace.cli", "trace", "--model", folder, "--task", "winobias", "--data", SHARED / "data",
               "--epochs", "2", "--batch-size", "32", "--lambda1", "0.01", "--lambda2", "0.01", "--no-progress"]
@@ -113,6 +114,7 @@ def test_two_processes_trace_like_one(tiny_gpt2, tmp_path):
     for p, (_, err) in zip(processes, outputs):
         assert p.returncode == 0, err[-3000:]
     assert "data=4 x model=2 over 8 cpu devices, 2 process(es)" in outputs[0][0]
+    assert "compiled-program cache not used" in outputs[0][0]
     report = ("mesh", "model", "task", "circuit", "effect", "written")  # one report, from process 0 (gloo's own
     assert "circuit" in outputs[0][0]  # connection lines go to fd 1 from C++ on both)
     assert not [line for line in outputs[1][0].splitlines() if line.startswith(report)]

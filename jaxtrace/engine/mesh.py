@@ -86,6 +86,8 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
                              "single-process run takes neither")
         return
     jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU processes talk over TCP (tests, CI)
+    # JAX's preemption service takes SIGTERM for a sync point jaxtrace never asks for: the process would ignore it.
+    jax.config.update("jax_enable_preemption_service", False)
     who = "this process" if process_id is None else f"process {process_id}"
     where = "the detected cluster's coordinator" if coordinator is None else f"coordinator {coordinator}"
     awaited = "the processes" if num_processes is None else f"all {num_processes} processes"
@@ -95,6 +97,11 @@ def initialize_distributed(coordinator: str | None = None, num_processes: int | 
                             "and --num-processes", timeout):
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes,
                                    process_id=process_id, initialization_timeout=timeout + 60)  # never reached
+    if jax.process_count() > 1 and jax.default_backend() == "cpu" and jax.config.jax_enable_compilation_cache:
+        # Measured with jax 0.12.1 (gloo): a program one process loads from the persistent cache while its peer
+        # compiles it, or loads it too, deadlocks in its first collective. CPU processes compile every program.
+        jax.config.update("jax_enable_compilation_cache", False)
+        log.info("cache      compiled-program cache not used: CPU processes of a multi-process run compile anew")
 
 
 @contextlib.contextmanager
