@@ -16,7 +16,8 @@ import jax
 from jaxtrace.cli.options import add_options, from_args, given
 from jaxtrace.core.errors import one_line
 from jaxtrace.core.search import SearchConfig
-from jaxtrace.core.sites import MODEL_SITES, gate_shape
+from jaxtrace.core.models.config import ModelConfig
+from jaxtrace.core.sites import MODEL_SITES, component_labels, gate_shape, get_site
 from jaxtrace.engine.budgets import parse_budgets
 from jaxtrace.engine.mesh import MeshSpec, is_writer
 from jaxtrace.engine.objective import ObjectiveConfig, build_objective, check_task_fits
@@ -298,7 +299,11 @@ def sweep_task(args, name: str) -> TaskSpec:
 
 
 def circuit_summary(circuit: Circuit, out: Path) -> str:
-    selected = ", ".join(f"{layer}.{index}" for layer, index in circuit.selected[:40])
+    if get_site(circuit.site).labels is None:
+        selected = ", ".join(f"{layer}.{index}" for layer, index in circuit.selected[:40])
+    else:  # components named by the site (edges "a0.h1->m1"), one row
+        labels = component_labels(ModelConfig.from_dict(circuit.model_config), circuit.site)
+        selected = ", ".join(labels[index] for _, index in circuit.selected[:40])
     more = " ..." if circuit.n_selected > 40 else ""
     written = sorted(p.name for p in out.iterdir() if not p.name.startswith(".") and p.name not in (
         "circuit.json", "checkpoints", "run.json"))

@@ -28,7 +28,8 @@ restriction applies to query rows. `attn_keys`, `attn_values` ([B, T, K, Dh] aft
 `edges` (`jaxtrace.core.edges`) gates the edges between the residual stream's writers (input, heads, MLPs) and readers
 (each head's q, k, v inputs, MLPs, logits): its gates are an `EdgeGates` pytree, not [L, C], its sources the
 counterfactual's writer outputs (`edges` [L, B, T, H + 1, D] and the embeddings `edges_input` [1, B, T, D], both
-returned by capturing `edges`), and it is gated alone; the search and methods do not take it yet (issue 22).
+returned by capturing `edges`), and it is gated alone. Searched, its gates are one row z [1, E] of the E edges in
+MIB's order (`expand` maps them to an `EdgeGates`), so every method runs on it: atp is EAP, ig is EAP-IG.
 Axis letters are those of `jaxtrace.core`.
 """
 
@@ -41,7 +42,7 @@ from typing import Callable, Mapping
 import jax
 import jax.numpy as jnp
 
-from jaxtrace.core.edges import check_edges
+from jaxtrace.core import edges
 from jaxtrace.core.models.config import ModelConfig
 
 Gates = Mapping[str, jax.Array]        # site -> [L, C]
@@ -114,6 +115,8 @@ class Site:
     source_floats: Callable[[ModelConfig, int], int] | None = None
     fused: str | None = None
     internal: bool = False  # a form of another site, not offered as a site of its own
+    shape: Callable[[ModelConfig], tuple[int, int]] | None = None  # [L, C] unless rows are not layers
+    labels: Callable[[ModelConfig], list[str]] | None = None  # component names unless per layer
 
     def component_label(self, config: ModelConfig, layer: int, index: int) -> str:
         """"L3.H7" (a head), "L3.MLP" (a whole MLP block) or "L3.N120" (a unit)."""
@@ -139,9 +142,10 @@ _ENTRIES = (
          lambda c: c.n_heads + 1, kind=SiteKind.SET, heads=True, blocks=True, lr=0.1, parts=("head_out", "mlp_out"),
          expand=_heads_and_blocks),
     Site("edges", "edges between residual writers (input, heads, MLPs) and readers (q, k, v inputs, MLPs, logits)",
-         lambda c: c.n_heads + 1, kind=SiteKind.EDGES, lr=0.1,
+         lambda c: edges.n_edges(c), kind=SiteKind.EDGES, lr=0.1,
          source_floats=lambda c, p: p * (c.n_heads + 1) * c.d_model + p * c.d_model // c.n_layers,
-         internal=True),  # not searched yet: the search takes [L, C] gates (issue 22)
+         expand=lambda c, z: {"edges": edges.from_flat(c, z[0])}, shape=lambda c: (1, edges.n_edges(c)),
+         labels=lambda c: list(edges.edge_names(c))),  # searched as one row [1, E] of edges in MIB's order
     Site("attn_keys", "attention keys after RoPE", lambda c: c.n_kv_heads, kind=SiteKind.CAPTURE),
     Site("attn_values", "attention values", lambda c: c.n_kv_heads, kind=SiteKind.CAPTURE),
 )
@@ -169,8 +173,10 @@ def model_sites(name: str, attention: AttentionForm = AttentionForm.EXPLICIT) ->
 
 
 def gate_shape(config: ModelConfig, name: str) -> tuple[int, int]:
-    """[L, C]: layers by components per layer."""
-    return config.n_layers, get_site(name).width(config)
+    """[L, C]: layers by components per layer ([1, E] for `edges`: its E edges in MIB's order, one row, since an
+    edge forward runs every layer)."""
+    site = get_site(name)
+    return site.shape(config) if site.shape is not None else (config.n_layers, site.width(config))
 
 
 def expand_gates(config: ModelConfig, name: str, z: jax.Array,
@@ -185,6 +191,8 @@ def expand_gates(config: ModelConfig, name: str, z: jax.Array,
 def component_labels(config: ModelConfig, name: str) -> list[str]:
     """[L * C] readable component names in flat order, e.g. "L3.H7", "L3.MLP", "L3.N120"."""
     site = get_site(name)
+    if site.labels is not None:
+        return site.labels(config)
     n_layers, width = gate_shape(config, name)
     return [site.component_label(config, layer, index) for layer in range(n_layers) for index in range(width)]
 
@@ -237,7 +245,7 @@ def check_gates(config: ModelConfig, gates: Gates | None, source: Activations | 
     if "edges" in gates:
         if len(gates) > 1:
             raise ValueError(f"gates at 'edges' cannot be combined with other sites, got {', '.join(gates)}")
-        return check_edges(config, gates["edges"], source)
+        return edges.check_edges(config, gates["edges"], source)
     for site, gate in gates.items():
         if site not in MODEL_SITES:
             raise ValueError(f"the forward takes gates at model sites ({', '.join(MODEL_SITES)}), got {site!r}; "

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from jaxtrace.core.models.config import ModelConfig
-from jaxtrace.core.sites import SITES, get_site
+from jaxtrace.core.sites import SITES, gate_shape
 from jaxtrace.io.files import write_json
 from jaxtrace.version import __version__
 
@@ -111,9 +111,8 @@ class Circuit:
     def _check(self) -> None:
         if self.site not in SITES:
             raise ValueError(f"unknown site {self.site!r}")
-        site = get_site(self.site)
         config = ModelConfig.from_dict(self.model_config)
-        n_layers, width = config.n_layers, site.width(config)
+        n_layers, width = gate_shape(config, self.site)
         z = self.z
         if not isinstance(z, list) or len(z) != n_layers or any(not isinstance(r, list) or len(r) != width for r in z):
             raise ValueError(f"z must be [{n_layers}][{width}] for site {self.site!r}")

@@ -56,6 +56,9 @@ file or up to 9 binary circuit files at fractions ≤ 50 %, never both. So, per 
 - circuit_<p>.json holds the top int(p · n) nodes of the signed order in graph (MIB's default ranking), the empty
   circuit (int(p · n) = 0) as MIB builds it: `input` and `logits` only; edges in graph iff both ends are (what
   node-level top-n and `prune()` leave); no scores, so MIB scores the folder as fixed circuits.
+- The `edges` site is written at edge level (`<method>_patching_edge/...`, `<method>-circuits_patching_edge/...`):
+  every edge scored (distinct scores as above, no leading node), no node scores; circuit_<p>.json holds the top
+  int(p · E) edges by signed score in graph and the nodes they touch (`input`, `logits` always).
 - Folders use MIB's names (`mib_task`, `mib_model`; `<task>` with "_" as "-", as run_evaluation.py looks it up);
   a task or model MIB has no name for keeps jaxtrace's name (`mib_folder` says so in one line).
 """
@@ -201,20 +204,54 @@ def _node_scores(model_config: dict, site: str, ranking) -> dict[str, float | No
     return {name: None if value is None or math.isnan(value) else value for name, value in scores.items()}
 
 
+def _distinct(scores: dict[str, float | None], first: tuple[str, ...] = ()) -> dict[str, float]:
+    """{name: ±(n − position in the |score| order)}: `first` leading, then the scores by |score| (equal |score|:
+    the positive first, then the negative last name first), the zeros and the unscored (None) last; the sign of
+    the score (+ for `first` and the zeros). The signed order of these is score descending, ties by name order."""
+    names = list(scores)
+    position = {name: i for i, name in enumerate(names)}
+    rest = [name for name in names if name not in first]
+    signed = [name for name in rest if scores[name]]
+    zeros = [name for name in rest if scores[name] == 0] + [name for name in rest if scores[name] is None]
+    by_magnitude = sorted(signed, key=lambda name: (-abs(scores[name]), scores[name] < 0,
+                                                    -position[name] if scores[name] < 0 else position[name]))
+    magnitude = {name: len(names) - i for i, name in enumerate([*first, *by_magnitude, *zeros])}
+    return {name: float(magnitude[name]) * (-1.0 if (scores[name] or 0) < 0 else 1.0) for name in names}
+
+
 def mib_scores(model_config: dict, site: str, ranking) -> dict[str, float]:
     """{node: distinct score ±(n − position in the |score| order)} for MIB's node-level top-n of the ranking
     (scores [L, C], larger first) of `site`'s components: `input` first, the ranking's order (signed and by
     |score|), unscored nodes as zeros (module docstring)."""
-    scores = _node_scores(model_config, site, ranking)
-    names = list(scores)
-    position = {name: i for i, name in enumerate(names)}
-    signed = [name for name in names[1:] if scores[name]]
-    zeros = ([name for name in names[1:] if scores[name] == 0]
-             + [name for name in names[1:] if scores[name] is None])
-    by_magnitude = sorted(signed, key=lambda name: (-abs(scores[name]), scores[name] < 0,
-                                                    -position[name] if scores[name] < 0 else position[name]))
-    magnitude = {name: len(names) - i for i, name in enumerate(["input", *by_magnitude, *zeros])}
-    return {name: float(magnitude[name]) * (-1.0 if (scores[name] or 0) < 0 else 1.0) for name in names}
+    return _distinct(_node_scores(model_config, site, ranking), first=("input",))
+
+
+def mib_edge_scores(model_config: dict, ranking) -> dict[str, float]:
+    """{edge: distinct score} for MIB's edge-level top-n of an `edges` ranking [1, E] (edges in MIB's order;
+    non-finite scores rank as zeros)."""
+    names = [name for name, _, _ in _eap_edges(model_config["n_layers"], model_config["n_heads"])]
+    rows = [[float(value) for value in row] for row in ranking]
+    if len(rows) != 1 or len(rows[0]) != len(names):
+        raise ValueError(f"an edges ranking must be [1, E] with E = {len(names)} edges, got "
+                         f"{[len(row) for row in rows]}")
+    return _distinct({name: value if math.isfinite(value) else None for name, value in zip(names, rows[0])})
+
+
+def _edge_graph(model_config: dict, in_graph: set[str] | None, scores: dict[str, float] | None,
+                about: dict) -> dict:
+    """An edge-level graph JSON: edges in graph as `in_graph` says (None: all) with `scores` (else 0.0), nodes in
+    graph iff an in-graph edge touches them (`input`, `logits` always), no node scores."""
+    n_layers, n_heads = model_config["n_layers"], model_config["n_heads"]
+    all_edges = _eap_edges(n_layers, n_heads)
+    kept = {name for name, _, _ in all_edges} if in_graph is None else in_graph
+    touched = {"input", "logits"} | {end for name, parent, child in all_edges if name in kept
+                                     for end in (parent, child)}
+    nodes = {name: {"in_graph": name in touched} for name in [*_eap_nodes(n_layers, n_heads), "logits"]}
+    edges = {name: {"score": 0.0 if scores is None else scores[name], "in_graph": name in kept}
+             for name, _, _ in all_edges}
+    return {"cfg": {"n_layers": n_layers, "n_heads": n_heads, "parallel_attn_mlp": False,
+                    "d_model": model_config["d_model"]},
+            "nodes": nodes, "edges": edges, "jaxtrace": about}
 
 
 def _node_graph(model_config: dict, nodes: dict[str, dict], about: dict) -> dict:
@@ -241,9 +278,7 @@ def mib_importances(model_config: dict, site: str, ranking, about: dict | None =
 def mib_circuits(model_config: dict, site: str, ranking, fractions, about: dict | None = None) -> dict[float, dict]:
     """{p: MIB's binary circuit at fraction p}: the top int(p · n) of the n nodes by `mib_scores` (signed, MIB's
     default ranking) in graph, the empty circuit keeping `input`; no scores. At most 9 fractions, each in (0, 0.5]."""
-    fractions = [float(p) for p in fractions]
-    if not 1 <= len(fractions) <= 9 or any(not 0 < p <= 0.5 for p in fractions):
-        raise ValueError(f"MIB scores 1 to 9 circuits at fractions in (0, 0.5], got {fractions}")
+    fractions = _circuit_fractions(fractions)
     scores = mib_scores(model_config, site, ranking)
     order = sorted(scores, key=lambda name: -scores[name])
     circuits = {}
@@ -256,16 +291,47 @@ def mib_circuits(model_config: dict, site: str, ranking, fractions, about: dict 
     return circuits
 
 
+def mib_edge_files(model_config: dict, ranking, fractions, about: dict | None = None
+                   ) -> tuple[dict, dict[float, dict]]:
+    """An `edges` ranking [1, E] as MIB's edge-level files: the importances graph (every edge in graph with its
+    `mib_edge_scores` score, the raw ranking under "jaxtrace") and {p: the circuit of the top int(p · E) edges by
+    signed score} (no scores; nodes in graph iff a kept edge touches them)."""
+    fractions = _circuit_fractions(fractions)
+    scores = mib_edge_scores(model_config, ranking)
+    raw = [value if math.isfinite(value) else None for value in (float(v) for v in ranking[0])]
+    importances = _edge_graph(model_config, None, scores, {**(about or {}), "site": "edges", "ranking": [raw]})
+    order = sorted(scores, key=lambda name: -scores[name])
+    circuits = {p: _edge_graph(model_config, set(order[:int(p * len(order))]), None,
+                               {**(about or {}), "site": "edges", "fraction": p, "size": int(p * len(order))})
+                for p in fractions}
+    return importances, circuits
+
+
+def _circuit_fractions(fractions) -> list[float]:
+    fractions = [float(p) for p in fractions]
+    if not 1 <= len(fractions) <= 9 or any(not 0 < p <= 0.5 for p in fractions):
+        raise ValueError(f"MIB scores 1 to 9 circuits at fractions in (0, 0.5], got {fractions}")
+    return fractions
+
+
 def write_mib_submission(root: str | os.PathLike, method: str, folder: str, model_config: dict, site: str, ranking,
                          fractions, about: dict | None = None) -> None:
-    """A ranking's MIB files under `root` (module docstring): <method>_patching_node/<folder>/importances.json alone,
-    and <method>-circuits_patching_node/<folder>/circuit_<p>.json for the `fractions` up to 0.5 (at most 9)."""
-    scored = Path(root) / f"{method}_patching_node" / folder
+    """A ranking's MIB files under `root` (module docstring): <method>_patching_<level>/<folder>/importances.json
+    alone, and <method>-circuits_patching_<level>/<folder>/circuit_<p>.json for the `fractions` up to 0.5 (at most
+    9); level `edge` for the `edges` site, else `node`."""
+    circuit_fractions = [p for p in fractions if p <= 0.5]
+    if site == "edges":
+        level, (importances, circuits) = "edge", mib_edge_files(model_config, ranking, circuit_fractions, about)
+    else:
+        level = "node"
+        importances = mib_importances(model_config, site, ranking, about)
+        circuits = mib_circuits(model_config, site, ranking, circuit_fractions, about)
+    scored = Path(root) / f"{method}_patching_{level}" / folder
     scored.mkdir(parents=True)
-    write_graph(mib_importances(model_config, site, ranking, about), scored / "importances.json")
-    fixed = Path(root) / f"{method}-circuits_patching_node" / folder
+    write_graph(importances, scored / "importances.json")
+    fixed = Path(root) / f"{method}-circuits_patching_{level}" / folder
     fixed.mkdir(parents=True)
-    for p, graph in mib_circuits(model_config, site, ranking, [p for p in fractions if p <= 0.5], about).items():
+    for p, graph in circuits.items():
         write_graph(graph, fixed / f"circuit_{p:g}.json")
 
 

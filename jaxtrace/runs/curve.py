@@ -28,7 +28,8 @@ then the components it did not reach by single effect) and `pgbct` (the mean of 
 kept under stronger penalties ranks higher; with one λ, that run's z). `random` has no ranking.
 
 MIB layout (`mib/`, for the methods of `--mib`), as MIB's `run_evaluation.py` looks circuits up
-(`<circuit_dir>/<method>_<ablation>_<level>/<task>_<model>/`, ablation `patching`: the counterfactual, level `node`):
+(`<circuit_dir>/<method>_<ablation>_<level>/<task>_<model>/`, ablation `patching`: the counterfactual, level `node`,
+or `edge` for the `edges` site, whose n counts MIB's edges):
 a folder holds either importances or fixed circuits, never both (`jaxtrace.io.export.write_mib_submission`):
 
     mib/<method>_patching_node/<task>_<model>/importances.json            every node scored by the ranking
@@ -421,12 +422,13 @@ def report_markdown(result: CompareResult, provenance: Provenance, mib: tuple[st
              f"Curves and circuits scored in {result.faithfulness.seconds:.1f} s."]
     if mib:
         folder, notes = mib_submission_folder(provenance)
+        level, items = ("edge", "edges") if result.site == "edges" else ("node", "nodes")
         lines += ["", "## MIB submission layout", "",
-                  "EAP-IG graph JSON, node level, counterfactual patching: "
-                  + ", ".join(f"`mib/{name}_patching_node/{folder}/importances.json`" for name in mib)
-                  + " (the ranking, every node scored: MIB's top-n at every fraction) and "
-                  + ", ".join(f"`mib/{name}-circuits_patching_node/{folder}/`" for name in mib)
-                  + " (circuit_<p>.json: its top int(p·n) nodes at p ≤ 0.5, MIB's fixed circuits).",
+                  f"EAP-IG graph JSON, {level} level, counterfactual patching: "
+                  + ", ".join(f"`mib/{name}_patching_{level}/{folder}/importances.json`" for name in mib)
+                  + f" (the ranking, every {level} scored: MIB's top-n at every fraction) and "
+                  + ", ".join(f"`mib/{name}-circuits_patching_{level}/{folder}/`" for name in mib)
+                  + f" (circuit_<p>.json: its top int(p·n) {items} at p ≤ 0.5, MIB's fixed circuits).",
                   *(f"- {note}" for note in notes)]
     return "\n".join(lines) + "\n"
 
