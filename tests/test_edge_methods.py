@@ -1,18 +1,16 @@
 """The `edges` site searched like any other: EAP (attribution patching on the edge gates) against finite
-differences, EAP-IG's completeness, a trace from the command line, and MIB's edge-level files read back by a
-plain-Python reader of MIB's rules."""
+differences, EAP-IG's completeness and a trace from the command line (MIB's edge-level files: test_mib_files.py)."""
 
 import json
-import math
 
 import numpy as np
 import pytest
 
 from jaxtrace.cli import main
 from jaxtrace.core import edges
+from jaxtrace.core.models import ModelConfig
 from jaxtrace.engine.attribution import attribution_patching, integrated_gradients
 from jaxtrace.engine.objective import build_objective
-from jaxtrace.io.export import _eap_edges, write_mib_submission
 from jaxtrace.tasks import encode_pairs, load_pairs
 from conftest import SHARED
 
@@ -47,68 +45,10 @@ def test_trace_and_evaluate_edges_from_the_command_line(tiny_gpt2, tmp_path, cap
     assert main(["trace", *common, "--epochs", "1", "--budget", "3", "--out", str(tmp_path)]) == 0
     printed = capsys.readouterr().out
     circuit = json.loads((tmp_path / "circuit.json").read_text())
-    names = edges.edge_names(edges_config(circuit))
+    names = edges.edge_names(ModelConfig.from_dict(circuit["model_config"]))
     assert np.shape(circuit["z"]) == (1, len(names)) and len(circuit["selected"]) == 3
     listed = next(line for line in printed.splitlines() if line.startswith("circuit"))
     assert listed.endswith(", ".join(names[index] for _, index in circuit["selected"]))  # edges by MIB's names
     assert main(["evaluate", "--circuit", str(tmp_path / "circuit.json"), "--data", str(DATA), "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert evaluated["effect"] == pytest.approx(circuit["effect"], abs=1e-5)
-
-
-def edges_config(circuit: dict):
-    from jaxtrace.core.models import ModelConfig
-    return ModelConfig.from_dict(circuit["model_config"])
-
-
-# ---- MIB's edge-level files, by MIB's rules (../shared/reference/mib.md) ----
-
-def strict_json(path) -> dict:
-    def refuse(token):
-        raise AssertionError(f"{path} holds a bare {token}")
-    with open(path) as f:
-        return json.load(f, parse_constant=refuse)
-
-
-def edge_top_n(graph: dict, n: int, absolute: bool = False) -> set[str]:
-    """apply_topn(n, absolute, level="edge"): the n edges of largest (|)score(|) (asserted free of ties)."""
-    scores = {name: edge["score"] for name, edge in graph["edges"].items()}
-    assert all(isinstance(s, (int, float)) and math.isfinite(s) for s in scores.values())
-    key = {name: abs(s) if absolute else s for name, s in scores.items()}
-    ranked = sorted(key, key=lambda name: -key[name])
-    assert n == len(ranked) or key[ranked[n - 1]] != key[ranked[n]], "a tie at the cut"
-    return set(ranked[:n])
-
-
-def test_mib_edge_files_hold_the_rankings_circuits(tmp_path):
-    cfg = {"n_layers": 3, "n_heads": 4, "d_model": 8}
-    all_edges = _eap_edges(3, 4)
-    n = len(all_edges)
-    rng = np.random.default_rng(0)
-    ranking = rng.normal(size=(1, n))
-    ranking[0, :5] = 0.0  # ties at zero and a NaN: ranked last, still distinct in the file
-    ranking[0, 7] = np.nan
-    fractions = (0.001, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0)
-    write_mib_submission(tmp_path, "eap", "ioi_gpt2", cfg, "edges", ranking, fractions)
-    importances = strict_json(tmp_path / "eap_patching_edge" / "ioi_gpt2" / "importances.json")
-    assert set(importances) >= {"cfg", "nodes", "edges"} and len(importances["edges"]) == n
-    assert all("score" not in node for node in importances["nodes"].values())  # edge level: no node scores
-    names = [name for name, _, _ in all_edges]
-    values = np.nan_to_num(ranking[0], nan=0.0)
-    for k in (1, 10, 40, n // 2):
-        expected = {names[i] for i in np.argsort(-values, kind="stable")[:k]}
-        assert edge_top_n(importances, k) == expected
-    by_magnitude = np.argsort(-np.abs(values), kind="stable")[:10]
-    assert edge_top_n(importances, 10, absolute=True) == {names[i] for i in by_magnitude}
-    folder = tmp_path / "eap-circuits_patching_edge" / "ioi_gpt2"
-    files = sorted(folder.iterdir())
-    assert len(files) == 6  # the fractions up to 0.5, no importances beside them
-    for f in files:
-        graph = strict_json(f)
-        p = float(f.stem.removeprefix("circuit_"))
-        kept = {name for name, edge in graph["edges"].items() if edge["in_graph"]}
-        assert kept == edge_top_n(importances, int(p * n))
-        touched = {"input", "logits"} | {end for name, parent, child in all_edges if name in kept
-                                         for end in (parent, child)}
-        assert {name for name, node in graph["nodes"].items() if node["in_graph"]} == touched
-        assert all("score" not in node for node in graph["nodes"].values())

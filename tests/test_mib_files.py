@@ -5,10 +5,11 @@ import json
 import math
 import struct
 
+import numpy as np
 import pytest
 
 from jaxtrace.io import export
-from jaxtrace.io.export import mib_folder, write_graph, write_mib_submission
+from jaxtrace.io.export import _eap_edges, mib_folder, write_graph, write_mib_submission
 
 FRACTIONS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0)
 CFG = {"n_layers": 4, "n_heads": 6, "d_model": 8}
@@ -251,3 +252,49 @@ def test_bad_rankings_and_fractions():
         export.mib_importances(CFG, "head_out", [row + [0.0] for row in DISTINCT])
     with pytest.raises(ValueError, match="1 to 9 circuits"):
         export.mib_circuits(CFG, "head_out", DISTINCT, FRACTIONS)
+
+
+# ---- edge level ----
+
+def edge_top_n(graph: dict, n: int, absolute: bool = False) -> set[str]:
+    """apply_topn(n, absolute, level="edge"): the n edges of largest (|)score(|) (asserted free of ties)."""
+    scores = {name: edge["score"] for name, edge in graph["edges"].items()}
+    assert all(isinstance(s, (int, float)) and math.isfinite(s) for s in scores.values())
+    key = {name: abs(s) if absolute else s for name, s in scores.items()}
+    ranked = sorted(key, key=lambda name: -key[name])
+    assert n == len(ranked) or key[ranked[n - 1]] != key[ranked[n]], "a tie at the cut"
+    return set(ranked[:n])
+
+
+def test_mib_edge_files_hold_the_rankings_circuits(tmp_path):
+    cfg = {"n_layers": 3, "n_heads": 4, "d_model": 8}
+    all_edges = _eap_edges(3, 4)
+    n = len(all_edges)
+    rng = np.random.default_rng(0)
+    ranking = rng.normal(size=(1, n))
+    ranking[0, :5] = 0.0  # ties at zero and a NaN: ranked last, still distinct in the file
+    ranking[0, 7] = np.nan
+    fractions = (0.001, 0.01, 0.05, 0.1, 0.2, 0.5, 1.0)
+    write_mib_submission(tmp_path, "eap", "ioi_gpt2", cfg, "edges", ranking, fractions)
+    importances = strict_json(tmp_path / "eap_patching_edge" / "ioi_gpt2" / "importances.json")
+    assert set(importances) >= {"cfg", "nodes", "edges"} and len(importances["edges"]) == n
+    assert all("score" not in node for node in importances["nodes"].values())  # edge level: no node scores
+    names = [name for name, _, _ in all_edges]
+    values = np.nan_to_num(ranking[0], nan=0.0)
+    for k in (1, 10, 40, n // 2):
+        expected = {names[i] for i in np.argsort(-values, kind="stable")[:k]}
+        assert edge_top_n(importances, k) == expected
+    by_magnitude = np.argsort(-np.abs(values), kind="stable")[:10]
+    assert edge_top_n(importances, 10, absolute=True) == {names[i] for i in by_magnitude}
+    folder = tmp_path / "eap-circuits_patching_edge" / "ioi_gpt2"
+    files = sorted(folder.iterdir())
+    assert len(files) == 6  # the fractions up to 0.5, no importances beside them
+    for f in files:
+        graph = strict_json(f)
+        p = float(f.stem.removeprefix("circuit_"))
+        kept = {name for name, edge in graph["edges"].items() if edge["in_graph"]}
+        assert kept == edge_top_n(importances, int(p * n))
+        touched = {"input", "logits"} | {end for name, parent, child in all_edges if name in kept
+                                         for end in (parent, child)}
+        assert {name for name, node in graph["nodes"].items() if node["in_graph"]} == touched
+        assert all("score" not in node for node in graph["nodes"].values())

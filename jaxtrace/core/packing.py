@@ -169,7 +169,8 @@ def pack_source(site: str, source: jax.Array, rows: PackedRows) -> jax.Array:
     Only prompt tokens are gated; elsewhere the packed source holds some pair's value, which a zero gate weight
     leaves unused. Attention patterns are placed block-diagonally (zero between different pairs' tokens).
     """
-    patterns = getattr(REGISTRY.get(site), "key_axis", None) is not None  # over (query, key) pairs of tokens
+    # over (query, key) pairs of tokens; `edges_input` (the edges site's embeddings) has no registry entry
+    patterns = site in REGISTRY and REGISTRY[site].key_axis is not None
     n_prompt = source.shape[-1] if patterns else source.shape[2]
     pair = jnp.maximum(rows.pair, 0)
     pos = jnp.minimum(rows.positions, n_prompt - 1)
