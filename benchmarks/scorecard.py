@@ -3,12 +3,13 @@ Gemma-3-270M, each on WinoBias dev and IOI, attention heads (attn_pattern); ever
 int(p·n) up to 50 %), MIB's exact CPR/CMD per method beside jaxtrace's variant, the budgeted PGB-CT's circuits as
 MIB's multiple-circuits submission, faithfulness at each budget and wall time per method.
 
-    python benchmarks/scorecard.py ../shared/data [work folder] [--report]
+    python benchmarks/scorecard.py ../shared/data [work folder] [--report] [--cells a,b]
 
 Each cell is one `jaxtrace compare` run in `<work folder>/<cell>` (default /tmp/jaxtrace-scorecard), resumed where
 a killed run stopped (its finished methods are kept, a search continues from its last epoch). SCORECARD.md and
 scorecard.json (beside this file) are rewritten after every cell from the cells' curve.json; `--report` only
-rewrites them from the cells finished so far.
+rewrites them from the cells finished so far. `--cells` runs only the cells named; the others keep their results
+from scorecard.json when their command is unchanged (a cell measured on another day or machine).
 """
 import json
 import shlex
@@ -119,14 +120,17 @@ FINDINGS = [
     "sweep's 141 s. A CPU shared with the test suite; ratios within a cell only.", ""]
 
 
-def main(data: str, work: Path, report_only: bool = False) -> None:
+def main(data: str, work: Path, report_only: bool = False, chosen: list[str] | None = None) -> None:
+    stored = json.loads((HERE / "scorecard.json").read_text()) if (HERE / "scorecard.json").exists() else {}
     cells, commands = {}, {}
     for cell in CELLS:
         out = work / cell
         args = command(cell, data, out)
         commands[cell] = shlex.join(args)
         finished = out / "report.md"
-        if report_only and not finished.exists():
+        if not finished.exists() and (report_only or (chosen and cell not in chosen)):
+            if stored.get("commands", {}).get(cell) == commands[cell] and cell in stored.get("cells", {}):
+                cells[cell] = stored["cells"][cell]
             continue
         if not finished.exists():
             began = time.perf_counter()
@@ -142,5 +146,13 @@ def main(data: str, work: Path, report_only: bool = False) -> None:
 
 if __name__ == "__main__":
     arguments = [a for a in sys.argv[1:] if a != "--report"]
+    chosen = None
+    if "--cells" in arguments:
+        at = arguments.index("--cells")
+        chosen = arguments.pop(at + 1).split(",")
+        arguments.pop(at)
+        unknown = sorted(set(chosen) - set(CELLS))
+        if unknown:
+            sys.exit(f"--cells: no cell {', '.join(unknown)} (cells: {', '.join(CELLS)})")
     main(arguments[0], Path(arguments[1]) if len(arguments) > 1 else Path("/tmp/jaxtrace-scorecard"),
-         report_only="--report" in sys.argv)
+         report_only="--report" in sys.argv, chosen=chosen)

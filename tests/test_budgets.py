@@ -105,3 +105,10 @@ def test_budget_options_are_checked():
         SearchConfig(direction="sideways")
     assert SearchConfig(max_components=5, budget=3).cap == 3 and SearchConfig().cap is None
     assert SearchConfig(budget=2).select(np.array([[0.9, 0.8, 0.7]])).tolist() == [[True, True, False]]
+
+
+def test_a_budget_turns_the_default_l1_penalty_off():
+    """The budget bounds a circuit's size, so λ1 left at its default is 0 (an L1 penalty would shrink the circuit
+    below its budget, to nothing in the keep direction); λ2 and a λ1 given keep their values."""
+    assert SearchConfig(budget=3).lambda1 == 0.0 and SearchConfig(budget=3).lambda2 == SearchConfig().lambda2 == 0.5
+    assert SearchConfig().lambda1 == 0.5 and SearchConfig(budget=3, lambda1=0.2).lambda1 == 0.2

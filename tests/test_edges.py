@@ -185,3 +185,38 @@ def test_refusals(family):
     with pytest.raises(ValueError, match="layer_range"):
         model.hidden_states(ids, Intervention({"edges": zeros}, source), layer_range=(1, config.n_layers),
                             initial=jnp.zeros((BATCH, LENGTH, config.d_model)))
+
+
+def test_gated_forward_matches_pytorch(family):
+    """The edge-gated logits and their gradient in the gates, against an independent PyTorch implementation on the
+    HF model's modules (tests/torch_edges.py), at random gates in [0, 1]."""
+    import torch
+
+    from torch_edges import edge_forward
+
+    name, model, ids, cf = family
+    _skip_unless_main(name)
+    config = model.config
+    hf_model = build_hf_model(name)  # the fixture's weights: the same seed
+    with torch.no_grad():
+        plain, _ = edge_forward(hf_model, torch.tensor(ids))
+        hf_logits = hf_model(torch.tensor(ids)).logits
+    _close(jnp.asarray(plain.numpy()), jnp.asarray(hf_logits.numpy()), hf_logits.numpy())  # the reference is HF's
+
+    flat = jnp.asarray(np.random.RandomState(1).uniform(size=edges.n_edges(config)), jnp.float32)
+    _, source = model.capture(cf, ("edges",))
+
+    def target(flat):
+        logits = model.lm.logits(model.params, as_tokens(ids), Intervention({"edges": edges.from_flat(config, flat)},
+                                                                            source))
+        return logits, logits[:, -1, 1].sum()
+
+    (logits, _), grad = jax.jit(target)(flat), jax.jit(jax.grad(lambda f: target(f)[1]))(flat)
+    with torch.no_grad():
+        _, cf_writers = edge_forward(hf_model, torch.tensor(cf))
+    dense = [torch.tensor(np.asarray(leaf), requires_grad=True) for leaf in jax.tree.leaves(edges.from_flat(config, flat))]
+    expected, _ = edge_forward(hf_model, torch.tensor(ids), *dense, cf=cf_writers)
+    expected[:, -1, 1].sum().backward()
+    _close(logits, jnp.asarray(expected.detach().numpy()), expected.detach().numpy() - plain.numpy())
+    torch_grad = edges.to_flat(config, edges.EdgeGates(*(jnp.asarray(t.grad.numpy()) for t in dense)))
+    _close(grad, torch_grad, torch_grad, tol=1e-4)

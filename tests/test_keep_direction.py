@@ -141,13 +141,14 @@ def test_trace_budgets_end_to_end_resume_and_refusals(tiny_gpt2, objective, tmp_
     folder, _, _ = tiny_gpt2
     out = tmp_path / "budgets"
     common = ["trace", "--model", str(folder), "--task", "winobias", "--data", str(DATA), "--site", "head_out",
-              "--lambda1", "0", "--direction", "keep", "--no-progress", "--out", str(out)]
+              "--direction", "keep", "--no-progress", "--out", str(out)]
     assert main([*common, "--budgets", "1,2,5", "--epochs", "1"]) == 0
     saved = json.loads((out / "budgets.json").read_text())
     assert saved["budgets"] == [1, 2, 5] and saved["direction"] == "keep" and len(saved["ranking"]) == 2
     for entry in saved["circuits"]:
         circuit = json.loads((out / entry["file"]).read_text())
         assert circuit["n_selected"] == entry["n_selected"] <= entry["budget"] and len(circuit["history"]) == 1
+        assert circuit["search"]["lambda1"] == 0.0  # no L1 penalty by default: the budget bounds the size
     assert (out / "log.csv").read_text().startswith("budget,run,") and (out / "ranking.png").stat().st_size > 0
     assert "budget 5:" in capsys.readouterr().out
     assert main([*common, "--budgets", "1,2,5", "--epochs", "2", "--resume"]) == 0  # one more epoch

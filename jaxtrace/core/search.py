@@ -46,7 +46,7 @@ class SearchConfig:
     epochs: int = option(15, "epochs (passes over the task's pairs)")
     lr: float | None = option(None, "Adam learning rate (default: the site's, 0.1 for heads, 0.5 for MLP units)")
     lambda1: float | None = option(None, "L1 penalty weight (default: 0.5 with --scale effect, the reference's 0.05 "
-                                   "with --scale none)")
+                                   "with --scale none, 0 with --budget or --budgets: the budget bounds the size)")
     lambda2: float | None = option(None, "binary z(1 - z) penalty weight (default: as --lambda1's)")
     schedule: str = option("linear", "penalty schedule over epochs e: linear λ(e+1), exp λ·2^e, poly λ·e², constant",
                            choices=SCHEDULES)
@@ -77,9 +77,10 @@ class SearchConfig:
     def __post_init__(self):
         if self.scale not in SCALES:
             raise ValueError(f"--scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
-        for name in ("lambda1", "lambda2"):  # left at None: the scale's default
+        for name in ("lambda1", "lambda2"):  # left at None: the scale's default (λ1 0 with a budget: it bounds sizes)
             if getattr(self, name) is None:
-                object.__setattr__(self, name, DEFAULT_LAMBDA.get(self.scale))
+                bounded = name == "lambda1" and self.budget is not None
+                object.__setattr__(self, name, 0.0 if bounded else DEFAULT_LAMBDA.get(self.scale))
         for name in ("lr", "lambda1", "lambda2", "threshold", "init", "tolerance"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
