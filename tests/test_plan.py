@@ -11,7 +11,7 @@ from jaxtrace.cli import main
 from jaxtrace.core.models import ModelConfig, init_model
 from jaxtrace.core.search import SearchConfig, SearchState
 from jaxtrace.engine import loop
-from jaxtrace.engine.objective import ObjectiveConfig, build_objective
+from jaxtrace.engine.objective import ObjectiveConfig, build_objective, masks_per_chunk
 from jaxtrace.engine.plan import PlanReport, TaskShape, layer_unroll, training_shape
 from jaxtrace.io.loading import CONFIG_PRESETS, load_config, load_model
 from jaxtrace.runs.plan import plan
@@ -110,3 +110,18 @@ def test_bad_inputs_are_one_line_errors(flags, message, tmp_path, capsys):
     assert main(["plan", *[paths.get(flag, flag) for flag in flags]]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("jaxtrace: error: ") and message in err, err
+
+
+def test_edge_mask_evaluation_fits_its_memory_budget():
+    """Through edges a mask carries every writer's delta: the masks one call evaluates (`masks_per_chunk`) must
+    count them, or a call meant to fit the budget takes many times it (SmolLM2: 88 GiB for a 1 GiB budget)."""
+    objective = build_objective(init_model(ModelConfig.from_hf(HF)), SHAPE.encoded(), "edges", 8,
+                                memory_budget=64 << 20)
+    masks = masks_per_chunk(objective, 4096)
+    evaluation = objective.fresh().programs.mask_effects().lower(
+        objective.params, np.zeros((masks, *objective.shape), np.float32),
+        *objective.batcher.put(objective.inputs(objective.batcher.in_order[0],
+                                                objective.batcher.in_order_shape))).compile()
+    temp = evaluation.memory_analysis().temp_size_in_bytes
+    print(f"{masks} masks a call: {temp / 2**20:.1f} MiB of XLA temp for a 64 MiB budget")
+    assert 8 <= masks < 4096 and temp <= objective.memory_budget

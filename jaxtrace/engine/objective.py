@@ -17,7 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
-from jaxtrace.core import objective as core
+from jaxtrace.core import edges, objective as core
 from jaxtrace.core.metrics import METRICS, Metric, get_metric
 from jaxtrace.core.models import GatedLM, ModelConfig, init_model, pure
 from jaxtrace.core.options import option
@@ -370,13 +370,17 @@ def masks_per_chunk(objective: Objective, n_masks: int, share: float = 1.0) -> i
 
     Per mask, a packed batch keeps about 4 residual-width and 2 MLP-width vectors and one attention row (over
     prefix slots and row keys) per token and layer-step, plus the logits and log-softmax at its logit positions
-    (float32).
+    (float32); through edges also about 5 O residual-width vectors per token (the writers' deltas, their
+    counterfactual outputs and a reader's float32 copy of the deltas: XLA's analysis of SmolLM2's evaluation) and
+    the 3H query, key and value inputs of a layer.
     """
     c, batcher = objective.spec.config, objective.batcher
     rows, n_logits = batcher.in_order_shape
     width, keys = batcher.packer.width, batcher.packer.width + batcher.packer.memory_width
-    per_mask = 4 * (rows * width * (4 * c.d_model + 2 * c.d_ff + 2 * c.n_heads * keys)
-                    + 2 * n_logits * c.vocab_size)
+    per_token = 4 * c.d_model + 2 * c.d_ff + 2 * c.n_heads * keys
+    if objective.site == "edges":
+        per_token += (5 * edges.n_writers(c) + 3 * c.n_heads) * c.d_model
+    per_mask = 4 * (rows * width * per_token + 2 * n_logits * c.vocab_size)
     return int(max(1, min(n_masks, int(objective.memory_budget * share) // per_mask)))
 
 
