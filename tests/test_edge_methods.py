@@ -52,3 +52,21 @@ def test_trace_and_evaluate_edges_from_the_command_line(tiny_gpt2, tmp_path, cap
     assert main(["evaluate", "--circuit", str(tmp_path / "circuit.json"), "--data", str(DATA), "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert evaluated["effect"] == pytest.approx(circuit["effect"], abs=1e-5)
+
+
+def test_compare_runs_only_the_methods_asked_for(tiny_gpt2, tmp_path, capsys):
+    """`compare --methods`: at scale the single effects cost one mask an edge, so a comparison on edges runs the
+    methods asked for (and refuses a method whose ranking is another's that does not run)."""
+    common = ["compare", "--model", str(tiny_gpt2[0]), "--task", "winobias", "--data", str(DATA), "--split", "dev",
+              "--site", "edges", "--sizes", "1,2,5", "--no-progress"]
+    out = tmp_path / "compare"
+    assert main([*common, "--methods", "atp,ig,random", "--mib", "atp,ig", "--samples", "2", "--ig-steps", "2",
+                 "--out", str(out)]) == 0
+    curve = json.loads((out / "curve.json").read_text())
+    assert set(curve["method_seconds"]) == set(curve["rankings"]) | {"random"} == {"atp", "ig", "random"}
+    assert set(curve["faithfulness"]["mib"]) == {"atp", "ig"}
+    assert sorted(path.parent.parent.name for path in (out / "mib").glob("*/*/importances.json")) == [
+        "atp_patching_edge", "ig_patching_edge"]
+    for methods, message in (("topk", "topk is ranked by single's scores: add it"), ("nope", "no method nope")):
+        assert main([*common, "--methods", methods, "--out", str(tmp_path / "refused")]) == 2
+        assert message in capsys.readouterr().err

@@ -112,7 +112,11 @@ class CurveConfig:
     random_seed: int = option(0, "random subsets' seed")
     ig_steps: int = option(32, "ig: integration steps (midpoint rule)")
     mib: tuple[str, ...] = option(("pgbct",), "comma-separated methods whose ranking and thresholded circuits are "
-                                  "written in MIB's layout under mib/ (empty: none)", parse=method_list)
+                                  "written in MIB's layout under mib/ (empty: none; the default when pgbct is not "
+                                  "run)", parse=method_list)
+    methods: tuple[str, ...] = option((), "comma-separated methods to run (default: every method of the report); "
+                                      "e.g. atp,ig,random on edges, where single effects cost one mask an edge",
+                                      parse=method_list)
 
     def __post_init__(self):
         if self.direction not in DIRECTIONS:
@@ -136,6 +140,21 @@ class CurveConfig:
         unknown = [name for name in self.mib if name not in rankings]
         if unknown:
             raise ValueError(f"--mib: {', '.join(unknown)} has no ranking; rankings: {', '.join(rankings)}")
+        if self.methods and self.mib == ("pgbct",) and "pgbct" not in self.methods:
+            object.__setattr__(self, "mib", ())  # the default export is PGB-CT's when it runs
+        known = {method.name: method for method in compare_methods()}
+        unknown = [name for name in self.methods if name not in known]
+        if unknown:
+            raise ValueError(f"--methods: no method {', '.join(unknown)}; methods: {', '.join(known)}")
+        for name in self.methods:
+            if known[name].ranked_as not in (None, *self.methods):
+                raise ValueError(f"--methods: {name} is ranked by {known[name].ranked_as}'s scores: add it")
+        if self.methods and not set(self.mib) <= set(self.methods):
+            raise ValueError(f"--mib {','.join(self.mib)}: not all of them in --methods {','.join(self.methods)}")
+
+    def running(self) -> tuple[Method, ...]:
+        """The methods this comparison runs, in run order (`--methods`, default all of `compare_methods`)."""
+        return tuple(method for method in compare_methods() if not self.methods or method.name in self.methods)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -264,9 +283,11 @@ class CompareResult:
 
 
 def compare(context: MethodContext, report: Callable[[CompareResult], None] | None = None,
-            finished: Mapping[str, MethodResult] = MappingProxyType({})) -> CompareResult:
-    """Every registered method of the report (`compare_methods`, in registration order) on the context's objective,
-    in the context's direction: its circuits by size, its ranking's faithfulness curves, and its wall time.
+            finished: Mapping[str, MethodResult] = MappingProxyType({}),
+            running: tuple[Method, ...] | None = None) -> CompareResult:
+    """Every method of `running` (default: every registered method of the report, `compare_methods`, in
+    registration order) on the context's objective, in the context's direction: its circuits by size, its
+    ranking's faithfulness curves, and its wall time.
 
     A method with `own_sizes` (PGB-CT: one vmapped sweep of (λ1, λ2) scaled by the context's `lambda_factors`) puts
     its circuits at their own sizes, which join the context's sizes so the methods after it are measured there too.
@@ -286,7 +307,7 @@ def compare(context: MethodContext, report: Callable[[CompareResult], None] | No
         raise ValueError(f"--sizes {','.join(map(str, context.sizes))}: no size between 1 and the "
                          f"{objective.n_components} components")
     context = context.replace(sizes=sizes)
-    running = compare_methods()
+    running = compare_methods() if running is None else running
     results: dict[str, MethodResult] = {}
     result = CompareResult(report_order(running), sizes, results, effect_all, objective.n_components,
                            len(objective.task), objective.site, objective.metric.name, context.direction,
@@ -503,7 +524,7 @@ def compare_run(objective: Objective, search: SearchConfig, config: CurveConfig,
             write_json(folder.path / "curve.json", {**provenance.describe(), **result.to_dict()})
             write_curve_plot(result, folder.path / "curve.png")
 
-        result = compare(context, report=report, finished=finished)
+        result = compare(context, report=report, finished=finished, running=config.running())
         if folder is not None:
             writers = {
                 "curve.md": lambda path: write_text(path, table_markdown(result) + "\n"),
