@@ -51,10 +51,15 @@ def planted(tiny_gpt2):
     np.testing.assert_array_equal(np.asarray(model.blocks.o[...]), original)  # the fixture's model is untouched
     truth = np.zeros(objective.shape, bool)
     truth[tuple(zip(*PLANTED))] = True
+    return signed_by(objective, task, truth), truth
+
+
+def signed_by(objective, task, truth):
+    """`objective` with each pair's sign set so that patching the components of `truth` together has a positive
+    effect on it."""
     together = objective.mask_effects(truth[None].astype(np.float32))[0]
     sign = task.arrays.sign * np.where(together >= 0, 1, -1).astype(task.arrays.sign.dtype)
-    flipped = task.replace_arrays(sign=sign)
-    return dataclasses.replace(objective, batcher=Batcher(flipped, objective.batcher.batch_size)), truth
+    return dataclasses.replace(objective, batcher=Batcher(task.replace_arrays(sign=sign), objective.batcher.batch_size))
 
 
 def test_planted_heads_are_recovered_and_ranked_first(planted):
@@ -101,10 +106,7 @@ def planted_edges(tiny_gpt2):
     objective = build_objective(planted, task, "edges", batch_size=24, metric="logit_difference",
                                 memory_budget=ONE_MASK)
     truth = np.isin(edges.edge_names(model.config), PLANTED_EDGES)[None]
-    together = objective.mask_effects(truth[None].astype(np.float32))[0]
-    sign = task.arrays.sign * np.where(together >= 0, 1, -1).astype(task.arrays.sign.dtype)
-    flipped = task.replace_arrays(sign=sign)
-    return dataclasses.replace(objective, batcher=Batcher(flipped, objective.batcher.batch_size)), truth
+    return signed_by(objective, task, truth), truth
 
 
 def test_planted_edges_are_recovered_and_ranked_first(planted_edges):
