@@ -6,8 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from jaxtrace.core.metrics import get_metric
 from jaxtrace.core.search import SearchConfig, gates_of, projection_capped_simplex
-from jaxtrace.engine.budgets import budget_list, run_budgets
+from jaxtrace.engine.budgets import budget_configs, budget_list, run_budgets
 from jaxtrace.engine.loop import data_scale, run_searches
 from jaxtrace.runs import baselines
 from test_planted import planted  # noqa: F401  (the fixture)
@@ -108,7 +109,13 @@ def test_budget_options_are_checked():
 
 
 def test_a_budget_turns_the_default_l1_penalty_off():
-    """The budget bounds a circuit's size, so λ1 left at its default is 0 (an L1 penalty would shrink the circuit
-    below its budget, to nothing in the keep direction); λ2 and a λ1 given keep their values."""
-    assert SearchConfig(budget=3).lambda1 == 0.0 and SearchConfig(budget=3).lambda2 == SearchConfig().lambda2 == 0.5
-    assert SearchConfig().lambda1 == 0.5 and SearchConfig(budget=3, lambda1=0.2).lambda1 == 0.2
+    """The budget bounds a circuit's size, so λ1 left at its default resolves to 0 (an L1 penalty would shrink the
+    circuit below its budget, to nothing in the keep direction), also for a budget given after the config was made
+    (`run_budgets`' configs); λ2 and a λ1 given keep their values."""
+    def resolved(config):
+        return config.resolve("head_out", get_metric("logit_difference"))
+
+    for budgeted in (SearchConfig(budget=3), *budget_configs(SearchConfig(), [1, 2])):
+        assert resolved(budgeted).lambda1 == 0.0 and resolved(budgeted).lambda2 == resolved(SearchConfig()).lambda2
+    assert resolved(SearchConfig()).lambda1 == 0.5 and resolved(SearchConfig(scale="none")).lambda1 == 0.05
+    assert resolved(SearchConfig(budget=3, lambda1=0.2)).lambda1 == 0.2

@@ -72,8 +72,15 @@ def test_resume_refuses_a_different_run_naming_the_field(tiny_gpt2, custom_data,
         with pytest.raises(ValueError, match=rf"cannot resume .*different run \(.*{field}"):
             _trace(arguments.pop("model"), tokenizer, out, arguments.pop("spec"), resume=True, **arguments)
     assert not (out / LOCK).exists()
+    # A run saved before a setting existed resumes where the setting is at its default, and only there.
+    saved = json.loads((out / "run.json").read_text())
+    assert saved["identity"]["settings"].pop("threshold") == jaxtrace.SearchConfig().threshold
+    (out / "run.json").write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match=r"different run \(settings\.threshold None -> 0\.6\)"):
+        _trace(model, tokenizer, out, spec, resume=True, config=CONFIG.replace(threshold=0.6))
     # The same run resumes (here: re-reports), and a different one goes in with --overwrite.
     assert _trace(model, tokenizer, out, spec, resume=True).n_pairs == 6
+    assert "threshold" in json.loads((out / "run.json").read_text())["identity"]["settings"]
     assert _trace(model, tokenizer, out, spec, site="attn_pattern", overwrite=True).site == "attn_pattern"
     assert json.loads((out / "run.json").read_text())["identity"]["objective"]["site"] == "attn_pattern"
 

@@ -114,8 +114,6 @@ def cmd_trace(args) -> None:
     if args.budgets is not None:
         if args.target_size is not None:
             raise ValueError("--budgets and --target-size: give one of them")
-        if given(SearchConfig, args, "lambda1") is None:  # the budgets bound the sizes (SearchConfig.lambda1)
-            search = search.replace(lambda1=0.0)
         result = trace_budgets(build_objective(model, task, objective, mesh=mesh), search, args.budgets,
                                out=args.out, resume=args.resume, overwrite=args.overwrite,
                                progress=not args.no_progress, provenance=Provenance(model_spec.model, task_spec))

@@ -39,8 +39,9 @@ class SearchConfig:
     `penalty="mean"` divides the L1 and binary penalties by the number of components; `"sum"` is the reference's
     form, which on SmolLM2-135M drives every gate to zero within the first epoch. `scale="effect"` divides the data
     term by the effect of patching everything, so one λ (0.5) gives circuits of similar relative size whatever the
-    metric's units; `scale="none"` with λ 0.05 is the reference's. `lr` and `transform` left at None
-    mean the site's and the metric's defaults (`resolve`).
+    metric's units; `scale="none"` with λ 0.05 is the reference's. `lr`, `transform`, `lambda1` and `lambda2` left
+    at None mean the site's, the metric's and the scale's defaults (λ1 0 with a budget: it bounds the size), filled
+    in by `resolve`; so a budget given later (`replace(budget=k)`) still turns the default L1 penalty off.
     """
 
     epochs: int = option(15, "epochs (passes over the task's pairs)")
@@ -77,16 +78,12 @@ class SearchConfig:
     def __post_init__(self):
         if self.scale not in SCALES:
             raise ValueError(f"--scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
-        for name in ("lambda1", "lambda2"):  # left at None: the scale's default (λ1 0 with a budget: it bounds sizes)
-            if getattr(self, name) is None:
-                bounded = name == "lambda1" and self.budget is not None
-                object.__setattr__(self, name, 0.0 if bounded else DEFAULT_LAMBDA.get(self.scale))
         for name in ("lr", "lambda1", "lambda2", "threshold", "init", "tolerance"):
             value = getattr(self, name)
             if value is not None and not math.isfinite(value):
                 raise ValueError(f"--{name} must be a finite number, got {value}")
         for name in ("lambda1", "lambda2"):
-            if getattr(self, name) < 0:
+            if getattr(self, name) is not None and getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.lr is not None and self.lr <= 0:
             raise ValueError(f"--lr must be > 0, got {self.lr}")
@@ -115,10 +112,13 @@ class SearchConfig:
             raise ValueError(f"init must be in [0, 1], got {self.init}")
 
     def resolve(self, site: str, metric: Metric) -> SearchConfig:
-        """The config with the site's learning rate and the metric's transform filled in (and checked)."""
+        """The config with the site's learning rate, the metric's transform (checked) and the scale's λ filled in."""
         transform = self.transform or default_transform(metric)
         check_transform(transform, metric)
-        return self.replace(lr=self.lr or default_lr(site), transform=transform)
+        lambda1 = (0.0 if self.budget is not None else DEFAULT_LAMBDA[self.scale]) if self.lambda1 is None \
+            else self.lambda1
+        lambda2 = DEFAULT_LAMBDA[self.scale] if self.lambda2 is None else self.lambda2
+        return self.replace(lr=self.lr or default_lr(site), transform=transform, lambda1=lambda1, lambda2=lambda2)
 
     def replace(self, **changes) -> SearchConfig:
         return dataclasses.replace(self, **changes)
@@ -137,7 +137,9 @@ class SearchConfig:
         return select(z, np.finfo(np.float32).tiny, self.cap)
 
     def lambdas(self, epoch: int) -> tuple[float, float]:
-        """(λ1, λ2) of a 0-based epoch under the schedule."""
+        """(λ1, λ2) of a 0-based epoch under the schedule (of a resolved config)."""
+        if self.lambda1 is None or self.lambda2 is None:
+            raise ValueError("SearchConfig.lambdas: resolve the config first (its λ are the scale's defaults)")
         schedule = SCHEDULES[self.schedule]
         return schedule(self.lambda1, epoch), schedule(self.lambda2, epoch)
 

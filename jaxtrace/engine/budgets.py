@@ -1,7 +1,7 @@
 """PGB-CT at every budget: one circuit of at most k components per budget k, all budgets as the runs of one vmapped
 program (one compilation), and one ranking of every component merged from them.
 
-    config = SearchConfig(direction="keep", scale="effect", lambda1=0.0)  # the budgets bound the sizes
+    config = SearchConfig(direction="keep", scale="effect")  # λ1 0 by default: the budgets bound the sizes
     result = run_budgets(objective, config, budget_list("mib", n))
     result.circuits[k]          # [L, C] the circuit of budget k
     result.ranking              # [L, C] scores, larger first: valid at every budget

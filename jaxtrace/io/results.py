@@ -79,11 +79,14 @@ def _flatten(tree, prefix: str = "") -> dict:
     return {prefix[:-1]: tree}
 
 
-def identity_differences(saved: dict, current: dict) -> list[str]:
-    """"field: saved -> current" for every field where two identities differ."""
+def identity_differences(saved: dict, current: dict, defaults: dict | None = None) -> list[str]:
+    """"field: saved -> current" for every field where two identities differ. `defaults` (nested like `current`):
+    a field the saved identity lacks (a setting newer than the run) is no difference where the current value is
+    its default, which does what the run did before the setting existed."""
     old, new = _flatten(json.loads(json.dumps(saved))), _flatten(json.loads(json.dumps(current)))
+    default = _flatten(json.loads(json.dumps(defaults or {})))
     return [f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in sorted(set(old) | set(new))
-            if old.get(key) != new.get(key)]
+            if old.get(key) != new.get(key) and not (key not in old and key in default and new[key] == default[key])]
 
 
 def _pid_alive(pid: int) -> bool:
@@ -101,13 +104,14 @@ class ResultFolder:
 
     `identity`: the run's identity (JSON-able dict); `finished`: the file whose presence means the run finished;
     `resume`: continue the run the folder holds (same identity); `overwrite`: discard whatever it holds;
-    `resumable`: whether the kind of run can resume at all (for the refusal's advice). `with_results`: writers of
-    files every `publish` adds to its own (e.g. the list of skipped data, `jaxtrace.runs.common.result_folder`).
+    `resumable`: whether the kind of run can resume at all (for the refusal's advice); `defaults`: the identity's
+    settings at their defaults (`identity_differences`). `with_results`: writers of files every `publish` adds to
+    its own (e.g. the list of skipped data, `jaxtrace.runs.common.result_folder`).
     """
 
     def __init__(self, path: str | Path, identity: dict, finished: str = "circuit.json", resume: bool = False,
-                 overwrite: bool = False, resumable: bool = True):
-        self.path, self.identity, self.finished = Path(path), identity, finished
+                 overwrite: bool = False, resumable: bool = True, defaults: dict | None = None):
+        self.path, self.identity, self.finished, self.defaults = Path(path), identity, finished, defaults
         self.resume, self.overwrite, self.resumable = resume, overwrite, resumable
         self._locked = self._replacing = False
         self.with_results: dict[str, Callable[[Path], None]] = {}
@@ -197,7 +201,7 @@ class ResultFolder:
                              "whether it is this run; use --overwrite or another --out")
         saved = read_json(saved_file, "run identity")
         differences = identity_differences(saved.get("identity", {}) if isinstance(saved, dict) else {},
-                                           self.identity)
+                                           self.identity, self.defaults)
         if differences and started and not self.resume:
             raise FileExistsError(f"{self.path} holds the start of a different run, with no checkpoint "
                                   f"({'; '.join(differences[:4])}" + ("; ..." if len(differences) > 4 else "")

@@ -157,14 +157,24 @@ def skipped_rows(task) -> list[dict]:
 RESUMABLE = ("trace", "compare", "stability")  # the kinds of run that --resume continues
 
 
+def field_defaults(config_class) -> dict:
+    """{field: default} of a config dataclass's fields that have one."""
+    return {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            for f in dataclasses.fields(config_class)
+            if f.default is not dataclasses.MISSING or f.default_factory is not dataclasses.MISSING}
+
+
 def result_folder(out: str | Path | None, kind: str, objective: Objective, provenance: Provenance, settings: dict,
-                  resume: bool = False, overwrite: bool = False, finished: str = "circuit.json"):
-    """The locked result folder of a run (a null context without `out`); the kinds of `RESUMABLE` resume. Its
-    results include `skipped.csv`, the list of what the task left out, when it left out anything."""
+                  resume: bool = False, overwrite: bool = False, finished: str = "circuit.json",
+                  defaults: dict | None = None):
+    """The locked result folder of a run (a null context without `out`); the kinds of `RESUMABLE` resume, also a
+    run saved before a setting existed where the setting is at its default (`defaults`, nested like `settings`, e.g.
+    `field_defaults(SearchConfig)`). Its results include `skipped.csv`, the list of what the task left out, when it
+    left out anything."""
     if out is None:
         return contextlib.nullcontext(None)
     folder = ResultFolder(out, identity(kind, objective, provenance, settings), finished, resume, overwrite,
-                          resumable=kind in RESUMABLE)
+                          resumable=kind in RESUMABLE, defaults={"settings": defaults or {}})
     rows = skipped_rows(objective.task)
     if rows:
         folder.with_results[SKIPPED] = lambda path: write_csv(path, rows)

@@ -69,7 +69,7 @@ from jaxtrace.io import plots
 from jaxtrace.io.export import mib_folder, write_mib_submission
 from jaxtrace.io.files import write_json, write_text
 from jaxtrace.io.checkpoints import FinishedMethods
-from jaxtrace.runs.common import Provenance, checkpointed_searches, progress_bar, result_folder
+from jaxtrace.runs.common import Provenance, checkpointed_searches, field_defaults, progress_bar, result_folder
 from jaxtrace.runs.model_sweep import model_slugs
 
 
@@ -504,8 +504,9 @@ def compare_run(objective: Objective, search: SearchConfig, config: CurveConfig,
     search = search.replace(direction=config.direction)
     settings = {"search": {k: v for k, v in dataclasses.asdict(resolve(objective, [search])[0]).items()},
                 "curve": dataclasses.asdict(config)}
+    defaults = {"search": field_defaults(SearchConfig), "curve": field_defaults(CurveConfig)}
     with result_folder(out, "compare", objective, provenance, settings, resume, overwrite,
-                       finished="report.md") as folder:
+                       finished="report.md", defaults=defaults) as folder:
         context = curve_context(objective, search, config, progress)
         finished: dict[str, MethodResult] = {}
         if folder is not None:  # what the folder holds of this run: nothing unless it is resumed

@@ -30,7 +30,7 @@ from jaxtrace.engine.loop import Runs, SearchResult, run_searches
 from jaxtrace.engine.objective import Objective
 from jaxtrace.io import plots
 from jaxtrace.io.files import write_json
-from jaxtrace.runs.common import Provenance, checkpointed_searches, progress_bar, result_folder
+from jaxtrace.runs.common import Provenance, checkpointed_searches, field_defaults, progress_bar, result_folder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -197,8 +197,9 @@ def stability_run(objective: Objective, search: SearchConfig, config: StabilityC
     results of an uninterrupted sweep (wall time aside); `overwrite` replaces it."""
     base = Runs.of(objective, search)  # resolved once, for the run's identity and the sweep
     settings = {"search": dataclasses.asdict(base.config), "stability": dataclasses.asdict(config)}
+    defaults = {"search": field_defaults(SearchConfig), "stability": field_defaults(StabilityConfig)}
     with result_folder(out, "stability", objective, provenance, settings, resume, overwrite,
-                       finished="stability.json") as folder:
+                       finished="stability.json", defaults=defaults) as folder:
         searches = run_searches if folder is None else checkpointed_searches(folder.checkpoints)
         result = stability(objective, base, config, progress, searches)
         if folder is not None:

@@ -27,7 +27,8 @@ from jaxtrace.io import plots
 from jaxtrace.io.checkpoints import EpochCheckpoints
 from jaxtrace.io.circuit import Circuit
 from jaxtrace.io.files import write_csv, write_json
-from jaxtrace.runs.common import Provenance, progress_bar, publish_circuit, result_folder, summarize
+from jaxtrace.runs.common import (Provenance, field_defaults, progress_bar, publish_circuit, result_folder,
+                                   summarize)
 from jaxtrace.tasks import EncodedTask
 
 
@@ -62,7 +63,8 @@ def trace_objective(objective: Objective, config: SearchConfig = SearchConfig(),
     settings = {k: v for k, v in dataclasses.asdict(runs.config).items() if k != "epochs"}
     if target_size is not None:
         settings["target_size"] = target_size
-    with result_folder(out, "trace", objective, provenance, settings, resume, overwrite) as folder:
+    with result_folder(out, "trace", objective, provenance, settings, resume, overwrite,
+                       defaults=field_defaults(SearchConfig)) as folder:
         began = time.perf_counter()
         if target_size is None:
             # A folder holding only the run's identity (it ended before its first checkpoint) starts afresh.
@@ -124,10 +126,9 @@ def trace_budgets(objective: Objective, config: SearchConfig, budgets: str | lis
     `resume` and `overwrite` as `trace_objective`'s."""
     sizes = budget_list(budgets, objective.n_components)
     runs = Runs.of(objective, budget_configs(config, sizes))
-    settings = {k: v for k, v in dataclasses.asdict(Runs.of(objective, config).config).items()
-                if k not in ("epochs", "budget")}
+    settings = {k: v for k, v in dataclasses.asdict(runs.configs[0]).items() if k not in ("epochs", "budget")}
     with result_folder(out, "trace", objective, provenance, {**settings, "budgets": sizes}, resume, overwrite,
-                       finished="budgets.json") as folder:
+                       finished="budgets.json", defaults=field_defaults(SearchConfig)) as folder:
         resume = resume and folder is not None and folder.has_checkpoints()
         searched = BudgetedRuns.of(sizes, folder_searches(objective, runs, folder, resume, progress))
         circuits = {k: summarize(objective, r.mask, r.z, provenance, "pgbct", dataclasses.asdict(r.config), r.history,

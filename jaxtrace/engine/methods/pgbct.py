@@ -14,7 +14,7 @@ from jaxtrace.engine.objective import Objective
 def run(objective: Objective, context: MethodContext) -> MethodResult:
     if context.search is None:
         raise ValueError("pgbct needs a search config (MethodContext.search)")
-    search = context.search.replace(direction=context.direction)
+    search = context.search.replace(direction=context.direction).resolve(objective.site, objective.metric)
     configs = [search.replace(lambda1=search.lambda1 * f, lambda2=search.lambda2 * f) for f in context.lambda_factors]
     with context.progress(search.epochs * len(objective.batcher.in_order), "PGB-CT sweep") as on_step:
         runs = context.searches(objective, configs, on_step=on_step)

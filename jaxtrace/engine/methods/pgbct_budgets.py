@@ -1,7 +1,7 @@
 """Budgeted PGB-CT as a method of the report: one run per budget (MIB's sizes of the components), all in one vmapped
 program (`jaxtrace.engine.budgets`), in the context's direction (compare's default, keep: the circuit kept clean,
 everything else patched, MIB's faithfulness) with the scale-free data term; the budget sets each circuit's size, so
-the L1 penalty is off. Its circuits land at their budgets; its ranking is the budgets' merged order."""
+the L1 penalty is off unless λ1 is given. Its circuits land at their budgets; its ranking is the budgets' merged order."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from jaxtrace.engine.objective import Objective
 def run(objective: Objective, context: MethodContext) -> MethodResult:
     if context.search is None:
         raise ValueError("pgbct_budgets needs a search config (MethodContext.search)")
-    config = context.search.replace(direction=context.direction, scale="effect", lambda1=0.0, budget=None)
+    config = context.search.replace(direction=context.direction, scale="effect", budget=None)
     budgets = budget_list("mib", objective.n_components)
     with context.progress(config.epochs * len(objective.batcher.in_order), "PGB-CT budgets") as on_step:
         result = run_budgets(objective, config, budgets, on_step=on_step, searches=context.searches)
