@@ -136,7 +136,8 @@ def main(data: str, work: Path, report_only: bool = False, chosen: list[str] | N
             began = time.perf_counter()
             resume = ["--resume"] if (out / "run.json").exists() else []
             print(f"{cell}: {commands[cell]}", flush=True)
-            subprocess.run([str(Path(sys.executable).parent / args[0]), *args[1:], *resume], check=True)
+            if subprocess.run([str(Path(sys.executable).parent / args[0]), *args[1:], *resume]).returncode:
+                sys.exit(f"{cell}: jaxtrace compare failed (its message above); {out} keeps what it finished")
             print(f"{cell}: {time.perf_counter() - began:.0f} s", flush=True)
         budgets = [int(k) for k in SIZES[CELLS[cell][0]].split(",")]
         cells[cell] = summary(json.loads((out / "curve.json").read_text()), budgets)

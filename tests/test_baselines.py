@@ -120,6 +120,7 @@ def test_target_size(objective):
     assert len(runs) in (4, 8)
 
 
+@pytest.mark.slow  # the CLI end to end, about a minute
 def test_baseline_and_compare_cli(tiny_gpt2, tmp_path, capsys):
     folder, _, _ = tiny_gpt2
     common = ["--model", str(folder), "--task", "winogender", "--data", str(DATA), "--site", "head_out"]

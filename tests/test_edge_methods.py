@@ -54,6 +54,7 @@ def test_trace_and_evaluate_edges_from_the_command_line(tiny_gpt2, tmp_path, cap
     assert evaluated["effect"] == pytest.approx(circuit["effect"], abs=1e-5)
 
 
+@pytest.mark.slow  # the CLI end to end, about a minute
 def test_compare_runs_only_the_methods_asked_for(tiny_gpt2, tmp_path, capsys):
     """`compare --methods`: at scale the single effects cost one mask an edge, so a comparison on edges runs the
     methods asked for (and refuses a method whose ranking is another's that does not run)."""

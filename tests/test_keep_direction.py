@@ -127,6 +127,7 @@ def test_compare_runs_and_records_the_keep_direction(objective, kept, tmp_path):
     assert getattr(parsed, "CurveConfig.direction") == "patch" and not hasattr(parsed, "SearchConfig.direction")
 
 
+@pytest.mark.slow  # the CLI end to end, about a minute
 def test_trace_budgets_end_to_end_resume_and_refusals(tiny_gpt2, objective, tmp_path, capsys):
     """One circuit per budget from one compiled program, each of at most its budget, and the merged ranking; the
     CLI run resumes to more epochs and refuses a resume into another budget list or direction, naming the field."""
