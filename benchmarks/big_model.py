@@ -47,7 +47,8 @@ def cell(site: str, dtype: str, data: str, epochs: int) -> dict:
     step, _ = loop.training_step(objective.fresh(), search)
     state = loop.initial_state(objective, [search])
     state = objective.batcher.replicate(SearchState(state.z, state.opt_state))
-    inputs = objective.batcher.replicate(loop.run_inputs(objective, [search], 0, [1.0]))
+    resolved = loop.resolve(objective, [search])
+    inputs = objective.batcher.replicate(loop.run_inputs(objective, resolved, 0, [1.0]))
     orders = objective.batcher.epoch(jax.random.key(search.seed), 0)
     shape = objective.batcher.shape(orders)
     batches = [loop.stacked_inputs(objective, [idx], shape) for idx in orders[:4]]

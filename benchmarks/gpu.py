@@ -221,7 +221,8 @@ def run_step(setup: Setup, cell: dict, args) -> dict:
     step, _ = loop.training_step(objective.fresh(), configs)
     state = loop.initial_state(objective, configs)
     state = objective.batcher.replicate(SearchState(state.z, state.opt_state))
-    inputs = objective.batcher.replicate(loop.run_inputs(objective, configs, 0, [1.0] * runs))
+    resolved = loop.resolve(objective, configs)
+    inputs = objective.batcher.replicate(loop.run_inputs(objective, resolved, 0, [1.0] * runs))
     order = [i for i in objective.batcher.epoch(jax.random.key(0), 0) if len(i) == len(idx)] or [idx]
     batches = [loop.stacked_inputs(objective, [order[k % len(order)]] * runs, shape)
                for k in range(setup.steps + 1)]

@@ -270,7 +270,8 @@ def cell_jaxtrace(spec: Workload, plan: Plan, args) -> dict:
     batches = [loop.stacked_inputs(objective, [idx], (rows, n_logits)) for idx in full[: plan.steps + 1]]
     state = loop.initial_state(objective, [config])
     state = objective.batcher.replicate(SearchState(state.z, state.opt_state))
-    inputs = objective.batcher.replicate(loop.run_inputs(objective, [config], 0, [1.0]))
+    resolved = loop.resolve(objective, [config])
+    inputs = objective.batcher.replicate(loop.run_inputs(objective, resolved, 0, [1.0]))
     step_args = (state, objective.params, *batches[0], inputs)
     compiled, compile_s = timed(lambda: make_step().lower(*step_args).compile())
     flops_scanned = xla_flops(compiled)

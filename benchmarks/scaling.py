@@ -42,7 +42,8 @@ def measure(model_spec: str, data: str, mesh_spec: str | None, steps: int) -> di
     step, _ = loop.training_step(objective.fresh(), config)
     state = loop.initial_state(objective, [config])
     state = objective.batcher.replicate(SearchState(state.z, state.opt_state))
-    inputs = objective.batcher.replicate(loop.run_inputs(objective, [config], 0, [1.0]))
+    resolved = loop.resolve(objective, [config])
+    inputs = objective.batcher.replicate(loop.run_inputs(objective, resolved, 0, [1.0]))
     orders = [np.random.default_rng(i).permutation(len(task))[:32] for i in range(steps + 1)]
     rows, n_logits = objective.batcher.shape(orders)
     batches = [loop.stacked_inputs(objective, [idx], (rows, n_logits)) for idx in orders]

@@ -27,7 +27,8 @@ state = loop.initial_state(objective, [config])
 z, opt = (state.z, state.opt_state) if hasattr(state, "z") else (state["z"], state["opt_state"])
 state = objective.batcher.replicate(SearchState(z, opt))
 if hasattr(loop, "run_inputs"):
-    extra = (objective.batcher.replicate(loop.run_inputs(objective, [config], 0, [1.0])),)
+    resolved = loop.resolve(objective, [config])
+    extra = (objective.batcher.replicate(loop.run_inputs(objective, resolved, 0, [1.0])),)
 else:
     extra = objective.batcher.replicate(tuple(np.array([l], np.float32) for l in config.lambdas(0)))
 times = []

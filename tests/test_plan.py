@@ -38,7 +38,8 @@ def test_plan_equals_the_compiled_programs(tmp_path, capsys):
     state = loop.initial_state(objective, [search])
     state = objective.batcher.replicate(SearchState(state.z, state.opt_state))
     batch, cache = loop.stacked_inputs(objective, [objective.batcher.in_order[0]], training_shape(objective, search))
-    inputs = objective.batcher.replicate(loop.run_inputs(objective, [search], 0, [1.0]))
+    resolved = loop.resolve(objective, [search])
+    inputs = objective.batcher.replicate(loop.run_inputs(objective, resolved, 0, [1.0]))
     compiled = step.lower(state, objective.params, batch, cache, inputs).compile()
     masks = np.zeros((3, *objective.shape), np.float32)
     evaluation = objective.fresh().programs.mask_effects().lower(

@@ -226,8 +226,8 @@ def data_scale(objective: Objective, config: SearchConfig) -> float:
 
 def run_inputs(objective: Objective, configs: Sequence[SearchConfig], epoch: int, scales: np.ndarray) -> RunInputs:
     """The epoch's `RunInputs` of R runs ([R] each, on the host): scheduled λ, data scales, budgets (the number of
-    components for a run without one); the configs resolved here where they are not yet."""
-    lambdas = np.array([c.lambdas(epoch) for c in resolve(objective, list(configs))], np.float32)
+    components for a run without one), of resolved configs (`Runs.of`)."""
+    lambdas = np.array([c.lambdas(epoch) for c in configs], np.float32)
     budgets = np.array([objective.n_components if c.budget is None else c.budget for c in configs], np.float32)
     return RunInputs(lambdas[:, 0], lambdas[:, 1], np.asarray(scales, np.float32), budgets)
 
