@@ -193,11 +193,13 @@ def test_greedy_restricted_to_candidates(objective):
         baselines.greedy(objective, 4, candidates=pool)
 
 
-def test_evaluation_starts_above_the_ungated_layers(tiny_gpt2, tmp_path):
-    """Masks grouped by their lowest gated layer run the layers below once per batch, ungated, and give the effects
-    of evaluating each mask from the embeddings (a 4-layer model: starts at layers 0-3)."""
+def test_evaluation_starts_above_the_ungated_layers(tiny_gpt2, tmp_path, monkeypatch):
+    """Masks sorted by their lowest gated layer run the layers below once per call, ungated, and give the effects
+    of evaluating each mask from the embeddings (a 4-layer model: starts at layers 0-3); chunks mix start layers, so
+    only the last chunk is padded."""
     import jaxtrace
     from conftest import build_hf_model
+    from jaxtrace.engine import objective as engine
     from jaxtrace.engine.objective import mask_effects, start_layers
 
     _, _, tokenizer = tiny_gpt2
@@ -215,3 +217,18 @@ def test_evaluation_starts_above_the_ungated_layers(tiny_gpt2, tmp_path):
     expected = [objective.effects(m) for m in masks]
     np.testing.assert_allclose(mask_effects(objective, masks), expected, atol=1e-5)
     np.testing.assert_allclose(mask_effects(objective.replace(memory_budget=1), masks), expected, atol=1e-5)  # 1 mask a call
+
+    calls = []  # (start layer, masks evaluated) of every call, 5 masks a call
+    programs, program = objective.programs, objective.programs.mask_effects
+
+    def counted(start=0):
+        def call(params, chunk, batch, cache):
+            calls.append((start, len(chunk)))
+            return program(start)(params, chunk, batch, cache)
+        return call
+
+    monkeypatch.setattr(programs, "mask_effects", counted)
+    monkeypatch.setattr(engine, "masks_per_chunk", lambda objective, n: 5)
+    np.testing.assert_allclose(mask_effects(objective, masks), expected, atol=1e-5)
+    by_start = sorted(starts.tolist(), reverse=True)  # 12 masks: 3 calls a batch, not one or two per start layer
+    assert calls == 2 * [(min(by_start[:5]), 5), (min(by_start[5:10]), 5), (min(by_start[10:]), 5)]

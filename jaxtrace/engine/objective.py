@@ -387,30 +387,29 @@ def masks_per_chunk(objective: Objective, n_masks: int, share: float = 1.0) -> i
 def mask_effects(objective: Objective, masks) -> np.ndarray:
     """[M, N] effect on every pair of each of M masks [M, L, C] (binary or soft), checked finite.
 
-    Masks are grouped by the layer their evaluation can start at (`start_layers`: the layers below their lowest gate
-    compute the ungated forward, so they run once per chunk of the group's masks). Each data batch is sent once; each
-    group's masks go through one jitted, vmapped program in chunks of `masks_per_chunk` (the last chunk padded, so
-    every call has the same shape).
+    Masks are sorted by the layer their evaluation can start at (`start_layers`: the layers below their lowest gate
+    compute the ungated forward, once per call) and evaluated in chunks of `masks_per_chunk`, each from the lowest
+    start among its masks, by one jitted, vmapped program per start layer. Only the last chunk is padded (every call
+    has the same shape): padding each start layer's masks to a whole chunk evaluated up to twice the masks asked
+    for (54 one-head masks over SmolLM2's 8 start layers: 104 evaluations). Each data batch is sent once.
     """
     batcher = objective.batcher
     masks = np.asarray(masks, np.float32)
     n_masks = masks.shape[0]
     chunk = masks_per_chunk(objective, n_masks)
     starts = start_layers(objective, masks)
-    groups = []  # (start layer, mask indices, padded chunks on the devices)
-    for start in np.unique(starts):
-        members = np.flatnonzero(starts == start)
-        padded = np.concatenate([masks[members], np.repeat(masks[members[:1]], -len(members) % chunk, axis=0)])
-        groups.append((int(start), members, batcher.replicate(padded)))
+    order = np.argsort(-starts, kind="stable")  # the highest start layers first
+    chunks = []  # (start layer, mask indices, the chunk's masks on the devices, padded)
+    for first in range(0, n_masks, chunk):
+        members = order[first: first + chunk]
+        padded = np.concatenate([members, np.repeat(members[-1:], chunk - len(members))])
+        chunks.append((int(starts[members].min()), members, batcher.replicate(masks[padded])))
     out = np.empty((n_masks, len(objective.task)), np.float32)
     for idx in batcher.in_order:
         batch, cache = batcher.put(objective.inputs(idx, batcher.in_order_shape))
-        for start, members, padded in groups:
-            program = objective.programs.mask_effects(start)
-            for first in range(0, len(members), chunk):
-                values = np.asarray(program(objective.params, padded[first: first + chunk], batch, cache))
-                chosen = members[first: first + chunk]
-                out[chosen[:, None], idx[None, :]] = values[: len(chosen), : len(idx)]
+        for start, members, on_devices in chunks:
+            values = np.asarray(objective.programs.mask_effects(start)(objective.params, on_devices, batch, cache))
+            out[members[:, None], idx[None, :]] = values[: len(members), : len(idx)]
     for mask, row in zip(masks, out):
         check_finite(objective, row, np.arange(len(objective.task)), mask)
     return out
