@@ -3,9 +3,9 @@
 
     python benchmarks/mask_cost.py ../shared/data [pairs=64]
 
-1. One chunk of one-head masks whose lowest gated layer is 0, 10, 20, 29 (all alike): seconds per mask evaluated.
-2. 54 one-head masks, the lowest gated layer of mask i is i % 30: seconds, and the masks the calls evaluated
-   (padding included). Each after a first call that compiles.
+1. One call's worth of one-head masks whose lowest gated layer is 0, 10, 20, 29 (all alike): seconds a mask.
+2. 54 one-head masks, the lowest gated layer of mask i is i % 30: seconds, and the masks the calls evaluated over
+   all batches (padding included). Each after a first call that compiles.
 """
 import sys
 import time
@@ -24,7 +24,7 @@ def one_head_masks(objective, layers: np.ndarray, seed: int = 0) -> np.ndarray:
 
 
 def timed_evaluation(objective, masks) -> tuple[float, int]:
-    """(seconds of the faster of two calls after the compiling one, masks evaluated by a call's programs)."""
+    """(seconds of the faster of two calls after the compiling one, masks its programs evaluated: Σ over batches)."""
     program, evaluated = objective.programs.mask_effects, []
 
     def counted(start=0):
@@ -56,12 +56,13 @@ def main(data: str, n_pairs: int) -> None:
     print(f"SmolLM2-135M, {len(task)} WinoBias dev pairs, attn_pattern; {chunk} masks a call", flush=True)
     for layer in (0, 10, 20, n_layers - 1):
         masks = one_head_masks(objective, np.full(chunk, layer))
-        seconds, evaluated = timed_evaluation(objective, masks)
+        seconds, _ = timed_evaluation(objective, masks)
         start = int(engine.start_layers(objective, masks)[0])
-        print(f"lowest gated layer {layer:2d} (start {start:2d}): {seconds / evaluated:.3f} s a mask", flush=True)
+        print(f"lowest gated layer {layer:2d} (start {start:2d}): {seconds / len(masks):.3f} s a mask", flush=True)
     masks = one_head_masks(objective, np.arange(54) % n_layers)
     seconds, evaluated = timed_evaluation(objective, masks)
-    print(f"54 one-head masks, layers i % {n_layers}: {seconds:.1f} s, {evaluated} masks evaluated", flush=True)
+    print(f"54 one-head masks, layers i % {n_layers}: {seconds:.1f} s, {evaluated} masks evaluated over "
+          f"{len(objective.batcher.in_order)} batches", flush=True)
 
 
 if __name__ == "__main__":
