@@ -60,7 +60,8 @@ def test_capture_matches_transformers(loaded):
         # float32 sums in other orders: an element's error scales with the site's magnitude, not its own (jax 0.12
         # gave 2.1e-5 on a qwen2 mlp_out element of 0.44 in a site up to |25|, i.e. 1e-6 of the scale)
         scale = np.abs(expected).max()
-        np.testing.assert_allclose(np.asarray(acts[site]), expected, atol=4e-6 * scale, rtol=0, err_msg=f"{name} {site}")
+        np.testing.assert_allclose(np.asarray(acts[site]), expected, atol=4e-6 * scale, rtol=0,
+                                   err_msg=f"{name} {site}")
 
 
 @pytest.mark.parametrize("site", list(SITES))

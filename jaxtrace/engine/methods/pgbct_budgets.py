@@ -1,7 +1,8 @@
 """Budgeted PGB-CT as a method of the report: one run per budget (MIB's sizes of the components), all in one vmapped
 program (`jaxtrace.engine.budgets`), in the context's direction (compare's default, keep: the circuit kept clean,
 everything else patched, MIB's faithfulness) with the scale-free data term; the budget sets each circuit's size, so
-the L1 penalty is off unless λ1 is given. Its circuits land at their budgets; its ranking is the budgets' merged order."""
+the L1 penalty is off unless λ1 is given. Its circuits land at their budgets; its ranking is the budgets' merged
+order."""
 
 from __future__ import annotations
 
