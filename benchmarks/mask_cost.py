@@ -6,10 +6,21 @@
 1. One call's worth of one-head masks whose lowest gated layer is 0, 10, 20, 29 (all alike): seconds a mask.
 2. 54 one-head masks, the lowest gated layer of mask i is i % 30: seconds, and the masks the calls evaluated over
    all batches (padding included). Each after a first call that compiles.
+3. XLA's profile (`jax.profiler.trace`) of one call of one batch, starting at layer 0 and at layer 29: the seconds
+   its operations took (summed over XLA's threads) by where they go, each operation attributed by the JAX scope it
+   came from in the optimised HLO (`start_residual`, the gated layers' loop, `unembedding`: its matmul and the
+   log-softmax's normaliser).
 """
+import collections
+import gzip
+import json
+import re
 import sys
+import tempfile
 import time
+from pathlib import Path
 
+import jax
 import numpy as np
 
 import jaxtrace
@@ -47,6 +58,71 @@ def timed_evaluation(objective, masks) -> tuple[float, int]:
     return min(seconds), sum(evaluated)
 
 
+PARTS = ("start layer's residual (once a call)", "gated layers", "unembedding matmul", "log-softmax normaliser",
+         "the rest (gathers, metric)")
+
+
+def _part(op_name: str, opcode: str, inherited: str | None) -> str | None:
+    if "start_residual" in op_name:
+        return PARTS[0]
+    if "unembedding" in op_name:
+        return PARTS[2] if "dot_general" in op_name else PARTS[3]
+    if "/while/" in op_name:
+        return PARTS[1]
+    return inherited or (PARTS[4] if op_name else None)
+
+
+def hlo_parts(hlo: str) -> dict[str, str]:
+    """{instruction name: the PARTS entry it belongs to} for an optimised HLO module's text. An instruction without
+    metadata takes its enclosing instruction's part (a while loop's body, a fusion's computation)."""
+    computation, instructions, calls = None, {}, {}  # name: (computation, op_name, opcode); callee: caller
+    for line in hlo.splitlines():
+        header = re.match(r"^(?:ENTRY )?%(\S+) .*\{$", line)
+        if header:
+            computation = header.group(1)
+            continue
+        found = re.match(r"^\s*(?:ROOT )?%(\S+) = .*?\s(\w[\w-]*)\(", line)
+        if not found or computation is None:
+            continue
+        name, opcode = found.groups()
+        op_name = re.search(r'op_name="([^"]*)"', line)
+        instructions[name] = (computation, op_name.group(1) if op_name else "", opcode)
+        for callee in re.findall(r"(?:calls|body|condition|to_apply)=%([\w.-]+)", line):
+            calls[callee] = name
+    parts: dict[str, str | None] = {}
+
+    def part(name: str) -> str | None:
+        if name not in parts:
+            computation, op_name, opcode = instructions[name]
+            caller = calls.get(computation)
+            parts[name] = _part(op_name, opcode, part(caller) if caller else None)
+        return parts[name]
+
+    return {name: part(name) or PARTS[4] for name in instructions}
+
+
+def profile_call(objective, start: int, masks: np.ndarray) -> tuple[float, dict[str, float]]:
+    """(wall seconds of one call of `mask_effects(start)` on the first batch, {part: seconds its operations took,
+    summed over XLA's threads}) from `jax.profiler.trace`."""
+    batcher = objective.batcher
+    batch, cache = batcher.put(objective.inputs(batcher.in_order[0], batcher.in_order_shape))
+    args = (objective.params, batcher.replicate(masks), batch, cache)
+    compiled = objective.programs.mask_effects(start).lower(*args).compile()
+    parts = hlo_parts(compiled.as_text())
+    jax.block_until_ready(compiled(*args))
+    with tempfile.TemporaryDirectory() as folder:
+        with jax.profiler.trace(folder):
+            began = time.perf_counter()
+            jax.block_until_ready(compiled(*args))
+            wall = time.perf_counter() - began
+        events = json.loads(gzip.open(next(Path(folder).rglob("*.trace.json.gz"))).read())["traceEvents"]
+    seconds = collections.Counter()
+    for event in events:  # leaf operations only: a while loop's own event would count its body twice
+        if event.get("ph") == "X" and event["name"] in parts and not event["name"].startswith(("while", "call")):
+            seconds[parts[event["name"]]] += event["dur"] / 1e6
+    return wall, {part: seconds[part] for part in PARTS}
+
+
 def main(data: str, n_pairs: int) -> None:
     model, tokenizer = jaxtrace.load_model("smollm2-135m")
     task = encode_pairs(load_pairs("winobias", data, split="dev")[:n_pairs], tokenizer)
@@ -63,6 +139,19 @@ def main(data: str, n_pairs: int) -> None:
     seconds, evaluated = timed_evaluation(objective, masks)
     print(f"54 one-head masks, layers i % {n_layers}: {seconds:.1f} s, {evaluated} masks evaluated over "
           f"{len(objective.batcher.in_order)} batches", flush=True)
+    rows, n_logits = objective.batcher.in_order_shape
+    unembedding = 2 * chunk * n_logits * model.config.d_model * model.config.vocab_size
+    for layer in (0, n_layers - 1):
+        masks = one_head_masks(objective, np.full(chunk, layer))
+        start = int(engine.start_layers(objective, masks)[0])
+        wall, parts = profile_call(objective, start, masks)
+        total = sum(parts.values())
+        print(f"profile, one call ({chunk} masks, {objective.batcher.batch_size} pairs, {rows} rows, {n_logits} "
+              f"logit positions), start layer {start}: {wall:.2f} s wall, operations {total:.2f} s over threads",
+              flush=True)
+        for part, value in parts.items():
+            rate = f", {unembedding / value / 1e9:.0f} GFLOP/s" if part == PARTS[2] and value else ""
+            print(f"  {part:38s} {value:6.2f} s {100 * value / total:5.1f} %{rate}", flush=True)
 
 
 if __name__ == "__main__":

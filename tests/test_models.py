@@ -147,6 +147,43 @@ def test_shorter_source_mixes_only_its_positions(loaded):
     np.testing.assert_allclose(np.asarray(model(ids, Intervention(ones, source))), np.asarray(model(ids)), atol=1e-5)
 
 
+def test_log_normaliser_and_token_logits_match_transformers(loaded):
+    """The metric's pieces without the whole logits: the logsumexp of every position's logits and the logits of
+    given tokens, against transformers' logits (float64 logsumexp)."""
+    name, hf_model, model = loaded
+    ids, _ = _inputs(model.config.vocab_size)
+    with torch.no_grad():
+        expected = hf_model(torch.tensor(ids)).logits.double().numpy()
+    hidden = model.hidden_states(Tokens(ids))[0]  # [B, T, D]
+    high = expected.max(-1)
+    normaliser = high + np.log(np.exp(expected - high[..., None]).sum(-1))
+    got = np.asarray(model.log_normaliser(hidden.reshape(-1, hidden.shape[-1]))).reshape(normaliser.shape)
+    assert np.abs(got - normaliser).max() <= 1e-4, name
+    targets = np.roll(ids, -1, axis=1)
+    chosen = np.take_along_axis(expected, targets[..., None], -1)[..., 0]
+    assert np.abs(np.asarray(model.token_logits(hidden, targets)) - chosen).max() <= 1e-4, name
+
+
+@pytest.mark.parametrize("chunk", [7, 25, 100])
+@pytest.mark.parametrize("cap", [None, 3.0])
+def test_log_normaliser_by_chunks_is_logsumexp_and_differentiates(chunk, cap):
+    """`layers.log_normaliser` over head chunks that do and do not divide the vocabulary (the last overlaps the one
+    before), with a final softcap, under vmap; its gradient, against plain float64 numpy."""
+    from jaxtrace.core.models import layers
+
+    rng = np.random.RandomState(0)
+    x, head = rng.randn(2, 5, 8).astype(np.float32), rng.randn(100, 8).astype(np.float32)
+    logits = x.astype(np.float64) @ head.T.astype(np.float64)
+    capped = logits if cap is None else cap * np.tanh(logits / cap)
+    expected = np.log(np.exp(capped).sum(-1))
+    got = jax.vmap(lambda rows: layers.log_normaliser(rows, jnp.asarray(head), cap, chunk))(jnp.asarray(x))
+    np.testing.assert_allclose(np.asarray(got), expected, rtol=0, atol=2e-5)
+    softmax = np.exp(capped - expected[..., None])
+    slope = softmax if cap is None else softmax * (1 - np.tanh(logits / cap) ** 2)
+    gradient = jax.grad(lambda x: layers.log_normaliser(x, jnp.asarray(head), cap, chunk).sum())(jnp.asarray(x[0]))
+    np.testing.assert_allclose(np.asarray(gradient), slope[0] @ head.astype(np.float64), rtol=0, atol=2e-5)
+
+
 def test_bfloat16_runs_close_to_float32(hf_family):
     _, hf_model, folder = hf_family
     model32, _ = jaxtrace.load_model(folder)

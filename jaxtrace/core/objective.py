@@ -122,20 +122,23 @@ def outputs(spec: ObjectiveSpec, params, batch: Batch, prefix: KeysValues | None
     rows, pairs = batch.rows, batch.pairs
     layer_range = (start_layer, spec.config.n_layers) if start_layer else None
     hidden = _forward(spec, params, batch, prefix, gates, source, layer_range, initial)
-    hidden = hidden.reshape(-1, hidden.shape[-1])[rows.logit_index]
-    logits = spec.model.unembed(params, hidden)  # [Q, V]
-    norm = jax.nn.logsumexp(logits, axis=-1)  # [Q]
-    token_logp = logits[rows.target_slot, pairs.target_ids] - norm[rows.target_slot]  # [B, Y, U]
+    hidden = hidden.reshape(-1, hidden.shape[-1])[rows.logit_index]  # [Q, D]
+    with jax.named_scope("unembedding"):  # a profile's name for the metric's cost at the Q logit positions
+        norm = spec.model.log_normaliser(params, hidden)  # [Q], the [Q, V] logits never whole
+        target_logits = spec.model.token_logits(params, hidden[rows.target_slot], pairs.target_ids)  # [B, Y, U]
+        last = rows.last_slot
+        last_logp = spec.model.unembed(params, hidden[last]) - norm[last, None]  # [B, V], if the metric reads it
+    token_logp = target_logits - norm[rows.target_slot]
     valid = pairs.target_valid
-    last = rows.last_slot
-    return Outputs((token_logp * valid).sum(-1) / valid.sum(-1), logits[last] - norm[last, None])
+    return Outputs((token_logp * valid).sum(-1) / valid.sum(-1), last_logp)
 
 
 def residual_entering(spec: ObjectiveSpec, params, batch: Batch, cache: Cache, layer: int) -> jax.Array:
     """[W, S, D] the ungated residual stream of one group's packed rows entering `layer` (layers below run ungated
     for every mask whose lowest gate is at or above it)."""
     prefix = None if cache.prefix is None else jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), cache.prefix)
-    return _forward(spec, params, batch, prefix, layer_range=(0, layer))
+    with jax.named_scope("start_residual"):
+        return _forward(spec, params, batch, prefix, layer_range=(0, layer))
 
 
 def precompute(spec: ObjectiveSpec, params, batch: Batch) -> Cache:

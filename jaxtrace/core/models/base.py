@@ -28,7 +28,8 @@ class GatedLM(nnx.Module):
 
     Subclasses define the parameters (`self.blocks` holds every layer's parameters stacked on a leading layer axis)
     and `embed(ids, positions) -> [B, T, D]`, `block(params, x, context, mixer) -> x` and
-    `unembed(hidden [..., D]) -> logits [..., V]` (final norm and output head, float32). A block hands every site
+    `final_norm_of(hidden [..., D]) -> [..., D]`, and keep `embed_tokens` [V, D] and `lm_head` [D, V] (None when
+    tied): `unembed` gives the logits from them. A block hands every site
     value to `mixer(site, value)` (`layers.Mixer`), which mixes it where gated and records it where captured. The
     forward through edges (`jaxtrace.core.edges`) runs the block's two halves apart:
     `attention_writers(params, xq, xk, xv, context, mixer) -> (per-head outputs [B, T, H, D], their sum [B, T, D])`
@@ -124,6 +125,25 @@ class GatedLM(nnx.Module):
 
         return jax.lax.scan(layer, x, scanned, unroll=unroll)
 
+    def output_head(self) -> jax.Array:
+        """[V, D] the output head, a row per token."""
+        return self.embed_tokens[...] if self.lm_head is None else self.lm_head[...].T
+
+    def unembed(self, hidden: jax.Array) -> jax.Array:
+        """Logits [..., V] (float32) of final hidden states [..., D]: final norm, output head, final softcap."""
+        return layers.output_logits(self.final_norm_of(hidden), self.output_head(), self.config.final_logit_softcap)
+
+    def log_normaliser(self, hidden: jax.Array) -> jax.Array:
+        """[Q] logsumexp of the logits of final hidden states [Q, D], without holding the logits
+        (`layers.log_normaliser`)."""
+        return layers.log_normaliser(self.final_norm_of(hidden), self.output_head(), self.config.final_logit_softcap)
+
+    def token_logits(self, hidden: jax.Array, ids: jax.Array) -> jax.Array:
+        """[...] the logit of token ids [...] at final hidden states [..., D]."""
+        rows = self.output_head()[ids]  # [..., D]
+        value = jnp.einsum("...d,...d->...", self.final_norm_of(hidden), rows, preferred_element_type=jnp.float32)
+        return layers.softcap(value, self.config.final_logit_softcap)
+
     def _edge_states(self, x: jax.Array, stacked: dict, contexts: dict, gates: EdgeGates | None, sources: dict,
                      where: jax.Array, capture: Capture, memory: dict | None,
                      fused: bool) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -183,7 +203,8 @@ class GatedLM(nnx.Module):
 @dataclasses.dataclass(frozen=True, eq=False)
 class PureLM:
     """A model as pure functions of its parameters, for `jax.jit`/`grad`/`vmap` (the parameters are an argument,
-    not constants of the compiled program): `logits`, `capture`, `hidden_states` and `unembed` as `GatedLM`'s, each
+    not constants of the compiled program): `logits`, `capture`, `hidden_states`, `unembed`, `log_normaliser` and
+    `token_logits` as `GatedLM`'s, each
     taking `params` first. Compared and hashed by identity."""
 
     graphdef: nnx.GraphDef
@@ -206,6 +227,12 @@ class PureLM:
 
     def unembed(self, params, hidden: jax.Array) -> jax.Array:
         return self._model(params).unembed(hidden)
+
+    def log_normaliser(self, params, hidden: jax.Array) -> jax.Array:
+        return self._model(params).log_normaliser(hidden)
+
+    def token_logits(self, params, hidden: jax.Array, ids: jax.Array) -> jax.Array:
+        return self._model(params).token_logits(hidden, ids)
 
 
 def pure(model: GatedLM) -> tuple[PureLM, nnx.State]:

@@ -46,6 +46,3 @@ class Gemma(Llama):
     def block(self, p: dict, x: jax.Array, context: dict, mixer: layers.Mixer) -> jax.Array:
         x = x + self.norm(self.attention(p, self.norm(x, p["attn_norm"]), context, mixer), p["post_attn_norm"])
         return x + self.mlp_block(p, x, mixer)
-
-    def unembed(self, x: jax.Array) -> jax.Array:
-        return layers.softcap(super().unembed(x), self.config.final_logit_softcap)

@@ -82,7 +82,5 @@ class GPT2(GatedLM):
         x = x + layers.add_bias(jnp.einsum("bthk,hkd->btd", heads, p["o"]), p["o_bias"])
         return x + self.mlp_block(p, x, mixer)
 
-    def unembed(self, x: jax.Array) -> jax.Array:
-        x = layers.layer_norm(x, self.final_norm[...], self.final_norm_bias[...], self.config.norm_eps)
-        head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
-        return jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32)
+    def final_norm_of(self, x: jax.Array) -> jax.Array:
+        return layers.layer_norm(x, self.final_norm[...], self.final_norm_bias[...], self.config.norm_eps)

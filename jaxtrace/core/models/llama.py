@@ -135,7 +135,5 @@ class Llama(GatedLM):
         x = x + self.attention(p, self.norm(x, p["attn_norm"]), context, mixer)
         return x + self.mlp_block(p, x, mixer)
 
-    def unembed(self, x: jax.Array) -> jax.Array:
-        x = self.norm(x, self.final_norm[...])
-        head = self.embed_tokens[...].T if self.lm_head is None else self.lm_head[...]
-        return jnp.einsum("...d,dv->...v", x, head, preferred_element_type=jnp.float32)
+    def final_norm_of(self, x: jax.Array) -> jax.Array:
+        return self.norm(x, self.final_norm[...])
