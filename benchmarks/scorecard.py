@@ -96,7 +96,10 @@ def markdown(cells: dict, commands: dict) -> str:
 
 
 FINDINGS = [
-    "## Reading (2026-12-06, the two IOI cells; the WinoBias cells not finished on this CPU)", "",
+    "## Reading (2026-12-06/07: the IOI cells and Gemma × WinoBias; SmolLM2 × WinoBias not finished on this CPU)",
+    "",
+    "All cells ran before `--swap-max` existed (jaxtrace c2459d8 and earlier), so without swap search (as "
+    "`--swap-max 0`; compare refuses to resume them with the default).", "",
     "- **CPR**: PGB-CT's λ sweep (2 runs, scale-free λ 0.25 and 1, keep direction; its ranking the mean final z) has "
     "the highest MIB CPR of every method on both cells (SmolLM2 1.247 against ig 1.122 and greedy 0.813; Gemma 1.253 "
     "against ig 1.084 and greedy 0.785), and its circuits are the most faithful at the sizes they land at (SmolLM2 "
@@ -117,7 +120,21 @@ FINDINGS = [
     "- **Wall time**: the budgeted curve (8 budgets in one program) took 817 s on SmolLM2 against greedy's 1,058 s "
     "(27 heads, 32 candidates), but more than three default traces (the λ sweep's 2 runs took 166 s): most of it "
     "is the per-epoch evaluation of the 8 budgets' changed circuits. Gemma: 390 s against greedy's 454 s and the "
-    "sweep's 141 s. A CPU shared with the test suite; ratios within a cell only.", ""]
+    "sweep's 141 s. A CPU shared with the test suite; ratios within a cell only.",
+    "- **Gemma-3-270M × WinoBias dev** (160 pairs, IE(all) 0.167): integrated gradients has both the highest CPR "
+    "(1.069 against the budgeted runs' 1.047 and the λ sweep's 1.029) and the lowest CMD (0.061; PGB-CT 0.151–0.160, "
+    "greedy 0.094, single / top-k / AtP 0.077): PGB-CT does not win this cell. Its budgeted circuits are the most "
+    "faithful from 14 heads (1.122 against greedy's 0.969 and ig's 1.149 at 14; 1.198 at 36) but not below: 1 head "
+    "0.135 against greedy's 0.226, 3 heads 0.631 against 0.649, 7 heads 0.870 against greedy's 0.912 and ig's 1.048. "
+    "Wall time: the budgeted curve 2,033 s against greedy's 4,851 s, the sweep's two runs 673 s (a CPU shared with "
+    "the SmolLM2 cell).",
+    "- **Swap search** (tried on that cell's stored budgeted circuits, `budgets.swap_search`, 8 candidates from the "
+    "merged ranking, at most 4 rounds; now compare's `--swap-max`, default 8): 1 head 0.135 → 0.226 (106 s), 3 heads "
+    "0.631 → 0.649 (272 s), 7 heads 0.870 → 1.048 (1,159 s, the CPU shared with tests): greedy's at 1 and 3, above "
+    "greedy's 0.912 and level with ig's 1.048 at 7; budgets and swaps together 3,570 s against greedy's 4,851 s. "
+    "It moves the circuits the relaxation of a small budget stops short of; it does not address CMD, which rewards "
+    "f close to 1 at every fraction and so rankings with signed scores (ig's absolute ranking mixes heads for and "
+    "against the behaviour).", ""]
 
 
 def main(data: str, work: Path, report_only: bool = False, chosen: list[str] | None = None) -> None:

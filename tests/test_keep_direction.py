@@ -12,6 +12,7 @@ import pytest
 from jaxtrace.cli import build_parser, main
 from jaxtrace.core.search import SearchConfig
 from jaxtrace.engine.attribution import attribution_patching
+from jaxtrace.engine.budgets import swap_search
 from jaxtrace.engine.faithfulness import MIB_FRACTIONS, mib_score
 from jaxtrace.engine.methods.greedy import greedy_path
 from jaxtrace.engine.objective import build_objective
@@ -88,6 +89,32 @@ def test_keep_direction_attributions(objective):
     assert not np.allclose(scores, attribution_patching(objective).ravel())
 
 
+def test_swap_search_ends_where_no_exchange_improves(objective, kept):
+    """From the worst kept set of each size, swap search over every outsider ends on a set of at most its budget
+    that no exchange of one member (nor, below the budget, addition of one component) improves, by brute force
+    over every subset; at budget 1 the best single head. With 2 candidates a round tries only the ranking's 2 best
+    outsiders."""
+    n, tol = objective.n_components, 1e-5
+    ranking = np.random.default_rng(0).permutation(n).reshape(objective.shape).astype(np.float32)
+    for k in (1, 2, 3):
+        worst = min((s for s in kept if len(s) == k), key=kept.get)
+        start = np.isin(np.arange(n), list(worst)).reshape(objective.shape)
+        mask, effect = swap_search(objective, start, ranking, k, "keep", candidates=n, rounds=100)
+        found = _set(mask)
+        assert len(found) <= k and effect == pytest.approx(kept[found], abs=tol) and effect > kept[worst]
+        neighbours = [found - {i} | {j} for i in found for j in set(range(n)) - found]
+        neighbours += [found | {j} for j in set(range(n)) - found] if len(found) < k else []
+        assert max(kept[s] for s in neighbours) <= effect + tol, k
+        if k == 1:
+            assert effect == pytest.approx(max(v for s, v in kept.items() if len(s) == 1), abs=tol)
+    start = np.isin(np.arange(n), list(worst)).reshape(objective.shape)  # size 3
+    outsiders = [j for j in np.argsort(-ranking, axis=None) if j not in worst][:2]
+    mask, effect = swap_search(objective, start, ranking, 3, "keep", candidates=2, rounds=1)
+    tried = [worst - {i} | {j} for i in worst for j in outsiders]
+    assert effect == pytest.approx(max(kept[worst], *(kept[s] for s in tried)), abs=tol)
+    assert _set(mask) in [worst, *tried]
+
+
 def test_compare_runs_and_records_the_keep_direction(objective, kept, tmp_path):
     config = CurveConfig(sizes=(1, 2, 4), n_lambdas=1, samples=3, ig_steps=2, mib=())
     assert config.direction == "keep"
@@ -114,7 +141,8 @@ def test_compare_runs_and_records_the_keep_direction(objective, kept, tmp_path):
         assert exact[name]["sizes"] == [0] * 7 + [1, 4, 8] and exact[name]["signed"][:7] == [0.0] * 7
         assert exact[name]["cpr"] == pytest.approx(alone.cpr, abs=1e-5), name
         assert exact[name]["cmd"] == pytest.approx(alone.cmd, abs=1e-5), name
-    budgets = result.results["pgbct_budgets"].circuits
+    budgets = result.results["pgbct_budgets"].circuits  # budget 1 swapped (--swap-max 8) to the best single head
+    assert budgets[1][1] == pytest.approx(max(v for s, v in kept.items() if len(s) == 1), abs=1e-5)
     f = [0.0] * 7 + [max(result.circuit_faithfulness[("pgbct_budgets", size)] for size in budgets if size <= k)
                      for k in (1, 4)]
     x, y = MIB_FRACTIONS, [*f, 1.0]  # the full model appended at 1.0
@@ -123,6 +151,8 @@ def test_compare_runs_and_records_the_keep_direction(objective, kept, tmp_path):
     assert "multiple-circuits submission" in (tmp_path / "cmp" / "report.md").read_text()
     with pytest.raises(ValueError, match="--direction"):
         CurveConfig(direction="sideways")
+    with pytest.raises(ValueError, match="--swap-max must be >= 0"):
+        CurveConfig(swap_max=-1)
     parsed = build_parser().parse_args(["compare", "--task", "winobias", "--out", "x", "--direction", "patch"])
     assert getattr(parsed, "CurveConfig.direction") == "patch" and not hasattr(parsed, "SearchConfig.direction")
 

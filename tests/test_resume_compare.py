@@ -118,6 +118,14 @@ def test_a_killed_compare_resumes_to_an_uninterrupted_runs_results(gpt2_dir, pai
     # A resume into another comparison is refused, naming the field.
     expect_error(capsys, *compare_args(gpt2_dir, pairs, out, "--resume", "--samples", "4"),
                  names=[f"cannot resume {out}", "settings.curve.samples 3 -> 4"])
+    # A comparison saved before --swap-max existed ran no swap search: resumed with the default (8) it is refused.
+    saved = (out / "run.json").read_text()
+    before = json.loads(saved)
+    del before["identity"]["settings"]["curve"]["swap_max"]
+    (out / "run.json").write_text(json.dumps(before))
+    expect_error(capsys, *compare_args(gpt2_dir, pairs, out, "--resume"),
+                 names=[f"cannot resume {out}", "settings.curve.swap_max None -> 8"])
+    (out / "run.json").write_text(saved)
     code, _, err = run(capsys, *compare_args(gpt2_dir, pairs, out, "--resume"))
     assert code == 0, err
     assert result(out / "curve.json") == result(reference / "curve.json")

@@ -13,6 +13,10 @@ per-run multiplier only reaches its target size on average and would need its ow
 nested masks (MAttr) each budget is optimised for itself. The circuits need not be nested; the ranking orders
 components by the smallest budget whose circuit holds them (then by their mean final z over the runs), so its top k
 is the circuit of budget k whenever the circuits below k are nested in it.
+
+A small budget's run can end on a circuit the relaxation did not separate from its neighbours (the projection starts
+every gate at k/n): `swap_search` then moves it, by evaluated effects, to a circuit no single exchange with the
+ranking's best outsiders improves (compare's `pgbct_budgets` does so up to `--swap-max` components).
 """
 
 from __future__ import annotations
@@ -97,3 +101,37 @@ def run_budgets(objective: Objective, config: SearchConfig, budgets: list[int],
     """One run of `config` per budget, all optimised together (one vmapped program) by `searches` (`run_searches`,
     or a checkpointed one); `kwargs` as `run_searches`."""
     return BudgetedRuns.of(budgets, searches(objective, budget_configs(config, budgets), **kwargs))
+
+
+SWAP_CANDIDATES = 8  # outsiders a round of `swap_search` tries: a round evaluates (k + 1) · 8 circuits at most
+SWAP_ROUNDS = 4
+
+
+def swap_search(objective: Objective, circuit: np.ndarray, ranking: np.ndarray, budget: int, direction: str,
+                effect: float | None = None, candidates: int = SWAP_CANDIDATES,
+                rounds: int = SWAP_ROUNDS) -> tuple[np.ndarray, float]:
+    """Local search from `circuit` [L, C] (at most `budget` components, mean effect `effect` in `direction` if
+    known): each round evaluates, as one batch of masks, every circuit that exchanges one member for one of the
+    `candidates` best outsiders by `ranking` [L, C] or, below the budget, adds one of them, and moves to the best
+    if it raises the mean effect; at most `rounds` rounds. (circuit [L, C] bool, its mean effect)."""
+    shape, flat = objective.shape, np.asarray(circuit, bool).ravel()
+    if effect is None:
+        effect = float(objective.circuit_effects(flat.reshape(1, *shape).astype(np.float32), direction)[0])
+    order = np.argsort(-np.asarray(ranking, np.float64).ravel(), kind="stable")
+    for _ in range(rounds):
+        pool = order[~flat[order]][:candidates]
+        moves = [(None, j) for j in pool] if flat.sum() < budget else []
+        moves += [(i, j) for i in np.flatnonzero(flat) for j in pool]
+        if not moves:
+            break
+        masks = np.repeat(flat[None], len(moves), axis=0)
+        for row, (out, into) in zip(masks, moves):
+            row[into] = True
+            if out is not None:
+                row[out] = False
+        effects = objective.circuit_effects(masks.reshape(-1, *shape).astype(np.float32), direction)
+        best = int(np.argmax(effects))
+        if not effects[best] > effect:
+            break
+        flat, effect = masks[best], float(effects[best])
+    return flat.reshape(shape), effect

@@ -111,6 +111,8 @@ class CurveConfig:
     samples: int = option(100, "random subsets drawn per size")
     random_seed: int = option(0, "random subsets' seed")
     ig_steps: int = option(32, "ig: integration steps (midpoint rule)")
+    swap_max: int = option(8, "pgbct_budgets: move the circuits of budgets up to this size by swap search (each "
+                           "round (k + 1) · 8 circuits evaluated, at most 4 rounds; 0: none)")
     mib: tuple[str, ...] = option(("pgbct",), "comma-separated methods whose ranking and thresholded circuits are "
                                   "written in MIB's layout under mib/ (empty: none; the default when pgbct is not "
                                   "run)", parse=method_list)
@@ -125,6 +127,8 @@ class CurveConfig:
             raise ValueError(f"--lambda-range takes LOW,HIGH with 0 < LOW <= HIGH, got {self.lambda_range}")
         if self.n_lambdas < 1 or self.samples < 1 or self.ig_steps < 1:
             raise ValueError("--n-lambdas, --samples and --ig-steps must be >= 1")
+        if self.swap_max < 0:
+            raise ValueError(f"--swap-max must be >= 0 (0: no swap search), got {self.swap_max}")
         if not self.sizes:
             raise ValueError("--sizes needs at least one size")
         for name in ("greedy_max", "greedy_candidates"):
@@ -155,6 +159,11 @@ class CurveConfig:
     def running(self) -> tuple[Method, ...]:
         """The methods this comparison runs, in run order (`--methods`, default all of `compare_methods`)."""
         return tuple(method for method in compare_methods() if not self.methods or method.name in self.methods)
+
+
+# CurveConfig settings whose default does more than a comparison saved before the setting existed: the value that
+# does what it did, so that resuming such a run with the default is refused, naming the setting.
+BEFORE_SETTING = {"swap_max": 0}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -486,7 +495,7 @@ def curve_context(objective: Objective, search: SearchConfig, config: CurveConfi
                          lambda_factors=np.geomspace(*config.lambda_range, config.n_lambdas),
                          greedy_max=config.greedy_max, greedy_candidates=config.greedy_candidates,
                          n_random=config.samples, seed=config.random_seed, ig_steps=config.ig_steps,
-                         progress=functools.partial(progress_bar, enabled=progress))
+                         swap_max=config.swap_max, progress=functools.partial(progress_bar, enabled=progress))
 
 
 def compare_run(objective: Objective, search: SearchConfig, config: CurveConfig, *,
@@ -504,7 +513,7 @@ def compare_run(objective: Objective, search: SearchConfig, config: CurveConfig,
     search = search.replace(direction=config.direction)
     settings = {"search": {k: v for k, v in dataclasses.asdict(resolve(objective, [search])[0]).items()},
                 "curve": dataclasses.asdict(config)}
-    defaults = {"search": field_defaults(SearchConfig), "curve": field_defaults(CurveConfig)}
+    defaults = {"search": field_defaults(SearchConfig), "curve": {**field_defaults(CurveConfig), **BEFORE_SETTING}}
     with result_folder(out, "compare", objective, provenance, settings, resume, overwrite,
                        finished="report.md", defaults=defaults) as folder:
         context = curve_context(objective, search, config, progress)

@@ -64,6 +64,7 @@ class MethodContext:
     n_random: int = 100                           # random: subsets drawn per size
     seed: int = 0                                 # random: their seed
     ig_steps: int = 32                            # ig: integration steps
+    swap_max: int = 0                             # pgbct_budgets: swap search on budgets up to this size (0: none)
     progress: Progress = no_progress
     searches: Callable[..., list[SearchResult]] = run_searches
     rankings: bool = True
