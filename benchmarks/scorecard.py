@@ -96,18 +96,25 @@ def markdown(cells: dict, commands: dict) -> str:
 
 
 FINDINGS = [
-    "## Reading (2026-12-06/07: the IOI cells and Gemma × WinoBias; SmolLM2 × WinoBias not finished on this CPU)",
+    "## Reading (2026-12-06/07: the IOI cells, Gemma × IOI rerun with swap search, Gemma × WinoBias; "
+    "SmolLM2 × WinoBias not finished on this CPU)",
     "",
-    "All cells ran before `--swap-max` existed (jaxtrace c2459d8 and earlier), so without swap search (as "
-    "`--swap-max 0`; compare refuses to resume them with the default).", "",
+    "gemma3-ioi was rerun on 2026-12-07 with swap search (`--swap-max` 8, the default since 3edb127); the other "
+    "cells ran before the setting existed (jaxtrace c2459d8 and earlier), so without it (as `--swap-max 0`; compare "
+    "refuses to resume them with the default). In the gemma3-ioi rerun the λ sweep and the budgeted runs ran at nice "
+    "19 beside the whole test suite: their wall times (506 s, 1,971 s) are not comparable; the methods after them "
+    "ran alone.", "",
     "- **CPR**: PGB-CT's λ sweep (2 runs, scale-free λ 0.25 and 1, keep direction; its ranking the mean final z) has "
-    "the highest MIB CPR of every method on both cells (SmolLM2 1.247 against ig 1.122 and greedy 0.813; Gemma 1.253 "
-    "against ig 1.084 and greedy 0.785), and its circuits are the most faithful at the sizes they land at (SmolLM2 "
+    "the highest MIB CPR of every ranking on both IOI cells (SmolLM2 1.247 against ig 1.122 and greedy 0.813; Gemma "
+    "1.253 against ig 1.084 and greedy 0.785; on Gemma the swapped budgeted circuits as MIB's multiple-circuits "
+    "submission score higher still, 1.259), and its circuits are the most faithful at the sizes they land at (SmolLM2 "
     "33 heads f 1.360, 64 heads 1.534; Gemma 14 heads 1.574 against ig's 1.038 and greedy's 0.874).",
-    "- **CMD**: not PGB-CT's: integrated gradients is lowest on SmolLM2 (0.049 against the budgeted runs' 0.149), "
-    "and ig 0.124 / budgeted PGB-CT 0.131 / single 0.134 are level on Gemma. CMD rewards f close to 1 at every "
+    "- **CMD**: integrated gradients is lowest on SmolLM2 × IOI (0.049 against the budgeted runs' 0.149) and Gemma × "
+    "WinoBias (0.061), "
+    "and on Gemma × IOI the swapped budgeted ranking is lowest (0.111 against ig's 0.124 and single's 0.134; 0.131 "
+    "before swap search). CMD rewards f close to 1 at every "
     "fraction; PGB-CT's circuits overshoot (f > 1: they leave out heads that work against the behaviour).",
-    "- **Budgeted PGB-CT at small budgets** loses to greedy and ig (SmolLM2: f 0.022 at 1 head against 0.158, 0.210 "
+    "- **Budgeted PGB-CT at small budgets**, before swap search, loses to greedy and ig (SmolLM2: f 0.022 at 1 head against 0.158, 0.210 "
     "at 5 against greedy's 0.356 and ig's 0.364). Tried on SmolLM2 × IOI, 32 prompts, attn_pattern: "
     "`run_budgets(objective, SearchConfig(direction='keep', scale='effect', lambda1=0.0, ...), "
     "budget_list('mib', 270))`: "
@@ -119,8 +126,8 @@ FINDINGS = [
     "most faithful of the method's circuits of at most k components.",
     "- **Wall time**: the budgeted curve (8 budgets in one program) took 817 s on SmolLM2 against greedy's 1,058 s "
     "(27 heads, 32 candidates), but more than three default traces (the λ sweep's 2 runs took 166 s): most of it "
-    "is the per-epoch evaluation of the 8 budgets' changed circuits. Gemma: 390 s against greedy's 454 s and the "
-    "sweep's 141 s. A CPU shared with the test suite; ratios within a cell only.",
+    "is the per-epoch evaluation of the 8 budgets' changed circuits. Gemma (first run, before swap search): 390 s "
+    "against greedy's 454 s and the sweep's 141 s. A CPU shared with the test suite; ratios within a cell only.",
     "- **Gemma-3-270M × WinoBias dev** (160 pairs, IE(all) 0.167): integrated gradients has both the highest CPR "
     "(1.069 against the budgeted runs' 1.047 and the λ sweep's 1.029) and the lowest CMD (0.061; PGB-CT 0.151–0.160, "
     "greedy 0.094, single / top-k / AtP 0.077): PGB-CT does not win this cell. Its budgeted circuits are the most "
@@ -128,7 +135,10 @@ FINDINGS = [
     "0.135 against greedy's 0.226, 3 heads 0.631 against 0.649, 7 heads 0.870 against greedy's 0.912 and ig's 1.048. "
     "Wall time: the budgeted curve 2,033 s against greedy's 4,851 s, the sweep's two runs 673 s (a CPU shared with "
     "the SmolLM2 cell).",
-    "- **Swap search** (tried on that cell's stored budgeted circuits, `budgets.swap_search`, 8 candidates from the "
+    "- **Swap search on Gemma × IOI** (the rerun): the budgeted circuits at 1, 3, 7 heads f 0.435, 0.604, 1.090 "
+    "(0.435, 0.481, 0.621 before; greedy 0.435, 0.604, 0.768; ig 0.021, 0.598, 0.854): at every budget at least "
+    "greedy's and ig's.",
+    "- **Swap search** (tried on Gemma × WinoBias's stored budgeted circuits, `budgets.swap_search`, 8 candidates from the "
     "merged ranking, at most 4 rounds; now compare's `--swap-max`, default 8): 1 head 0.135 → 0.226 (106 s), 3 heads "
     "0.631 → 0.649 (272 s), 7 heads 0.870 → 1.048 (1,159 s, the CPU shared with tests): greedy's at 1 and 3, above "
     "greedy's 0.912 and level with ig's 1.048 at 7; budgets and swaps together 3,570 s against greedy's 4,851 s. "
