@@ -137,7 +137,10 @@ FINDINGS = [
     "the SmolLM2 cell).",
     "- **Swap search on Gemma × IOI** (the rerun): the budgeted circuits at 1, 3, 7 heads f 0.435, 0.604, 1.090 "
     "(0.435, 0.481, 0.621 before; greedy 0.435, 0.604, 0.768; ig 0.021, 0.598, 0.854): at every budget at least "
-    "greedy's and ig's.",
+    "greedy's and ig's. Its cost, measured alone one after the other on this CPU (`compare --methods "
+    "pgbct_budgets` with `--swap-max` 8 and 0, and `--methods single,greedy`): 438 s with swap search against 186 s "
+    "without, greedy 198 s (and 57 s of single effects for its candidates): here swap search costs more than the "
+    "runs and puts the budgeted curve above greedy's time.",
     "- **Swap search** (tried on Gemma × WinoBias's stored budgeted circuits, `budgets.swap_search`, 8 candidates from the "
     "merged ranking, at most 4 rounds; now compare's `--swap-max`, default 8): 1 head 0.135 → 0.226 (106 s), 3 heads "
     "0.631 → 0.649 (272 s), 7 heads 0.870 → 1.048 (1,159 s, the CPU shared with tests): greedy's at 1 and 3, above "
