@@ -62,7 +62,7 @@ PARTS = ("start layer's residual (once a call)", "gated layers", "unembedding ma
          "the rest (gathers, metric)")
 
 
-def _part(op_name: str, opcode: str, inherited: str | None) -> str | None:
+def _part(op_name: str, inherited: str | None) -> str | None:
     if "start_residual" in op_name:
         return PARTS[0]
     if "unembedding" in op_name:
@@ -75,27 +75,27 @@ def _part(op_name: str, opcode: str, inherited: str | None) -> str | None:
 def hlo_parts(hlo: str) -> dict[str, str]:
     """{instruction name: the PARTS entry it belongs to} for an optimised HLO module's text. An instruction without
     metadata takes its enclosing instruction's part (a while loop's body, a fusion's computation)."""
-    computation, instructions, calls = None, {}, {}  # name: (computation, op_name, opcode); callee: caller
+    computation, instructions, calls = None, {}, {}  # name: (computation, op_name); callee: caller
     for line in hlo.splitlines():
         header = re.match(r"^(?:ENTRY )?%(\S+) .*\{$", line)
         if header:
             computation = header.group(1)
             continue
-        found = re.match(r"^\s*(?:ROOT )?%(\S+) = .*?\s(\w[\w-]*)\(", line)
+        found = re.match(r"^\s*(?:ROOT )?%(\S+) = ", line)
         if not found or computation is None:
             continue
-        name, opcode = found.groups()
+        name = found.group(1)
         op_name = re.search(r'op_name="([^"]*)"', line)
-        instructions[name] = (computation, op_name.group(1) if op_name else "", opcode)
+        instructions[name] = (computation, op_name.group(1) if op_name else "")
         for callee in re.findall(r"(?:calls|body|condition|to_apply)=%([\w.-]+)", line):
             calls[callee] = name
     parts: dict[str, str | None] = {}
 
     def part(name: str) -> str | None:
         if name not in parts:
-            computation, op_name, opcode = instructions[name]
+            computation, op_name = instructions[name]
             caller = calls.get(computation)
-            parts[name] = _part(op_name, opcode, part(caller) if caller else None)
+            parts[name] = _part(op_name, part(caller) if caller else None)
         return parts[name]
 
     return {name: part(name) or PARTS[4] for name in instructions}

@@ -114,7 +114,8 @@ FINDINGS = [
     "and on Gemma × IOI the swapped budgeted ranking is lowest (0.111 against ig's 0.124 and single's 0.134; 0.131 "
     "before swap search). CMD rewards f close to 1 at every "
     "fraction; PGB-CT's circuits overshoot (f > 1: they leave out heads that work against the behaviour).",
-    "- **Budgeted PGB-CT at small budgets**, before swap search, loses to greedy and ig (SmolLM2: f 0.022 at 1 head against 0.158, 0.210 "
+    "- **Budgeted PGB-CT at small budgets**, before swap search, loses to greedy and ig (SmolLM2: f 0.022 at 1 "
+    "head against 0.158, 0.210 "
     "at 5 against greedy's 0.356 and ig's 0.364). Tried on SmolLM2 × IOI, 32 prompts, attn_pattern: "
     "`run_budgets(objective, SearchConfig(direction='keep', scale='effect', lambda1=0.0, ...), "
     "budget_list('mib', 270))`: "
@@ -129,7 +130,8 @@ FINDINGS = [
     "is the per-epoch evaluation of the 8 budgets' changed circuits. Gemma (first run, before swap search): 390 s "
     "against greedy's 454 s and the sweep's 141 s. A CPU shared with the test suite; ratios within a cell only.",
     "- **Gemma-3-270M × WinoBias dev** (160 pairs, IE(all) 0.167): integrated gradients has both the highest CPR "
-    "(1.069 against the budgeted runs' 1.047 and the λ sweep's 1.029) and the lowest CMD (0.061; PGB-CT 0.151–0.160, "
+    "(1.069 against the budgeted runs' 1.047 and the λ sweep's 1.029) and the lowest CMD (0.061; PGB-CT "
+    "0.151–0.160, "
     "greedy 0.094, single / top-k / AtP 0.077): PGB-CT does not win this cell. Its budgeted circuits are the most "
     "faithful from 14 heads (1.122 against greedy's 0.969 and ig's 1.149 at 14; 1.198 at 36) but not below: 1 head "
     "0.135 against greedy's 0.226, 3 heads 0.631 against 0.649, 7 heads 0.870 against greedy's 0.912 and ig's 1.048. "
@@ -141,7 +143,8 @@ FINDINGS = [
     "pgbct_budgets` with `--swap-max` 8 and 0, and `--methods single,greedy`): 438 s with swap search against 186 s "
     "without, greedy 198 s (and 57 s of single effects for its candidates): here swap search costs more than the "
     "runs and puts the budgeted curve above greedy's time.",
-    "- **Swap search** (tried on Gemma × WinoBias's stored budgeted circuits, `budgets.swap_search`, 8 candidates from the "
+    "- **Swap search** (tried on Gemma × WinoBias's stored budgeted circuits, `budgets.swap_search`, 8 candidates "
+    "from the "
     "merged ranking, at most 4 rounds; now compare's `--swap-max`, default 8): 1 head 0.135 → 0.226 (106 s), 3 heads "
     "0.631 → 0.649 (272 s), 7 heads 0.870 → 1.048 (1,159 s, the CPU shared with tests): greedy's at 1 and 3, above "
     "greedy's 0.912 and level with ig's 1.048 at 7; budgets and swaps together 3,570 s against greedy's 4,851 s. "

@@ -370,9 +370,9 @@ def masks_per_chunk(objective: Objective, n_masks: int, share: float = 1.0) -> i
 
     Per mask, a packed batch keeps about 4 residual-width and 2 MLP-width vectors and one attention row (over
     prefix slots and row keys) per token and layer-step, plus the logits and log-softmax at its logit positions
-    (float32, as a gradient holds them; an evaluation's chunked normaliser holds less); through edges also about 5 O residual-width vectors per token (the writers' deltas, their
-    counterfactual outputs and a reader's float32 copy of the deltas: XLA's analysis of SmolLM2's evaluation) and
-    the 3H query, key and value inputs of a layer.
+    (float32, as a gradient holds them; an evaluation's chunked normaliser holds less); through edges also about
+    5 O residual-width vectors per token (the writers' deltas, their counterfactual outputs and a reader's float32
+    copy of the deltas: XLA's analysis of SmolLM2's evaluation) and the 3H query, key and value inputs of a layer.
     """
     c, batcher = objective.spec.config, objective.batcher
     rows, n_logits = batcher.in_order_shape
