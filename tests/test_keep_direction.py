@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from jaxtrace.cli import build_parser, main
-from jaxtrace.core.search import SearchConfig
+from jaxtrace.core.search import SearchConfig, SearchState
 from jaxtrace.engine.attribution import attribution_patching
-from jaxtrace.engine.budgets import swap_search
+from jaxtrace.engine.budgets import run_budgets, signed_ranking, swap_search
 from jaxtrace.engine.faithfulness import MIB_FRACTIONS, mib_score
+from jaxtrace.engine.loop import Runs, data_scale, initial_state, run_inputs, stacked_inputs, training_step
 from jaxtrace.engine.methods.greedy import greedy_path
 from jaxtrace.engine.objective import build_objective
 from jaxtrace.runs import baselines
@@ -115,6 +116,57 @@ def test_swap_search_ends_where_no_exchange_improves(objective, kept):
     assert _set(mask) in [worst, *tried]
 
 
+def test_signed_ranking_keeps_faithfulness_nearest_one(objective, kept):
+    """At each size the block added since the last size splits between the two orders where f (brute force over
+    every kept subset, each complement patched as its own mask) is nearest 1, ties to the fewest taken against;
+    those score negative; by score the order is the ranking's without them."""
+    n, rng = objective.n_components, np.random.default_rng(1)
+    ranking, against = (rng.permutation(n).reshape(objective.shape).astype(np.float32) for _ in range(2))
+    sizes = [1, 4, 6]
+    scores = signed_ranking(objective, ranking, against, sizes, splits=n).ravel()
+    f = {s: v / kept[frozenset(range(n))] for s, v in kept.items()}
+    by_ranking, by_against = (list(np.argsort(-r, axis=None, kind="stable")) for r in (ranking, against))
+    order, negative = [], set()
+    for k in sizes:
+        blocks = []
+        for b in range(k - len(order) + 1):
+            taken_against = [i for i in by_against if i not in order][:b]
+            rest = [i for i in by_ranking if i not in order and i not in taken_against][: k - len(order) - b]
+            blocks.append((rest, taken_against))
+        distance = [abs(1 - f[frozenset(order + rest + taken)]) for rest, taken in blocks]
+        rest, taken = blocks[distance.index(min(distance))]
+        assert min(distance) <= distance[0] + 1e-9  # never further from 1 than the ranking alone
+        order += rest + taken
+        negative |= set(taken)
+        assert set(np.argsort(-np.abs(scores), kind="stable")[:k]) == set(order), k
+    assert set(np.flatnonzero(scores < 0)) == negative
+    positive = [i for i in np.argsort(-scores, kind="stable") if scores[i] > 0]
+    assert positive == [i for i in by_ranking if i not in negative]
+    assert sorted(np.abs(scores).tolist()) == list(range(1, n + 1))
+
+
+def test_runs_against_the_behaviour_share_the_program_with_the_sign_flipped(objective):
+    """A run against the behaviour is a sweepable field: one compiled step for both senses, whose data term is the
+    other's negated at the same gates; budgeted runs against it come back as `BudgetedRuns.against`."""
+    runs = Runs.of(objective, [SearchConfig(epochs=1, direction="keep", budget=2, sense=sense)
+                               for sense in ("for", "against")])
+    step, _ = training_step(objective, runs)
+    state = initial_state(objective, runs)
+    batch, cache = stacked_inputs(objective, [objective.batcher.in_order[0]] * 2)
+    inputs = run_inputs(objective, runs.configs, 0, np.full(2, data_scale(objective, runs.config), np.float32))
+    _, stats = step(objective.batcher.replicate(SearchState(state.z, state.opt_state)), objective.params, batch,
+                    cache, objective.batcher.replicate(inputs))
+    assert float(stats.metric[1]) == pytest.approx(-float(stats.metric[0]), rel=1e-6) and float(stats.metric[0]) != 0
+    objective = objective.fresh()  # its compilations counted from here
+    result = run_budgets(objective, SearchConfig(epochs=2, direction="keep"), [1, 2], against=True)
+    assert objective.programs.traces["training_step"] == 1  # four runs, both senses
+    assert result.against is not None and result.against.budgets == [1, 2]
+    assert all(r.config.sense == "against" for r in result.against.results)
+    assert all(1 <= mask.sum() <= k for k, mask in result.against.circuits.items())
+    with pytest.raises(ValueError, match="--sense"):
+        SearchConfig(sense="sideways")
+
+
 def test_compare_runs_and_records_the_keep_direction(objective, kept, tmp_path):
     config = CurveConfig(sizes=(1, 2, 4), n_lambdas=1, samples=3, ig_steps=2, mib=())
     assert config.direction == "keep"
@@ -155,6 +207,9 @@ def test_compare_runs_and_records_the_keep_direction(objective, kept, tmp_path):
         CurveConfig(swap_max=-1)
     parsed = build_parser().parse_args(["compare", "--task", "winobias", "--out", "x", "--direction", "patch"])
     assert getattr(parsed, "CurveConfig.direction") == "patch" and not hasattr(parsed, "SearchConfig.direction")
+    assert getattr(parsed, "CurveConfig.signed") is True
+    parsed = build_parser().parse_args(["compare", "--task", "winobias", "--out", "x", "--no-signed"])
+    assert getattr(parsed, "CurveConfig.signed") is False
 
 
 @pytest.mark.slow  # the CLI end to end, about a minute

@@ -56,9 +56,9 @@ def add_options(parser: argparse.ArgumentParser, cls: type, title: str, defaults
         if default is not None and not isinstance(default, bool):
             shown = ",".join(map(str, default)) if isinstance(default, tuple) else default
             help_text += f" (default: {shown})"
-        if hints[field.name] is bool:
-            group.add_argument(_flag(field), dest=_dest(cls, field), action="store_true", default=default,
-                               help=help_text)
+        if hints[field.name] is bool:  # --flag, and --no-flag where it is on by default
+            group.add_argument(_flag(field), dest=_dest(cls, field), default=default, help=help_text,
+                               action=argparse.BooleanOptionalAction if default else "store_true")
             continue
         required = default is None and type(None) not in typing.get_args(hints[field.name]) \
             and field.name not in defaults

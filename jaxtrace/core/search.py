@@ -28,6 +28,7 @@ SCHEDULES: dict[str, Callable[[float, int], float]] = {
 PENALTIES = ("mean", "sum")
 WARM_STARTS = ("atp",)  # attribution scores a run's gates may start from
 DIRECTIONS = ("patch", "keep")
+SENSES = ("for", "against")
 SCALES = ("none", "effect")
 DEFAULT_LAMBDA = {"effect": 0.5, "none": 0.05}  # λ1 = λ2 by scale (benchmarks/LAMBDA.md: similar sizes on WinoBias)
 
@@ -74,6 +75,9 @@ class SearchConfig:
                         "metric's units (none, the reference's)", choices=SCALES)
     budget: int | None = option(None, "a circuit of this many components: every step projects z onto {0 <= z <= 1, "
                                 "sum z <= budget} and the selection is the budget's largest nonzero z")
+    sense: str = option("for", "for: the circuit that carries the behaviour; against: the components that work "
+                        "against it (the data term's sign flipped: in the keep direction, the circuit whose clean "
+                        "activations, everything else patched, lower the effect most)", choices=SENSES)
 
     def __post_init__(self):
         if self.scale not in SCALES:
@@ -98,6 +102,8 @@ class SearchConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
         if self.direction not in DIRECTIONS:
             raise ValueError(f"--direction must be one of {', '.join(DIRECTIONS)}, got {self.direction!r}")
+        if self.sense not in SENSES:
+            raise ValueError(f"--sense must be one of {', '.join(SENSES)}, got {self.sense!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"--schedule: unknown schedule {self.schedule!r}; known: {', '.join(SCHEDULES)}")
         if self.penalty not in PENALTIES:
@@ -241,7 +247,8 @@ def pgbct(spec: ObjectiveSpec, config: SearchConfig) -> Search:
     Patch direction: the data term is the transformed effect t(IE(z)) of patching with gates z (t decreasing, so
     minimising it maximises the effect). Keep direction: the patch weights are 1 - z and the data term is
     -t(IE(1 - z)): the search minimises the effect of patching everything it does not keep, while the penalties pull
-    z to 0, so the kept circuit stays small. The data term is divided by `inputs.scale`; after the Adam step z is
+    z to 0, so the kept circuit stays small. The data term is divided by `inputs.scale` (negative for a run against
+    the behaviour, `SearchConfig.sense`); after the Adam step z is
     projected onto [0, 1] (and onto sum z <= budget, `projection_capped_simplex`)."""
     optimizer = optax.adam(config.lr)
     metric = spec.metric.trained

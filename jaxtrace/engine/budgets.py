@@ -17,6 +17,11 @@ is the circuit of budget k whenever the circuits below k are nested in it.
 A small budget's run can end on a circuit the relaxation did not separate from its neighbours (the projection starts
 every gate at k/n): `swap_search` then moves it, by evaluated effects, to a circuit no single exchange with the
 ranking's best outsiders improves (compare's `pgbct_budgets` does so up to `--swap-max` components).
+
+The same budgets run against the behaviour (`run_budgets(..., against=True)`: the data term's sign flipped, in the
+same program) find the components whose clean activations lower the effect. `signed_ranking` gives them negative
+scores, placed in the |score| order where they bring the faithfulness at MIB's sizes closest to 1: MIB's CMD ranks
+by |score|, and a one-signed ranking whose circuits overshoot (f > 1) cannot come back to 1.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from typing import Callable
 import numpy as np
 
 from jaxtrace.core.search import SearchConfig
-from jaxtrace.engine.faithfulness import MIB_FRACTIONS, mib_sizes
+from jaxtrace.engine.faithfulness import MIB_FRACTIONS, effect_share, mib_sizes
 from jaxtrace.engine.loop import SearchResult, run_searches
 from jaxtrace.engine.objective import Objective
 
@@ -59,19 +64,23 @@ def budget_list(budgets: str | list[int], n_components: int) -> list[int]:
 @dataclasses.dataclass(frozen=True)
 class BudgetedRuns:
     """The runs of every budget: `budgets` [K], each run's result, its circuit {k: mask [L, C]} and the merged
-    ranking [L, C] (larger first)."""
+    ranking [L, C] (larger first); `against`: the same budgets' runs against the behaviour, if they ran."""
 
     budgets: list[int]
     results: list[SearchResult]
     circuits: dict[int, np.ndarray]
     ranking: np.ndarray
+    against: BudgetedRuns | None = None
 
     @classmethod
     def of(cls, budgets: list[int], results: list[SearchResult]) -> BudgetedRuns:
-        """The runs of `budgets` (one result each, in order), their circuits and merged ranking."""
-        masks = np.stack([r.mask for r in results])
-        return cls(list(budgets), list(results), dict(zip(budgets, masks)),
-                   nested_ranking(budgets, masks, np.stack([r.z for r in results])))
+        """The runs of `budgets` (one result each, in order; then as many against the behaviour, if given), their
+        circuits and merged rankings."""
+        own, against = results[: len(budgets)], results[len(budgets):]
+        masks = np.stack([r.mask for r in own])
+        return cls(list(budgets), list(own), dict(zip(budgets, masks)),
+                   nested_ranking(budgets, masks, np.stack([r.z for r in own])),
+                   cls.of(budgets, against) if against else None)
 
 
 def nested_ranking(budgets: list[int], masks: np.ndarray, z: np.ndarray) -> np.ndarray:
@@ -89,18 +98,21 @@ def nested_ranking(budgets: list[int], masks: np.ndarray, z: np.ndarray) -> np.n
     return scores.reshape(masks[0].shape)
 
 
-def budget_configs(config: SearchConfig, budgets: list[int]) -> list[SearchConfig]:
-    """One run of `config` per budget (refused if `config` has its own budget)."""
+def budget_configs(config: SearchConfig, budgets: list[int], against: bool = False) -> list[SearchConfig]:
+    """One run of `config` per budget (refused if `config` has its own budget); with `against`, then one per budget
+    against the behaviour (`SearchConfig.sense`)."""
     if config.budget is not None:
         raise ValueError(f"--budget {config.budget} and --budgets: give one of them")
-    return [config.replace(budget=k) for k in budgets]
+    configs = [config.replace(budget=k) for k in budgets]
+    return configs + [c.replace(sense="against") for c in configs] if against else configs
 
 
 def run_budgets(objective: Objective, config: SearchConfig, budgets: list[int],
-                searches: Callable[..., list[SearchResult]] = run_searches, **kwargs) -> BudgetedRuns:
-    """One run of `config` per budget, all optimised together (one vmapped program) by `searches` (`run_searches`,
-    or a checkpointed one); `kwargs` as `run_searches`."""
-    return BudgetedRuns.of(budgets, searches(objective, budget_configs(config, budgets), **kwargs))
+                searches: Callable[..., list[SearchResult]] = run_searches, against: bool = False,
+                **kwargs) -> BudgetedRuns:
+    """One run of `config` per budget (with `against`, also one against the behaviour), all optimised together (one
+    vmapped program) by `searches` (`run_searches`, or a checkpointed one); `kwargs` as `run_searches`."""
+    return BudgetedRuns.of(budgets, searches(objective, budget_configs(config, budgets, against), **kwargs))
 
 
 SWAP_CANDIDATES = 8  # outsiders a round of `swap_search` tries: a round evaluates (k + 1) · 8 circuits at most
@@ -135,3 +147,40 @@ def swap_search(objective: Objective, circuit: np.ndarray, ranking: np.ndarray, 
             break
         flat, effect = masks[best], float(effects[best])
     return flat.reshape(shape), effect
+
+
+SIGN_SPLITS = 8  # at most this many + 1 splits of a block between the two orders, evaluated together
+
+
+def signed_ranking(objective: Objective, ranking: np.ndarray, against: np.ndarray, sizes: list[int],
+                   splits: int = SIGN_SPLITS) -> np.ndarray:
+    """[L, C] signed scores from the budgeted runs' ranking [L, C] (for the behaviour) and the ranking [L, C] of
+    the runs against it: an order of |score| in which, at each of the `sizes`, the components added since the
+    last size are the next of `ranking` or of `against` in the proportion (of at most `splits` + 1, evaluated
+    together) whose circuit's MIB faithfulness f = (m(C) − m(∅)) / (m(N) − m(∅)) is closest to 1; the components
+    taken from `against` score negative. By score the order is `ranking`'s without them (CPR), by |score| it keeps
+    f near 1 where `ranking` alone overshoots (CMD: MIB ranks by |score|)."""
+    shape, n = objective.shape, int(np.size(ranking))
+    orders = [np.argsort(-np.asarray(scores, np.float64).ravel(), kind="stable") for scores in (ranking, against)]
+    taken, negative, order = np.zeros(n, bool), np.zeros(n, bool), []
+    effect_all = float(objective.circuit_effects(np.ones((1, *shape), np.float32), "keep")[0])  # IE(A)
+    for k in sorted({k for k in sizes if 0 < k < n}):
+        need = k - len(order)
+        if need <= 0:
+            continue
+        blocks = []
+        for b in np.unique(np.linspace(0, need, min(need, splits) + 1).round().astype(int)):
+            from_against = orders[1][~taken[orders[1]]][:b]
+            rest = orders[0][~taken[orders[0]] & ~np.isin(orders[0], from_against)][: need - b]
+            blocks.append((rest, from_against))
+        masks = np.repeat(taken[None], len(blocks), axis=0)
+        for mask, (rest, from_against) in zip(masks, blocks):
+            mask[rest] = mask[from_against] = True
+        f = effect_share(objective.circuit_effects(masks.reshape(-1, *shape).astype(np.float32), "keep"), effect_all)
+        rest, from_against = blocks[int(np.argmin(np.abs(1.0 - f)))]  # ties: fewest from `against`
+        order += [*rest, *from_against]
+        taken[rest] = taken[from_against] = negative[from_against] = True
+    order += list(orders[0][~taken[orders[0]]])
+    scores = np.empty(n, np.float32)
+    scores[order] = n - np.arange(n, dtype=np.float32)
+    return np.where(negative, -scores, scores).reshape(shape)

@@ -27,7 +27,7 @@ from jaxtrace.core.search import RunInputs, SearchConfig, SearchState, StepStats
 from jaxtrace.engine.attribution import attribution_scores
 from jaxtrace.engine.objective import Objective, check_finite, mask_effects
 
-SWEEPABLE = ("lambda1", "lambda2", "seed", "budget")  # what runs optimised together may differ in
+SWEEPABLE = ("lambda1", "lambda2", "seed", "budget", "sense")  # what runs optimised together may differ in
 CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(SearchConfig))
 
 
@@ -157,8 +157,8 @@ def resolve(objective: Objective, configs: list[SearchConfig]) -> list[SearchCon
 @dataclasses.dataclass(frozen=True)
 class Runs:
     """R runs optimised together: their configs resolved on one objective (`resolve`) and checked to differ only
-    in λ1, λ2 and seed. Resolved once per run (`Runs.of`) and passed down: every function here that takes configs
-    takes `Runs` as they are."""
+    in the `SWEEPABLE` fields. Resolved once per run (`Runs.of`) and passed down: every function here that takes
+    configs takes `Runs` as they are."""
 
     configs: tuple[SearchConfig, ...]
 
@@ -199,12 +199,17 @@ def stacked_inputs(objective: Objective, batches: list[np.ndarray], shape=None):
     return objective.batcher.put(jax.tree.map(lambda *xs: np.stack(xs), *inputs), 1)
 
 
-def starting_gates(objective: Objective, config: SearchConfig) -> np.ndarray:
-    """[L, C] the gates a run starts from: every one at `config.init`, or with `config.warm_start` the attribution
-    scores in the run's direction mapped by `warm_start_z`."""
+def starting_gates(objective: Objective, runs: SearchConfig | Runs) -> np.ndarray:
+    """[L, C] the gates runs start from: every one at `init`, or with a `warm_start` the attribution scores in the
+    runs' direction mapped by `warm_start_z` ([R, L, C] when the runs differ in sense: negated scores against)."""
+    config = runs if isinstance(runs, SearchConfig) else runs.config
     if config.warm_start is None:
         return np.full(objective.shape, config.init, np.float32)
-    return warm_start_z(attribution_scores(objective, config.warm_start, direction=config.direction), config.init)
+    scores = attribution_scores(objective, config.warm_start, direction=config.direction)
+    senses = {config.sense} if isinstance(runs, SearchConfig) else {c.sense for c in runs.configs}
+    if len(senses) == 1:
+        return warm_start_z(-scores if config.sense == "against" else scores, config.init)
+    return np.stack([warm_start_z(-scores if c.sense == "against" else scores, config.init) for c in runs.configs])
 
 
 def data_scale(objective: Objective, config: SearchConfig) -> float:
@@ -225,11 +230,12 @@ def data_scale(objective: Objective, config: SearchConfig) -> float:
 
 
 def run_inputs(objective: Objective, configs: Sequence[SearchConfig], epoch: int, scales: np.ndarray) -> RunInputs:
-    """The epoch's `RunInputs` of R runs ([R] each, on the host): scheduled λ, data scales, budgets (the number of
-    components for a run without one), of resolved configs (`Runs.of`)."""
+    """The epoch's `RunInputs` of R runs ([R] each, on the host): scheduled λ, data scales (negated for a run against
+    the behaviour), budgets (the number of components for a run without one), of resolved configs (`Runs.of`)."""
     lambdas = np.array([c.lambdas(epoch) for c in configs], np.float32)
     budgets = np.array([objective.n_components if c.budget is None else c.budget for c in configs], np.float32)
-    return RunInputs(lambdas[:, 0], lambdas[:, 1], np.asarray(scales, np.float32), budgets)
+    signs = np.array([-1.0 if c.sense == "against" else 1.0 for c in configs], np.float32)
+    return RunInputs(lambdas[:, 0], lambdas[:, 1], signs * np.asarray(scales, np.float32), budgets)
 
 
 def initial_state(objective: Objective, configs: Sequence[SearchConfig] | Runs,
@@ -268,7 +274,7 @@ def run_searches(objective: Objective, configs: Sequence[SearchConfig] | Runs,
     configs, config, n_runs, batcher = runs.configs, runs.config, len(runs), objective.batcher
     program, _ = objective.programs.training_step(config)
     if start is None:
-        state = initial_state(objective, runs, starting_gates(objective, config) if z0 is None else z0)
+        state = initial_state(objective, runs, starting_gates(objective, runs) if z0 is None else z0)
         progress = RunProgress.fresh(configs)
     else:
         state, progress = start

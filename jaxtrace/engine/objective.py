@@ -149,10 +149,10 @@ class Programs:
     def training_step(self, search: SearchConfig):
         """(step, init) of R runs optimised together (vmapped `pgbct(...).update`):
         step(state [R, ...], params, batch [R, G, ...], cache [R, G, ...], inputs: RunInputs [R]) -> (state,
-        stats [R, ...]). `search` is resolved; its λ, seed, epochs, warm start, scale and budget do not enter the
-        program (the per-run values are `RunInputs`)."""
+        stats [R, ...]). `search` is resolved; its λ, seed, epochs, warm start, scale, budget and sense do not enter
+        the program (the per-run values are `RunInputs`)."""
         static = search.replace(lambda1=0.0, lambda2=0.0, seed=0, epochs=1, warm_start=None, scale="none",
-                                budget=None)
+                                budget=None, sense="for")
 
         def build():
             update = pgbct(self.spec, static)

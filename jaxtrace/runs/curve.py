@@ -113,6 +113,9 @@ class CurveConfig:
     ig_steps: int = option(32, "ig: integration steps (midpoint rule)")
     swap_max: int = option(8, "pgbct_budgets: move the circuits of budgets up to this size by swap search (each "
                            "round (k + 1) · 8 circuits evaluated, at most 4 rounds; 0: none)")
+    signed: bool = option(True, "pgbct_budgets: also run every budget against the behaviour (the data term's sign "
+                          "flipped, in the same program) and score those components negative where, by |score|, they "
+                          "bring f at MIB's sizes closest to 1 (MIB's CMD ranks by |score|; --no-signed: one-signed)")
     mib: tuple[str, ...] = option(("pgbct",), "comma-separated methods whose ranking and thresholded circuits are "
                                   "written in MIB's layout under mib/ (empty: none; the default when pgbct is not "
                                   "run)", parse=method_list)
@@ -163,7 +166,7 @@ class CurveConfig:
 
 # CurveConfig settings whose default does more than a comparison saved before the setting existed: the value that
 # does what it did, so that resuming such a run with the default is refused, naming the setting.
-BEFORE_SETTING = {"swap_max": 0}
+BEFORE_SETTING = {"swap_max": 0, "signed": False}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -495,7 +498,8 @@ def curve_context(objective: Objective, search: SearchConfig, config: CurveConfi
                          lambda_factors=np.geomspace(*config.lambda_range, config.n_lambdas),
                          greedy_max=config.greedy_max, greedy_candidates=config.greedy_candidates,
                          n_random=config.samples, seed=config.random_seed, ig_steps=config.ig_steps,
-                         swap_max=config.swap_max, progress=functools.partial(progress_bar, enabled=progress))
+                         swap_max=config.swap_max, signed=config.signed,
+                         progress=functools.partial(progress_bar, enabled=progress))
 
 
 def compare_run(objective: Objective, search: SearchConfig, config: CurveConfig, *,

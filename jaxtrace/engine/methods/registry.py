@@ -65,6 +65,7 @@ class MethodContext:
     seed: int = 0                                 # random: their seed
     ig_steps: int = 32                            # ig: integration steps
     swap_max: int = 0                             # pgbct_budgets: swap search on budgets up to this size (0: none)
+    signed: bool = False                          # pgbct_budgets: also run against the behaviour, scored negative
     progress: Progress = no_progress
     searches: Callable[..., list[SearchResult]] = run_searches
     rankings: bool = True
