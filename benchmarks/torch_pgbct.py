@@ -27,6 +27,11 @@ states at the target positions and applies the LM head there only. `compile=True
 `compile="auto"` also times it against eager on the first batch and keeps the faster, with the reason in
 `compile_status`.
 
+On a model loaded in bfloat16 `Optimised` runs its forwards in bfloat16 (the cached sources too; the gates z,
+Adam and the log-softmax of the target logits stay float32, the mixing weights cast to the activations' dtype):
+the form `benchmarks/run.py` times against jaxtrace where torch's bfloat16 matmuls use oneDNN (AMX or
+AVX512-BF16).
+
 Where both forms deliberately follow jaxtrace rather than the reference (all of it comes from the shared
 `EncodedTask`, built with `jaxtrace.build_task`, so token ids and skipped pairs are identical):
   - gates apply at the task's gate positions of the prompt only (`gate_mask`; the reference's MLP scripts mix at
@@ -335,8 +340,9 @@ def _mlp_hook(state: _GateState, layer: int, module, args, output):
     """The mlp_out gate / capture, as a forward hook on each layer's MLP."""
     if state.capture == "mlp_out":
         state.captured[layer] = output
-    if state.site == "mlp_out":
-        output = output + state.z[layer][None, None, :] * state.weight[:, :, None] * (state.source[layer] - output)
+    if state.site == "mlp_out":  # the gates in the activations' dtype (bfloat16 models stay bfloat16)
+        weight = (state.z[layer][None, None, :] * state.weight[:, :, None]).to(output.dtype)
+        output = output + weight * (state.source[layer] - output)
     return output
 
 
@@ -364,7 +370,7 @@ def _gated_attention(module, query, key, value, attention_mask, scaling=None, dr
     if state.capture == "attn_pattern":
         state.captured[layer] = probs
     if state.site == "attn_pattern":
-        weight = state.z[layer][None, :, None, None] * state.weight[:, None, :, None]
+        weight = (state.z[layer][None, :, None, None] * state.weight[:, None, :, None]).to(probs.dtype)
         probs = probs + weight * (state.source[layer] - probs)
     return (probs @ value).transpose(1, 2).contiguous(), probs
 
@@ -470,7 +476,7 @@ class Optimised(_PGBCT):
         """[B] log-odds of a batch's rows (K rows a pair), under the gates that are set."""
         hidden = self._hidden(ids, lengths)
         gathered = hidden.gather(1, pos[:, :, None].expand(-1, -1, hidden.shape[-1]))   # [R, M, D]
-        logp = torch.log_softmax(self.lm_head(gathered), dim=-1)
+        logp = torch.log_softmax(self.lm_head(gathered).float(), dim=-1)  # float32 (bfloat16 models too)
         token_logp = logp.gather(2, tgt[:, :, None])[..., 0]                                # [R, M]
         scores = (token_logp * valid).sum(-1) / valid.sum(-1)
         return _log_odds(scores.view(-1, self.ids.shape[1]))

@@ -164,3 +164,27 @@ def test_compiled_forward_equals_eager(tiny_gpt2):
     for idx in (np.arange(BATCH), np.arange(4, 12)):
         assert compiled.step(idx) == pytest.approx(eager.step(idx), rel=1e-5)
         np.testing.assert_allclose(compiled.z.detach(), eager.z.detach(), rtol=0, atol=1e-6)
+
+
+def test_bfloat16_form_runs_in_bfloat16(setup):
+    """The optimised form on the model in bfloat16 (benchmarks/run.py's torch-optimised-bf16): its forwards and
+    cached sources in bfloat16, z and its gradient float32, effects within bfloat16's rounding of jaxtrace's
+    float32 ones, and the gradient in z within bfloat16's rounding of the float32 model's."""
+    import copy
+
+    site, hf, task, objective = setup
+    half = copy.deepcopy(hf).to(torch.bfloat16)
+    form = Optimised(half, task, site, batch_size=BATCH)
+    assert form.source.dtype == torch.bfloat16 and form.z.dtype == torch.float32
+    z = np.random.RandomState(0).uniform(size=objective.shape).astype(np.float32)
+    expected = objective.effects(z)
+    effects = form.effects(z)
+    # bfloat16 keeps 8 significant bits: log-odds of ~10 are off by up to ~0.05, and effects are expm1 of them
+    np.testing.assert_allclose(effects, expected, rtol=0.1, atol=0.1 * np.abs(expected).max())
+    gradients = []
+    for model in (hf, half):
+        form = Optimised(model, task, site, batch_size=BATCH)
+        form.loss(np.arange(BATCH))[0].backward()
+        gradients.append(form.z.grad.numpy())
+    assert gradients[1].dtype == np.float32
+    np.testing.assert_allclose(gradients[1], gradients[0], rtol=0, atol=0.05 * np.abs(gradients[0]).max())
