@@ -96,14 +96,20 @@ def markdown(cells: dict, commands: dict) -> str:
 
 
 FINDINGS = [
-    "## Reading (2026-12-06/07: the IOI cells, Gemma × IOI rerun with swap search, Gemma × WinoBias; "
-    "SmolLM2 × WinoBias not finished on this CPU)",
+    "## Reading (2026-12-06/07: the IOI cells, Gemma × IOI rerun with swap search and signed scores, Gemma × "
+    "WinoBias; SmolLM2 × WinoBias not finished on this CPU)",
     "",
-    "gemma3-ioi was rerun on 2026-12-07 with swap search (`--swap-max` 8, the default since 3edb127); the other "
-    "cells ran before the setting existed (jaxtrace c2459d8 and earlier), so without it (as `--swap-max 0`; compare "
-    "refuses to resume them with the default). In the gemma3-ioi rerun the λ sweep and the budgeted runs ran at nice "
-    "19 beside the whole test suite: their wall times (506 s, 1,971 s) are not comparable; the methods after them "
-    "ran alone.", "",
+    "gemma3-ioi was rerun on 2026-12-07 with swap search (`--swap-max` 8, the default since 3edb127) and signed "
+    "budgeted scores (`--signed`, the default since 309416f); the other cells ran before those settings existed "
+    "(jaxtrace c2459d8 and earlier), so without them (as `--swap-max 0 --no-signed`; compare refuses to resume them "
+    "with the defaults). The gemma3-ioi rerun shared the CPU with the SmolLM2 × WinoBias cell (both at nice 5): "
+    "wall times are comparable within the cell only.", "",
+    "- **Signed budgeted scores on Gemma × IOI**: the budgets run a second time against the behaviour, in the same "
+    "program (`SearchConfig.sense`), and `budgets.signed_ranking` places 18 of those heads, scored negative, in the "
+    "|score| order (4 between 7 and 14 heads, 14 between 14 and 36), where they bring f nearest 1: MIB's CMD 0.111 "
+    "→ 0.076 (f by |score| at 20 % and 50 %: 1.388, 1.543 before → 1.004, 1.058), the lowest of every method (ig "
+    "0.124, single 0.134); the signed order, and so CPR (1.005), is the positive ranking's as before. Cost: the "
+    "budgeted method took 1,584 s against greedy's 383 s and single effects' 131 s in this run.",
     "- **CPR**: PGB-CT's λ sweep (2 runs, scale-free λ 0.25 and 1, keep direction; its ranking the mean final z) has "
     "the highest MIB CPR of every ranking on both IOI cells (SmolLM2 1.247 against ig 1.122 and greedy 0.813; Gemma "
     "1.253 against ig 1.084 and greedy 0.785; on Gemma the swapped budgeted circuits as MIB's multiple-circuits "
@@ -111,9 +117,9 @@ FINDINGS = [
     "33 heads f 1.360, 64 heads 1.534; Gemma 14 heads 1.574 against ig's 1.038 and greedy's 0.874).",
     "- **CMD**: integrated gradients is lowest on SmolLM2 × IOI (0.049 against the budgeted runs' 0.149) and Gemma × "
     "WinoBias (0.061), "
-    "and on Gemma × IOI the swapped budgeted ranking is lowest (0.111 against ig's 0.124 and single's 0.134; 0.131 "
-    "before swap search). CMD rewards f close to 1 at every "
-    "fraction; PGB-CT's circuits overshoot (f > 1: they leave out heads that work against the behaviour).",
+    "and on Gemma × IOI the budgeted ranking is lowest (0.076 with signed scores, 0.111 without, 0.131 before swap "
+    "search; ig 0.124, single 0.134). CMD rewards f close to 1 at every fraction; a one-signed ranking's circuits "
+    "overshoot (f > 1: they leave out heads that work against the behaviour), which the signed scores correct.",
     "- **Budgeted PGB-CT at small budgets**, before swap search, loses to greedy and ig (SmolLM2: f 0.022 at 1 "
     "head against 0.158, 0.210 "
     "at 5 against greedy's 0.356 and ig's 0.364). Tried on SmolLM2 × IOI, 32 prompts, attn_pattern: "
