@@ -165,6 +165,8 @@ def test_runs_against_the_behaviour_share_the_program_with_the_sign_flipped(obje
     assert all(1 <= mask.sum() <= k for k, mask in result.against.circuits.items())
     with pytest.raises(ValueError, match="--sense"):
         SearchConfig(sense="sideways")
+    with pytest.raises(ValueError, match="for the behaviour"):
+        compare_run(objective, SearchConfig(sense="against"), CurveConfig(sizes=(1,), mib=()), progress=False)
 
 
 def test_compare_runs_and_records_the_keep_direction(objective, kept, tmp_path):

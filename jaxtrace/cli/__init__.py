@@ -403,7 +403,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     comp = command("compare", cmd_compare, "the evaluation report: effect against size, effect share and "
                    "faithfulness (MIB's CPR, CMD) of PGB-CT, greedy, top-k, random, single, AtP and IG", searching,
-                   "required", exclude={SearchConfig: ("init", "direction")})  # --direction: the curve's
+                   "required", exclude={SearchConfig: ("init", "direction", "sense")})  # --direction: the curve's
     add_options(comp, CurveConfig, "curve")
     add_resume(comp)
 

@@ -493,6 +493,9 @@ def curve_context(objective: Objective, search: SearchConfig, config: CurveConfi
                   progress: bool = True) -> MethodContext:
     """The methods' context of a comparison: `config`'s direction (the search's too), sizes and options, PGB-CT's λ
     factors spaced geometrically over `lambda_range`, and a progress bar when `progress`."""
+    if search.sense != "for":
+        raise ValueError("compare scores circuits for the behaviour: a search against it (sense "
+                         f"{search.sense!r}) is pgbct_budgets' --signed, not a comparison")
     return MethodContext(objective, tuple(config.sizes), direction=config.direction,
                          search=search.replace(direction=config.direction),
                          lambda_factors=np.geomspace(*config.lambda_range, config.n_lambdas),
