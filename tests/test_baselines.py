@@ -146,7 +146,7 @@ def test_baseline_and_compare_cli(tiny_gpt2, tmp_path, capsys):
     faith = curve["faithfulness"]
     assert faith["sizes"] == [max(1, int(p * 8)) for p in (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1)]
     assert set(faith["curves"]) == {"pgbct", "pgbct_budgets", "greedy", "topk", "single", "atp", "ig"}
-    assert curve["pgbct_budgets"] == [1, 4, 8]  # MIB's sizes of the 8 heads, one circuit each
+    assert curve["pgbct_budgets"] == [1, 4]  # MIB's sizes of the 8 heads below 100 %, one circuit each
     assert faith["curves"]["topk"] == faith["curves"]["single"]
     for name, c in faith["curves"].items():
         assert c["faithfulness"][-1] == pytest.approx(1.0, abs=1e-4) and c["share"][-1] == pytest.approx(1.0, abs=1e-5)

@@ -185,7 +185,7 @@ def test_compare_runs_and_records_the_keep_direction(objective, kept, tmp_path):
             assert result.circuit_faithfulness[(name, size)] == pytest.approx(effect / effect_all, abs=1e-5)
     greedy = [_set(m) for m, _ in greedy_path(objective, 4, direction="keep")]
     assert [_set(result.results["greedy"].circuits[k][0]) for k in (1, 2, 4)] == [greedy[0], greedy[1], greedy[3]]
-    assert {run["size"] for run in curve["pgbct_runs"]} and curve["pgbct_budgets"] == [1, 4, 8]
+    assert {run["size"] for run in curve["pgbct_runs"]} and curve["pgbct_budgets"] == [1, 4]
 
     # MIB's exact scoring of every ranking beside jaxtrace's variant, and the budgeted circuits as MIB's
     # multiple-circuits submission: 8 components, so MIB's sizes int(p·8) are 0 up to 10 %, then 1 and 4

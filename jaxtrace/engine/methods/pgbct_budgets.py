@@ -1,12 +1,13 @@
-"""Budgeted PGB-CT as a method of the report: one run per budget (MIB's sizes of the components), all in one vmapped
-program (`jaxtrace.engine.budgets`), in the context's direction (compare's default, keep: the circuit kept clean,
-everything else patched, MIB's faithfulness) with the scale-free data term; the budget sets each circuit's size, so
-the L1 penalty is off unless λ1 is given. The circuits of budgets up to the context's `swap_max` are then moved by
-swap search (`budgets.swap_search`: exchanges with the merged ranking's best outsiders, by evaluated effects), where
-a small budget's relaxation leaves its circuit short of the best; its circuits land at their budgets; its ranking is
-the budgets' merged order (`budgets.nested_ranking`, of the swapped circuits). With the context's `signed`, the same
-budgets also run against the behaviour, in the same program, and those components score negative where, by
-|score|, they bring the faithfulness at MIB's sizes closest to 1 (`budgets.signed_ranking`)."""
+"""Budgeted PGB-CT as a method of the report: one run per budget (MIB's sizes of the components below all of them),
+all in one vmapped program (`jaxtrace.engine.budgets`), in the context's direction (compare's default, keep: the
+circuit kept clean, everything else patched, MIB's faithfulness) with the scale-free data term; the budget sets each
+circuit's size, so the L1 penalty is off unless λ1 is given. The circuits of budgets up to the context's `swap_max`
+are then moved by swap search (`budgets.swap_search`: exchanges with the merged ranking's best outsiders, by
+evaluated effects), where a small budget's relaxation leaves its circuit short of the best; its circuits land at
+their budgets; its ranking is the budgets' merged order (`budgets.nested_ranking`, of the swapped circuits). With
+the context's `signed`, the same budgets also run against the behaviour, in the same program, and those components
+score negative where, by |score|, they bring the faithfulness at MIB's sizes closest to 1
+(`budgets.signed_ranking`)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def run(objective: Objective, context: MethodContext) -> MethodResult:
     if context.search is None:
         raise ValueError("pgbct_budgets needs a search config (MethodContext.search)")
     config = context.search.replace(direction=context.direction, scale="effect", budget=None)
-    budgets = budget_list("mib", objective.n_components)
+    n = objective.n_components
+    budgets = [k for k in budget_list("mib", n) if k < n] or [n]  # MIB's 100 % is the whole model: no run
     with context.progress(config.epochs * len(objective.batcher.in_order), "PGB-CT budgets") as on_step:
         result = run_budgets(objective, config, budgets, on_step=on_step, searches=context.searches,
                              against=context.signed)
