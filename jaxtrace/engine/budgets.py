@@ -165,10 +165,7 @@ def signed_ranking(objective: Objective, ranking: np.ndarray, against: np.ndarra
     taken, negative, order = np.zeros(n, bool), np.zeros(n, bool), []
     effect_all = float(objective.circuit_effects(np.ones((1, *shape), np.float32), "keep")[0])  # IE(A)
     for k in sorted({k for k in sizes if 0 < k < n}):
-        need = k - len(order)
-        if need <= 0:
-            continue
-        blocks = []
+        need, blocks = k - len(order), []  # the block since the last size
         for b in np.unique(np.linspace(0, need, min(need, splits) + 1).round().astype(int)):
             from_against = orders[1][~taken[orders[1]]][:b]
             rest = orders[0][~taken[orders[0]] & ~np.isin(orders[0], from_against)][: need - b]
