@@ -96,14 +96,29 @@ def markdown(cells: dict, commands: dict) -> str:
 
 
 FINDINGS = [
-    "## Reading (2026-12-06/07: the IOI cells, Gemma × IOI rerun with swap search and signed scores, Gemma × "
-    "WinoBias; SmolLM2 × WinoBias not finished on this CPU)",
+    "## Reading (2026-12-06/07: all four cells; Gemma × IOI rerun with swap search and signed scores)",
     "",
     "gemma3-ioi was rerun on 2026-12-07 with swap search (`--swap-max` 8, the default since 3edb127) and signed "
     "budgeted scores (`--signed`, the default since 309416f); the other cells ran before those settings existed "
     "(jaxtrace c2459d8 and earlier), so without them (as `--swap-max 0 --no-signed`; compare refuses to resume them "
-    "with the defaults). The gemma3-ioi rerun shared the CPU with the SmolLM2 × WinoBias cell (both at nice 5): "
-    "wall times are comparable within the cell only.", "",
+    "with the defaults). The gemma3-ioi rerun shared the CPU with the SmolLM2 × WinoBias cell (both at nice 5), "
+    "whose methods ran over three sessions beside other jobs: wall times are comparable within a cell only.", "",
+    "- **Who wins** (MIB's exact scoring): the highest CPR is PGB-CT's in three cells (the λ sweep on both IOI "
+    "cells, 1.247 and 1.253; the budgeted ranking on SmolLM2 × WinoBias, 1.088 against ig's 1.080) and ig's on "
+    "Gemma × WinoBias (1.069 against the budgeted 1.047, measured before swap search); the lowest CMD is the "
+    "signed budgeted ranking's on Gemma × IOI (0.076) and ig's in the other three (0.049, 0.061, 0.077), two of "
+    "which ran before signed scores existed.",
+    "- **SmolLM2 × IOI's budgeted method rerun alone** with swap search and signed scores (`jaxtrace compare ... "
+    "--methods pgbct_budgets --mib pgbct_budgets`, the cell's other options; 2026-12-07, beside the test suite): "
+    "MIB CMD 0.149 → 0.071 (ig 0.049: still ig's), CPR 1.021 → 0.993 (the λ sweep's 1.247 stays the cell's "
+    "highest); the circuits at 1, 2, 5 heads f 0.158, 0.184, 0.307 (0.022, 0.180, 0.210 before; greedy 0.158, "
+    "0.184, 0.356): swap search reaches greedy at 1 and 2 heads, not at 5. 2,852 s on a CPU shared with the suite "
+    "(817 s for the one-signed runs without swap search in the cell).",
+    "- **SmolLM2 × WinoBias dev** (160 pairs, IE(all) 0.0978; before swap search and signed scores): the budgeted "
+    "ranking has the highest CPR (1.088; ig 1.080, greedy 0.975, the λ sweep 0.982), ig the lowest CMD (0.077; "
+    "budgeted 0.193). The budgeted circuits are greedy's at 1 head (0.105), below it at 2, 5, 13 (0.106, 0.365, "
+    "0.613 against 0.186, 0.445, 0.690) and above from 27 (0.843 against 0.812; 1.083 at 54). Wall time: the "
+    "budgeted curve 2,038 s against greedy's 4,499 s (+1,779 s of single effects); the λ sweep's two runs 1,772 s.",
     "- **Signed budgeted scores on Gemma × IOI**: the budgets run a second time against the behaviour, in the same "
     "program (`SearchConfig.sense`), and `budgets.signed_ranking` places 18 of those heads, scored negative, in the "
     "|score| order (4 between 7 and 14 heads, 14 between 14 and 36), where they bring f nearest 1: MIB's CMD 0.111 "
