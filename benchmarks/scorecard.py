@@ -124,7 +124,9 @@ FINDINGS = [
     "|score| order (4 between 7 and 14 heads, 14 between 14 and 36), where they bring f nearest 1: MIB's CMD 0.111 "
     "→ 0.076 (f by |score| at 20 % and 50 %: 1.388, 1.543 before → 1.004, 1.058), the lowest of every method (ig "
     "0.124, single 0.134); the signed order, and so CPR (1.005), is the positive ranking's as before. Cost: the "
-    "budgeted method took 1,584 s against greedy's 383 s and single effects' 131 s in this run.",
+    "budgeted method took 1,584 s against greedy's 383 s and single effects' 131 s in this run; alone on an idle "
+    "CPU (`compare --methods pgbct_budgets --mib ''` with `--signed` and `--no-signed`) 611 s against 447 s, the "
+    "same CPR and CMD.",
     "- **CPR**: PGB-CT's λ sweep (2 runs, scale-free λ 0.25 and 1, keep direction; its ranking the mean final z) has "
     "the highest MIB CPR of every ranking on both IOI cells (SmolLM2 1.247 against ig 1.122 and greedy 0.813; Gemma "
     "1.253 against ig 1.084 and greedy 0.785; on Gemma the swapped budgeted circuits as MIB's multiple-circuits "
