@@ -132,8 +132,8 @@ FINDINGS = [
     "1.253 against ig 1.084 and greedy 0.785; on Gemma the swapped budgeted circuits as MIB's multiple-circuits "
     "submission score higher still, 1.259), and its circuits are the most faithful at the sizes they land at (SmolLM2 "
     "33 heads f 1.360, 64 heads 1.534; Gemma 14 heads 1.574 against ig's 1.038 and greedy's 0.874).",
-    "- **CMD**: integrated gradients is lowest on SmolLM2 × IOI (0.049 against the budgeted runs' 0.149) and Gemma × "
-    "WinoBias (0.061), "
+    "- **CMD**: integrated gradients is lowest on SmolLM2 × IOI (0.049 against the budgeted runs' 0.149; 0.071 "
+    "signed, rerun alone), Gemma × WinoBias (0.061) and SmolLM2 × WinoBias (0.077), "
     "and on Gemma × IOI the budgeted ranking is lowest (0.076 with signed scores, 0.111 without, 0.131 before swap "
     "search; ig 0.124, single 0.134). CMD rewards f close to 1 at every fraction; a one-signed ranking's circuits "
     "overshoot (f > 1: they leave out heads that work against the behaviour), which the signed scores correct.",

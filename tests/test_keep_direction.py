@@ -10,11 +10,12 @@ import numpy as np
 import pytest
 
 from jaxtrace.cli import build_parser, main
-from jaxtrace.core.search import SearchConfig, SearchState
-from jaxtrace.engine.attribution import attribution_patching
+from jaxtrace.core.search import SearchConfig, SearchState, warm_start_z
+from jaxtrace.engine.attribution import attribution_patching, attribution_scores
 from jaxtrace.engine.budgets import run_budgets, signed_ranking, swap_search
 from jaxtrace.engine.faithfulness import MIB_FRACTIONS, mib_score
-from jaxtrace.engine.loop import Runs, data_scale, initial_state, run_inputs, stacked_inputs, training_step
+from jaxtrace.engine.loop import (Runs, data_scale, initial_state, run_inputs, stacked_inputs, starting_gates,
+                                  training_step)
 from jaxtrace.engine.methods.greedy import greedy_path
 from jaxtrace.engine.objective import build_objective
 from jaxtrace.runs import baselines
@@ -163,6 +164,10 @@ def test_runs_against_the_behaviour_share_the_program_with_the_sign_flipped(obje
     assert result.against is not None and result.against.budgets == [1, 2]
     assert all(r.config.sense == "against" for r in result.against.results)
     assert all(1 <= mask.sum() <= k for k, mask in result.against.circuits.items())
+    warm = Runs.of(objective, [SearchConfig(direction="keep", warm_start="atp", sense=sense)
+                               for sense in ("for", "against")])
+    scores = attribution_scores(objective, "atp", direction="keep")
+    np.testing.assert_array_equal(starting_gates(objective, warm), [warm_start_z(scores), warm_start_z(-scores)])
     with pytest.raises(ValueError, match="--sense"):
         SearchConfig(sense="sideways")
     with pytest.raises(ValueError, match="for the behaviour"):

@@ -32,7 +32,7 @@ from typing import Callable
 import numpy as np
 
 from jaxtrace.core.search import SearchConfig
-from jaxtrace.engine.faithfulness import MIB_FRACTIONS, effect_share, mib_sizes
+from jaxtrace.engine.faithfulness import MIB_FRACTIONS, faithfulness, mib_sizes
 from jaxtrace.engine.loop import SearchResult, run_searches
 from jaxtrace.engine.objective import Objective
 
@@ -163,17 +163,18 @@ def signed_ranking(objective: Objective, ranking: np.ndarray, against: np.ndarra
     shape, n = objective.shape, int(np.size(ranking))
     orders = [np.argsort(-np.asarray(scores, np.float64).ravel(), kind="stable") for scores in (ranking, against)]
     taken, negative, order = np.zeros(n, bool), np.zeros(n, bool), []
-    effect_all = float(objective.circuit_effects(np.ones((1, *shape), np.float32), "keep")[0])  # IE(A)
     for k in sorted({k for k in sizes if 0 < k < n}):
         need, blocks = k - len(order), []  # the block since the last size
         for b in np.unique(np.linspace(0, need, min(need, splits) + 1).round().astype(int)):
             from_against = orders[1][~taken[orders[1]]][:b]
             rest = orders[0][~taken[orders[0]] & ~np.isin(orders[0], from_against)][: need - b]
             blocks.append((rest, from_against))
-        masks = np.repeat(taken[None], len(blocks), axis=0)
-        for mask, (rest, from_against) in zip(masks, blocks):
-            mask[rest] = mask[from_against] = True
-        f = effect_share(objective.circuit_effects(masks.reshape(-1, *shape).astype(np.float32), "keep"), effect_all)
+        patches = np.repeat(~taken[None], len(blocks) + 1, axis=0)  # each split's complement, then every component
+        patches[-1] = True
+        for patch, (rest, from_against) in zip(patches, blocks):
+            patch[rest] = patch[from_against] = False
+        effects = objective.evaluate_masks(patches.reshape(-1, *shape).astype(np.float32))  # IE(A \ C), IE(A)
+        f = faithfulness(effects[:-1], effects[-1])
         rest, from_against = blocks[int(np.argmin(np.abs(1.0 - f)))]  # ties: fewest from `against`
         order += [*rest, *from_against]
         taken[rest] = taken[from_against] = negative[from_against] = True

@@ -202,14 +202,14 @@ def stacked_inputs(objective: Objective, batches: list[np.ndarray], shape=None):
 def starting_gates(objective: Objective, runs: SearchConfig | Runs) -> np.ndarray:
     """[L, C] the gates runs start from: every one at `init`, or with a `warm_start` the attribution scores in the
     runs' direction mapped by `warm_start_z` ([R, L, C] when the runs differ in sense: negated scores against)."""
-    config = runs if isinstance(runs, SearchConfig) else runs.config
+    configs = (runs,) if isinstance(runs, SearchConfig) else runs.configs
+    config = configs[0]
     if config.warm_start is None:
         return np.full(objective.shape, config.init, np.float32)
     scores = attribution_scores(objective, config.warm_start, direction=config.direction)
-    senses = {config.sense} if isinstance(runs, SearchConfig) else {c.sense for c in runs.configs}
-    if len(senses) == 1:
-        return warm_start_z(-scores if config.sense == "against" else scores, config.init)
-    return np.stack([warm_start_z(-scores if c.sense == "against" else scores, config.init) for c in runs.configs])
+    z = {sense: warm_start_z(-scores if sense == "against" else scores, config.init)
+         for sense in {c.sense for c in configs}}
+    return z[config.sense] if len(z) == 1 else np.stack([z[c.sense] for c in configs])
 
 
 def data_scale(objective: Objective, config: SearchConfig) -> float:
