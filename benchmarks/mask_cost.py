@@ -1,7 +1,7 @@
 """The cost of evaluating a mask by the layer its evaluation starts at (issue 24.1), SmolLM2-135M, WinoBias dev, heads
 (attn_pattern), 32 pairs a batch; prints the figures MASKS.md records.
 
-    python benchmarks/mask_cost.py ../shared/data [pairs=64]
+    python benchmarks/mask_cost.py ../shared/data [pairs=64] [layers|mixed|profile|keep ...: the parts run, default all]
 
 1. One call's worth of one-head masks whose lowest gated layer is 0, 10, 20, 29 (all alike): seconds a mask.
 2. 54 one-head masks, the lowest gated layer of mask i is i % 30: seconds, and the masks the calls evaluated over
@@ -10,6 +10,10 @@
    its operations took (summed over XLA's threads) by where they go, each operation attributed by the JAX scope it
    came from in the optimised HLO (`start_residual`, the gated layers' loop, `unembedding`: its matmul and the
    log-softmax's normaliser).
+4. The keep direction (MIB's: every component patched but the circuit's): the complements of the 54 one-head masks
+   of 2., each evaluated from the patched run's residual stream at its start layer, against every one from the
+   embeddings (`start_layers` forced to 0, as before the patched start existed): seconds and the largest difference
+   of the effects.
 """
 import collections
 import gzip
@@ -38,10 +42,10 @@ def timed_evaluation(objective, masks) -> tuple[float, int]:
     """(seconds of the faster of two calls after the compiling one, masks its programs evaluated: Σ over batches)."""
     program, evaluated = objective.programs.mask_effects, []
 
-    def counted(start=0):
+    def counted(start=0, patched=False):
         def call(params, chunk, batch, cache):
             evaluated.append(len(chunk))
-            return program(start)(params, chunk, batch, cache)
+            return program(start, patched)(params, chunk, batch, cache)
         return call
 
     objective.programs.mask_effects = counted
@@ -123,36 +127,61 @@ def profile_call(objective, start: int, masks: np.ndarray) -> tuple[float, dict[
     return wall, {part: seconds[part] for part in PARTS}
 
 
-def main(data: str, n_pairs: int) -> None:
+PARTS_RUN = ("layers", "mixed", "profile", "keep")  # 1., 2., 3., 4. above
+
+
+def main(data: str, n_pairs: int, parts: list[str]) -> None:
+    parts = parts or list(PARTS_RUN)
     model, tokenizer = jaxtrace.load_model("smollm2-135m")
     task = encode_pairs(load_pairs("winobias", data, split="dev")[:n_pairs], tokenizer)
     objective = jaxtrace.build_objective(model, task, "attn_pattern", batch_size=32)
     n_layers = objective.shape[0]
     chunk = engine.masks_per_chunk(objective, 10**6)
     print(f"SmolLM2-135M, {len(task)} WinoBias dev pairs, attn_pattern; {chunk} masks a call", flush=True)
-    for layer in (0, 10, 20, n_layers - 1):
-        masks = one_head_masks(objective, np.full(chunk, layer))
-        seconds, _ = timed_evaluation(objective, masks)
-        start = int(engine.start_layers(objective, masks)[0])
-        print(f"lowest gated layer {layer:2d} (start {start:2d}): {seconds / len(masks):.3f} s a mask", flush=True)
-    masks = one_head_masks(objective, np.arange(54) % n_layers)
-    seconds, evaluated = timed_evaluation(objective, masks)
-    print(f"54 one-head masks, layers i % {n_layers}: {seconds:.1f} s, {evaluated} masks evaluated over "
-          f"{len(objective.batcher.in_order)} batches", flush=True)
-    rows, n_logits = objective.batcher.in_order_shape
-    unembedding = 2 * chunk * n_logits * model.config.d_model * model.config.vocab_size
-    for layer in (0, n_layers - 1):
-        masks = one_head_masks(objective, np.full(chunk, layer))
-        start = int(engine.start_layers(objective, masks)[0])
-        wall, parts = profile_call(objective, start, masks)
-        total = sum(parts.values())
-        print(f"profile, one call ({chunk} masks, {objective.batcher.batch_size} pairs, {rows} rows, {n_logits} "
-              f"logit positions), start layer {start}: {wall:.2f} s wall, operations {total:.2f} s over threads",
-              flush=True)
-        for part, value in parts.items():
-            rate = f", {unembedding / value / 1e9:.0f} GFLOP/s" if part == PARTS[2] and value else ""
-            print(f"  {part:38s} {value:6.2f} s {100 * value / total:5.1f} %{rate}", flush=True)
+    if "layers" in parts:
+        for layer in (0, 10, 20, n_layers - 1):
+            masks = one_head_masks(objective, np.full(chunk, layer))
+            seconds, _ = timed_evaluation(objective, masks)
+            start = int(engine.start_layers(objective, masks)[0][0])
+            print(f"lowest gated layer {layer:2d} (start {start:2d}): {seconds / len(masks):.3f} s a mask", flush=True)
+    if "mixed" in parts:
+        masks = one_head_masks(objective, np.arange(54) % n_layers)
+        seconds, evaluated = timed_evaluation(objective, masks)
+        print(f"54 one-head masks, layers i % {n_layers}: {seconds:.1f} s, {evaluated} masks evaluated over "
+              f"{len(objective.batcher.in_order)} batches", flush=True)
+    if "profile" in parts:
+        rows, n_logits = objective.batcher.in_order_shape
+        unembedding = 2 * chunk * n_logits * model.config.d_model * model.config.vocab_size
+        for layer in (0, n_layers - 1):
+            masks = one_head_masks(objective, np.full(chunk, layer))
+            start = int(engine.start_layers(objective, masks)[0][0])
+            wall, by_part = profile_call(objective, start, masks)
+            total = sum(by_part.values())
+            print(f"profile, one call ({chunk} masks, {objective.batcher.batch_size} pairs, {rows} rows, {n_logits} "
+                  f"logit positions), start layer {start}: {wall:.2f} s wall, operations {total:.2f} s over threads",
+                  flush=True)
+            for part, value in by_part.items():
+                rate = f", {unembedding / value / 1e9:.0f} GFLOP/s" if part == PARTS[2] and value else ""
+                print(f"  {part:38s} {value:6.2f} s {100 * value / total:5.1f} %{rate}", flush=True)
+    if "keep" in parts:
+        keep_direction(objective, n_layers)
+
+
+def keep_direction(objective, n_layers: int) -> None:
+    masks = 1.0 - one_head_masks(objective, np.arange(54) % n_layers)
+    patched_start, evaluated = timed_evaluation(objective, masks)
+    with_start = engine.mask_effects(objective, masks)
+    own = engine.start_layers
+    engine.start_layers = lambda objective, masks: (np.zeros(len(masks), np.int64), np.zeros(len(masks), bool))
+    try:
+        from_embeddings, _ = timed_evaluation(objective, masks)
+        without = engine.mask_effects(objective, masks)
+    finally:
+        engine.start_layers = own
+    print(f"keep direction, 54 one-head circuits (every other head patched): {patched_start:.1f} s from the patched "
+          f"run's start layers ({evaluated} masks evaluated), {from_embeddings:.1f} s from the embeddings; effects "
+          f"differ by at most {np.abs(with_start - without).max():.1e}", flush=True)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 64)
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 64, sys.argv[3:])

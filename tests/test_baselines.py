@@ -194,9 +194,10 @@ def test_greedy_restricted_to_candidates(objective):
 
 
 def test_evaluation_starts_above_the_ungated_layers(tiny_gpt2, tmp_path, monkeypatch):
-    """Masks sorted by their lowest gated layer run the layers below once per call, ungated, and give the effects
-    of evaluating each mask from the embeddings (a 4-layer model: starts at layers 0-3); chunks mix start layers, so
-    only the last chunk is padded."""
+    """Masks sorted by their lowest layer that is not all 0 (or, a keep-direction circuit's complement, not all 1)
+    run the layers below once per call, clean (patched), and give the effects of evaluating each mask from the
+    embeddings (a 4-layer model: starts at layers 0-3); chunks mix start layers (a chunk of both runs starts at 0),
+    so only the last chunk is padded."""
     import jaxtrace
     from conftest import build_hf_model
     from jaxtrace.engine import objective as engine
@@ -209,26 +210,28 @@ def test_evaluation_starts_above_the_ungated_layers(tiny_gpt2, tmp_path, monkeyp
     task = encode_pairs(load_pairs("winobias", DATA, split="dev")[:24], tokenizer)
     objective = build_objective(model, task, "head_out", batch_size=16)
     rng = np.random.RandomState(0)
-    masks = (rng.uniform(size=(12, 4, 4)) < 0.4).astype(np.float32)
-    for i, mask in enumerate(masks):
-        mask[: i % 4] = 0.0  # lowest gated layer i % 4 (or none)
-    starts = start_layers(objective, masks)
-    assert set(starts.tolist()) == {0, 1, 2, 3}
+    clean = (rng.uniform(size=(12, 4, 4)) < 0.4).astype(np.float32)
+    clean[:, :, 0], clean[:, :, 1] = 1.0, 0.0  # no layer all 0 or all 1 ...
+    for i, mask in enumerate(clean):
+        mask[: i % 4] = 0.0  # ... but those below i % 4
+    masks = np.concatenate([clean, 1.0 - clean[:8]])  # 8 complements: every gate 1 below layer i % 4
+    starts, patched = start_layers(objective, masks)
+    assert starts.tolist() == [0, 1, 2, 3] * 5 and patched.tolist() == [False] * 12 + [False, True, True, True] * 2
     expected = [objective.effects(m) for m in masks]
     np.testing.assert_allclose(mask_effects(objective, masks), expected, atol=1e-5)
     np.testing.assert_allclose(mask_effects(objective.replace(memory_budget=1), masks), expected, atol=1e-5)  # 1 mask a call
 
-    calls = []  # (start layer, masks evaluated) of every call, 5 masks a call
+    calls = []  # (start layer, from the patched run, masks evaluated) of every call, 5 masks a call
     programs, program = objective.programs, objective.programs.mask_effects
 
-    def counted(start=0):
+    def counted(start=0, run=False):
         def call(params, chunk, batch, cache):
-            calls.append((start, len(chunk)))
-            return program(start)(params, chunk, batch, cache)
+            calls.append((start, run, len(chunk)))
+            return program(start, run)(params, chunk, batch, cache)
         return call
 
     monkeypatch.setattr(programs, "mask_effects", counted)
     monkeypatch.setattr(engine, "masks_per_chunk", lambda objective, n: 5)
     np.testing.assert_allclose(mask_effects(objective, masks), expected, atol=1e-5)
-    by_start = sorted(starts.tolist(), reverse=True)  # 12 masks: 3 calls a batch, not one or two per start layer
-    assert calls == 2 * [(min(by_start[:5]), 5), (min(by_start[5:10]), 5), (min(by_start[10:]), 5)]
+    # patched-run starts 3, 3, 2, 2, 1 | 1 and clean-run 0, 0, 0, 0 | 0, 1, 1, 1, 2 | 2, 2, 3, 3, 3: 4 calls a batch
+    assert calls == 2 * [(1, True, 5), (0, False, 5), (0, False, 5), (2, False, 5)]

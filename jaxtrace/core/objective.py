@@ -29,7 +29,7 @@ from jaxtrace.core.intervention import Capture, Intervention
 from jaxtrace.core.metrics import Metric
 from jaxtrace.core.models import ModelConfig, PureLM
 from jaxtrace.core.records import Batch, Cache, KeysValues, Memory, Outputs, PairArrays, PackedRows, Tokens
-from jaxtrace.core.sites import AttentionForm, expand_gates, model_sites
+from jaxtrace.core.sites import AttentionForm, expand_gates, gate_shape, model_sites
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,7 +118,7 @@ def outputs(spec: ObjectiveSpec, params, batch: Batch, prefix: KeysValues | None
     """The target log-probabilities [B, Y] and next-token log-probabilities [B, V] of one group's packed rows,
     whose shared prefixes have keys and values `prefix`, optionally gated (model-site gates {site: [L, C]}) at the
     task's gate positions with per-pair sources {site: [L, B, P, ...]}; from layer `start_layer` on, given the
-    ungated residual stream `initial` [W, S, D] entering it (`residual_entering`), when no gate is below it."""
+    residual stream `initial` [W, S, D] entering it (`residual_entering`), computed with the gates below it."""
     rows, pairs = batch.rows, batch.pairs
     layer_range = (start_layer, spec.config.n_layers) if start_layer else None
     hidden = _forward(spec, params, batch, prefix, gates, source, layer_range, initial)
@@ -133,12 +133,19 @@ def outputs(spec: ObjectiveSpec, params, batch: Batch, prefix: KeysValues | None
     return Outputs((token_logp * valid).sum(-1) / valid.sum(-1), last_logp)
 
 
-def residual_entering(spec: ObjectiveSpec, params, batch: Batch, cache: Cache, layer: int) -> jax.Array:
-    """[W, S, D] the ungated residual stream of one group's packed rows entering `layer` (layers below run ungated
-    for every mask whose lowest gate is at or above it)."""
-    prefix = None if cache.prefix is None else jax.tree.map(lambda a: jnp.moveaxis(a, 0, 1), cache.prefix)
+def residual_entering(spec: ObjectiveSpec, params, batch: Batch, cache: Cache, layer: int,
+                      patched: bool = False) -> jax.Array:
+    """[W, S, D] the residual stream of one group's packed rows entering `layer`, clean or with every component
+    below it patched (`patched`): the layers below run once for every mask whose gates there are all 0 (all 1)."""
+    layer_major = lambda a: jnp.moveaxis(a, 0, 1)  # noqa: E731
+    prefix = None if cache.prefix is None else jax.tree.map(layer_major, cache.prefix)
+    gates = sources = None
+    if patched:
+        gates = expand_gates(spec.config, spec.site, jnp.ones(gate_shape(spec.config, spec.site), jnp.float32),
+                             spec.attention)
+        sources = {site: layer_major(a) for site, a in cache.sources.items()}
     with jax.named_scope("start_residual"):
-        return _forward(spec, params, batch, prefix, layer_range=(0, layer))
+        return _forward(spec, params, batch, prefix, gates, sources, layer_range=(0, layer))
 
 
 def precompute(spec: ObjectiveSpec, params, batch: Batch) -> Cache:
@@ -156,7 +163,7 @@ def group_effects(spec: ObjectiveSpec, params, z: jax.Array, batch: Batch, cache
                   metric: Metric | None = None, start_layer: int = 0, initial=None) -> jax.Array:
     """[B] per-pair effect of gates z [L, C] under `metric` (default: the spec's) on one group; `cache` is the
     group's pair-major cache, or None to compute it here (without gradient). With `start_layer`, z must be 0 below
-    it and `initial` is `residual_entering(..., start_layer)`."""
+    it (or 1) and `initial` is `residual_entering(..., start_layer)` (clean, or patched)."""
     if cache is None:
         cache = jax.lax.stop_gradient(precompute(spec, params, batch))
     layer_major = lambda a: jnp.moveaxis(a, 0, 1)  # noqa: E731

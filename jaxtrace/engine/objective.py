@@ -80,7 +80,7 @@ DEFAULT_MEMORY_BUDGET = 2 << 30  # bytes of one batched mask evaluation on a dev
 
 class Programs:
     """The compiled device programs of one objective, each built on first use and kept: `precompute` (the cache of
-    a batch), `mask_effects(start_layer)` (M masks on one batch), `gradients` (M gate points on one batch) and
+    a batch), `mask_effects(start_layer, patched)` (M masks on one batch), `gradients` (M gate points on one batch) and
     `training_step(search)` (R runs' PGB-CT step). `traces[name]` counts how often each was traced (one per
     compilation of a new argument shape). `fresh()` gives the same programs not yet traced (for compile timing)."""
 
@@ -110,20 +110,21 @@ class Programs:
         return self._program(("precompute",), lambda: meshes.jit(self._counted("precompute", jax.vmap(
             functools.partial(core.precompute, spec), in_axes=(None, 0))), self.mesh))
 
-    def mask_effects(self, start_layer: int = 0):
+    def mask_effects(self, start_layer: int = 0, patched: bool = False):
         """(params, masks [M, L, C], batch [G, ...], cache [G, ...]) -> [M, G * B] effects. With `start_layer`,
-        every mask's gates are 0 below it: those layers run once per call, ungated, and each mask's forward starts
-        from their residual stream."""
-        return self._program(("mask_effects", start_layer), lambda: self._mask_program(start_layer))
+        every mask's gates below it are 0 (or, `patched`, 1): those layers run once per call, clean (patched), and
+        each mask's forward starts from their residual stream."""
+        patched = bool(patched and start_layer)
+        return self._program(("mask_effects", start_layer, patched), lambda: self._mask_program(start_layer, patched))
 
-    def _mask_program(self, start_layer: int):
-        spec, name = self.spec, f"mask_effects@{start_layer}"
+    def _mask_program(self, start_layer: int, patched: bool):
+        spec, name = self.spec, f"mask_effects@{start_layer}" + ("/patched" if patched else "")
         if not start_layer:
             effects = lambda params, z, batch, cache: core.batch_effects(spec, params, z, batch, cache)  # noqa: E731
             return meshes.jit(self._counted(name, jax.vmap(effects, in_axes=(None, 0, None, None))), self.mesh)
 
         def group(params, masks, batch, cache):  # [M, B]
-            initial = core.residual_entering(spec, params, batch, cache, start_layer)
+            initial = core.residual_entering(spec, params, batch, cache, start_layer, patched)
             return jax.vmap(lambda z: core.group_effects(spec, params, z, batch, cache, start_layer=start_layer,
                                                          initial=initial))(masks)
 
@@ -352,16 +353,22 @@ SKIP_MIN_MASKS = 8  # fewer masks are evaluated from the embeddings (a start lay
 START_LAYERS = 8    # the layers mask evaluation may start at: 0 and up to 7 more, evenly spaced
 
 
-def start_layers(objective: Objective, masks: np.ndarray) -> np.ndarray:
-    """[M] the layer each mask's evaluation starts at: the highest of `START_LAYERS` evenly spaced layers at or below
-    its lowest gated layer (0 for every mask when there are fewer than `SKIP_MIN_MASKS` or no cache)."""
+def start_layers(objective: Objective, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """([M] the layer each mask's evaluation starts at, [M] whether from the patched run). The layers below a mask's
+    start are all 0 (the clean run's) or all 1 (the patched run's: a keep-direction circuit's complement); the start
+    is the highest of `START_LAYERS` evenly spaced layers at or below the lowest layer that is not (0 for every mask
+    when there are fewer than `SKIP_MIN_MASKS` or no cache)."""
     n_layers = objective.shape[0]
     if len(masks) < SKIP_MIN_MASKS or objective.cache is None:
-        return np.zeros(len(masks), np.int64)
-    gated = (masks != 0).any(-1)  # [M, L]
-    lowest = np.where(gated.any(1), gated.argmax(1), n_layers - 1)
+        return np.zeros(len(masks), np.int64), np.zeros(len(masks), bool)
+
+    def lowest(differs):  # [M, L] -> [M] the lowest layer that differs from the reference
+        return np.where(differs.any(1), differs.argmax(1), n_layers - 1)
+
+    from_clean, from_patched = lowest((masks != 0).any(-1)), lowest((masks != 1).any(-1))
     starts = np.unique(np.linspace(0, n_layers - 1, min(START_LAYERS, n_layers)).astype(np.int64))
-    return starts[np.searchsorted(starts, lowest, side="right") - 1]
+    layers = starts[np.searchsorted(starts, np.maximum(from_clean, from_patched), side="right") - 1]
+    return layers, (from_patched > from_clean) & (layers > 0)
 
 
 def masks_per_chunk(objective: Objective, n_masks: int, share: float = 1.0) -> int:
@@ -387,28 +394,32 @@ def masks_per_chunk(objective: Objective, n_masks: int, share: float = 1.0) -> i
 def mask_effects(objective: Objective, masks) -> np.ndarray:
     """[M, N] effect on every pair of each of M masks [M, L, C] (binary or soft), checked finite.
 
-    Masks are sorted by the layer their evaluation can start at (`start_layers`: the layers below their lowest gate
-    compute the ungated forward, once per call) and evaluated in chunks of `masks_per_chunk`, each from the lowest
-    start among its masks, by one jitted, vmapped program per start layer. Only the last chunk is padded (every call
-    has the same shape): padding each start layer's masks to a whole chunk evaluated several times the masks asked
-    for (54 one-head masks over SmolLM2's 8 start layers, 18 a call: 144 a batch). Each data batch is sent once.
+    Masks are sorted by the layer their evaluation can start at (`start_layers`: the layers below equal the clean
+    run's or the patched run's and are computed once per call) — those starting from the patched run by descending
+    start, then those from the clean run by ascending start, so that a chunk holding both has low starts — and
+    evaluated in chunks of `masks_per_chunk`, each from the lowest start among its masks (0 if they start from both
+    runs), by one jitted, vmapped program per start layer and run. Only the last chunk is padded (every call has the
+    same shape). Each data batch is sent once.
     """
     batcher = objective.batcher
     masks = np.asarray(masks, np.float32)
     n_masks = masks.shape[0]
     chunk = masks_per_chunk(objective, n_masks)
-    starts = start_layers(objective, masks)
-    order = np.argsort(-starts, kind="stable")  # the highest start layers first
-    chunks = []  # (start layer, mask indices, the chunk's masks on the devices, the last one padded)
+    starts, patched = start_layers(objective, masks)
+    order = np.lexsort((np.where(patched, -starts, starts), ~patched))
+    chunks = []  # (start layer, from the patched run, mask indices, the chunk's masks on the devices, the last padded)
     for first in range(0, n_masks, chunk):
         members = order[first: first + chunk]
         slots = np.concatenate([members, np.repeat(members[-1:], chunk - len(members))])
-        chunks.append((int(starts[members].min()), members, batcher.replicate(masks[slots])))
+        run = bool(patched[members].all())
+        start = int(starts[members].min()) if run or not patched[members].any() else 0
+        chunks.append((start, run, members, batcher.replicate(masks[slots])))
     out = np.empty((n_masks, len(objective.task)), np.float32)
     for idx in batcher.in_order:
         batch, cache = batcher.put(objective.inputs(idx, batcher.in_order_shape))
-        for start, members, on_devices in chunks:
-            values = np.asarray(objective.programs.mask_effects(start)(objective.params, on_devices, batch, cache))
+        for start, run, members, on_devices in chunks:
+            program = objective.programs.mask_effects(start, run)
+            values = np.asarray(program(objective.params, on_devices, batch, cache))
             out[members[:, None], idx[None, :]] = values[: len(members), : len(idx)]
     for mask, row in zip(masks, out):
         check_finite(objective, row, np.arange(len(objective.task)), mask)
