@@ -33,7 +33,7 @@ Per cell:
              evaluation's one-off compilation;
   K masks    jaxtrace only: `Objective.mask_effects` of K random binary masks, K = 1, 8, 64 (second call timed), on
              the task's first 32 pairs (8 with --quick; `--kmask-pairs 0`: the whole task);
-  FLOPs      jaxtrace only: XLA's cost analysis of the training step compiled with its layer scan unrolled (XLA
+  FLOPs      jaxtrace only: XLA's cost analysis of the training step, every scanned layer counted (`step_flops`; XLA
              counts a loop body once); achieved FLOP/s = FLOPs / median step.
 
 The machine's float32 matmul peak (jitted jnp.matmul, and torch.matmul; 4096 x 4096, best of several) is measured
@@ -44,7 +44,6 @@ shared CPU every timing suffers, PyTorch's most (`--wait-idle` waits for a quiet
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import datetime
 import functools
@@ -194,18 +193,22 @@ def xla_flops(compiled) -> float:
     return float(cost.get("flops", float("nan"))) if cost else float("nan")
 
 
-@contextlib.contextmanager
-def unrolled_scans():
-    """`jax.lax.scan` fully unrolled while programs are traced inside: XLA's cost analysis counts the body of a
-    loop once, so the FLOPs of jaxtrace's scanned layers are only counted right on the unrolled program."""
-    import jax
+def step_flops(objective, config, step_args) -> tuple[float, float]:
+    """(FLOPs of the training step as run, XLA's count of the scanned program). XLA counts a loop's body once, so,
+    as `jaxtrace plan` does, the step is also compiled with its layer scan unrolled by d (a divisor of the L layers
+    that keeps a loop): the difference is (d - 1) layers, and the step's FLOPs scanned + (L - 1) x one layer's."""
+    import jaxtrace.engine.loop as loop
+    from jaxtrace.engine.plan import layer_unroll
 
-    original = jax.lax.scan
-    jax.lax.scan = functools.partial(original, unroll=True)
-    try:
-        yield
-    finally:
-        jax.lax.scan = original
+    def flops(variant) -> float:
+        return xla_flops(loop.training_step(variant.fresh(), config)[0].lower(*step_args).compile())
+
+    n_layers = objective.spec.config.n_layers
+    scanned, unroll = flops(objective), layer_unroll(n_layers)
+    if unroll is None:  # L prime or below 4: the scanned count (a lower bound)
+        return scanned, scanned
+    unrolled = flops(objective.replace(spec=dataclasses.replace(objective.spec, unroll=unroll)))
+    return scanned + (n_layers - 1) * (unrolled - scanned) / (unroll - 1), scanned
 
 
 def build_task(spec: Workload, tokenizer, data: Path):
@@ -270,7 +273,8 @@ def cell_jaxtrace(spec: Workload, plan: Plan, args, dtype: str = "float32") -> d
     n_pairs, n_batches = len(task), len(objective.batcher.in_order)
 
     # The step exactly as run_search builds it, on batches packed to the shape of a 15-epoch run.
-    config = jaxtrace.SearchConfig(epochs=EPOCHS, scale="none")  # the torch forms' objective (the reference's)
+    # the torch forms' objective (the reference's), every epoch run as they run them (no early stop)
+    config = jaxtrace.SearchConfig(epochs=EPOCHS, scale="none", patience=0)
 
     def make_step():  # what run_search compiles (a fresh program object: lowering it traces anew)
         return loop.training_step(objective.fresh(), config)[0]
@@ -286,7 +290,7 @@ def cell_jaxtrace(spec: Workload, plan: Plan, args, dtype: str = "float32") -> d
     inputs = objective.batcher.replicate(loop.run_inputs(objective, resolved, 0, [1.0]))
     step_args = (state, objective.params, *batches[0], inputs)
     compiled, compile_s = timed(lambda: make_step().lower(*step_args).compile())
-    flops_scanned = xla_flops(compiled)
+    flops_scanned = xla_flops(compiled)  # XLA's count: the layer scan's body once
     step_times = []
     for i, (batch, cache) in enumerate(batches):  # the first is the warm-up
         (state, _), seconds = timed(lambda: jax.block_until_ready(
@@ -309,9 +313,7 @@ def cell_jaxtrace(spec: Workload, plan: Plan, args, dtype: str = "float32") -> d
             run["how"] = f"extrapolated from {plan.run_epochs} epochs"
     peak = memory.read()
 
-    # FLOPs of the step: XLA counts the body of a loop once, so count the step with its layer scan unrolled.
-    with unrolled_scans():
-        flops = xla_flops(make_step().lower(*step_args).compile())
+    flops, _ = step_flops(objective, config, step_args)
 
     subsets: dict = {}
 
@@ -750,9 +752,12 @@ def report(results: dict) -> str:
              "- **median step**: one optimiser step on 32 pairs (forward + backward + Adam), after a warm-up step.",
              "- **15-epoch run**: end to end from a loaded model and an encoded task: setup + compile + 15 epochs, "
              "each with the evaluation of the binary mask on the whole task (jaxtrace's `run_search` skips it "
-             "when the mask has not changed).",
+             "when the mask has not changed), every epoch run (jaxtrace's `--patience 0`: by default it stops once "
+             "the selection has settled, on SmolLM2 × WinoBias after 11 epochs).",
              "- **peak RSS growth**: the process's peak resident memory during setup, compile, steps and run, "
              "minus its RSS with the model loaded and the task encoded (each cell is its own process).", ""]
+    if results.get("notes"):  # how a results.json was assembled, when not by one run (`--report-only`)
+        lines += ["**This run:** " + " ".join(results["notes"]), ""]
     shares = [cell.get("other_cpu_share") for cells in results["cells"].values() for cell in cells.values()]
     shares = [share for share in shares + [peak.get("other_cpu_share")] if share is not None]
     if shares and max(shares) > 0.1:
@@ -794,9 +799,9 @@ def report(results: dict) -> str:
         jax_peak = peak.get("jax_f32_gflops")
         lines += ["## FLOPs of a step and the fraction of peak", "",
                   "XLA's cost analysis of jaxtrace's compiled training step (gated forward + backward + Adam, one "
-                  "packed batch of 32 pairs), compiled with its layer scan unrolled: XLA counts the body of a loop "
-                  "once, so the step as run (scanned) reports about one layer's FLOPs (`flops_xla_scanned` in "
-                  "results.json). Achieved = FLOPs / median step time; peak = best of "
+                  "packed batch of 32 pairs), every scanned layer counted: XLA counts the body of a loop once, so "
+                  "the step is also compiled with its layer scan unrolled by a divisor of the layers, as `jaxtrace "
+                  "plan` does (XLA's count of the scanned program: `flops_xla_scanned` in results.json). Achieved = FLOPs / median step time; peak = best of "
                   f"{MATMUL_SIZE}×{MATMUL_SIZE} float32 `jnp.matmul` (jitted) on this machine. The other columns "
                   "divide the same FLOP count by their step time (the useful work rate; the PyTorch forms do more "
                   "FLOPs).", "",

@@ -96,24 +96,26 @@ def markdown(cells: dict, commands: dict) -> str:
 
 
 FINDINGS = [
-    "## Reading (2026-12-06/07: all four cells; Gemma × IOI rerun with swap search and signed scores)",
+    "## Reading (2026-12-06/07: all four cells; both IOI cells rerun with swap search and signed scores)",
     "",
-    "gemma3-ioi was rerun on 2026-12-07 with swap search (`--swap-max` 8, the default since 3edb127) and signed "
-    "budgeted scores (`--signed`, the default since 309416f); the other cells ran before those settings existed "
-    "(jaxtrace c2459d8 and earlier), so without them (as `--swap-max 0 --no-signed`; compare refuses to resume them "
-    "with the defaults). The gemma3-ioi rerun shared the CPU with the SmolLM2 × WinoBias cell (both at nice 5), "
-    "whose methods ran over three sessions beside other jobs: wall times are comparable within a cell only.", "",
+    "gemma3-ioi and smollm2-ioi were rerun on 2026-12-07 with swap search (`--swap-max` 8, the default since "
+    "3edb127) and signed budgeted scores (`--signed`, the default since 309416f); the WinoBias cells ran before "
+    "those settings existed (jaxtrace c2459d8 and earlier), so without them (as `--swap-max 0 --no-signed`; compare "
+    "refuses to resume them with the defaults). smollm2-ioi ran alone on an idle CPU (its keep-direction masks "
+    "starting from the patched run's layers, MASKS.md): 32 min 6 s for the whole report, peak RSS 10.1 GB. The "
+    "gemma3-ioi rerun shared the CPU with the SmolLM2 × WinoBias cell (both at nice 5), whose methods ran over three "
+    "sessions beside other jobs: wall times are comparable within a cell only.", "",
     "- **Who wins** (MIB's exact scoring): the highest CPR is PGB-CT's in three cells (the λ sweep on both IOI "
     "cells, 1.247 and 1.253; the budgeted ranking on SmolLM2 × WinoBias, 1.088 against ig's 1.080) and ig's on "
     "Gemma × WinoBias (1.069 against the budgeted 1.047, measured before swap search); the lowest CMD is the "
     "signed budgeted ranking's on Gemma × IOI (0.076) and ig's in the other three (0.049, 0.061, 0.077), two of "
     "which ran before signed scores existed.",
-    "- **SmolLM2 × IOI's budgeted method rerun alone** with swap search and signed scores (`jaxtrace compare ... "
-    "--methods pgbct_budgets --mib pgbct_budgets`, the cell's other options; 2026-12-07, beside the test suite): "
+    "- **SmolLM2 × IOI with swap search and signed scores** (the cell rerun whole, alone): the budgeted ranking's "
     "MIB CMD 0.149 → 0.071 (ig 0.049: still ig's), CPR 1.021 → 0.993 (the λ sweep's 1.247 stays the cell's "
     "highest); the circuits at 1, 2, 5 heads f 0.158, 0.184, 0.307 (0.022, 0.180, 0.210 before; greedy 0.158, "
-    "0.184, 0.356): swap search reaches greedy at 1 and 2 heads, not at 5. 2,852 s on a CPU shared with the suite "
-    "(817 s for the one-signed runs without swap search in the cell).",
+    "0.184, 0.356): swap search reaches greedy at 1 and 2 heads, not at 5. Every other method's scores are the "
+    "first run's. Wall time on the idle CPU: the budgeted method 881 s (for and against runs, swap search, signed "
+    "ranking), greedy 442 s, single effects 220 s, the λ sweep 92 s, random 61 s, ig 52 s, AtP 12 s.",
     "- **SmolLM2 × WinoBias dev** (160 pairs, IE(all) 0.0978; before swap search and signed scores): the budgeted "
     "ranking has the highest CPR (1.088; ig 1.080, greedy 0.975, the λ sweep 0.982), ig the lowest CMD (0.077; "
     "budgeted 0.193). The budgeted circuits are greedy's at 1 head (0.105), below it at 2, 5, 13 (0.106, 0.365, "
@@ -132,8 +134,8 @@ FINDINGS = [
     "1.253 against ig 1.084 and greedy 0.785; on Gemma the swapped budgeted circuits as MIB's multiple-circuits "
     "submission score higher still, 1.259), and its circuits are the most faithful at the sizes they land at (SmolLM2 "
     "33 heads f 1.360, 64 heads 1.534; Gemma 14 heads 1.574 against ig's 1.038 and greedy's 0.874).",
-    "- **CMD**: integrated gradients is lowest on SmolLM2 × IOI (0.049 against the budgeted runs' 0.149; 0.071 "
-    "signed, rerun alone), Gemma × WinoBias (0.061) and SmolLM2 × WinoBias (0.077), "
+    "- **CMD**: integrated gradients is lowest on SmolLM2 × IOI (0.049 against the signed budgeted ranking's "
+    "0.071; 0.149 one-signed), Gemma × WinoBias (0.061) and SmolLM2 × WinoBias (0.077), "
     "and on Gemma × IOI the budgeted ranking is lowest (0.076 with signed scores, 0.111 without, 0.131 before swap "
     "search; ig 0.124, single 0.134). CMD rewards f close to 1 at every fraction; a one-signed ranking's circuits "
     "overshoot (f > 1: they leave out heads that work against the behaviour), which the signed scores correct.",
@@ -148,10 +150,11 @@ FINDINGS = [
     "the first steps of a small budget barely separate components (IOI has one step per epoch: 32 prompts). "
     "Budget 135 landing below budget 54 (0.826 against 1.368 by its own run) is why a budget's MIB circuit is the "
     "most faithful of the method's circuits of at most k components.",
-    "- **Wall time**: the budgeted curve (8 budgets in one program) took 817 s on SmolLM2 against greedy's 1,058 s "
-    "(27 heads, 32 candidates), but more than three default traces (the λ sweep's 2 runs took 166 s): most of it "
-    "is the per-epoch evaluation of the 8 budgets' changed circuits. Gemma (first run, before swap search): 390 s "
-    "against greedy's 454 s and the sweep's 141 s. A CPU shared with the test suite; ratios within a cell only.",
+    "- **Wall time**: the budgeted curve (7 budgets in one program) took 817 s on SmolLM2 × IOI one-signed without "
+    "swap search against greedy's 1,058 s (27 heads, 32 candidates) on a CPU shared with the test suite, and 881 s "
+    "against greedy's 442 s with both on an idle CPU: swap search and the runs against the behaviour double its "
+    "cost, and it stays above greedy's, and ten times the λ sweep's 2 runs in one program (92 s). Gemma (first "
+    "run, before swap search): 390 s against greedy's 454 s and the sweep's 141 s.",
     "- **Gemma-3-270M × WinoBias dev** (160 pairs, IE(all) 0.167): integrated gradients has both the highest CPR "
     "(1.069 against the budgeted runs' 1.047 and the λ sweep's 1.029) and the lowest CMD (0.061; PGB-CT "
     "0.151–0.160, "

@@ -1,6 +1,8 @@
 """Shared fixtures: tiny random Hugging Face models of every supported family, saved as safetensors folders."""
 
+import importlib.util
 import os
+import sys
 import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=true")
@@ -49,6 +51,16 @@ TINY_CONFIGS = {
                                         full_attention=dict(rope_type="linear", factor=2.0, rope_theta=10000.0))),
 }
 FAMILY_NAMES = list(TINY_CONFIGS)
+
+
+def load_benchmark(script: str):
+    """A script of benchmarks/ (e.g. "gpu.py") imported as a module, registered so its dataclasses find it."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / script
+    spec = importlib.util.spec_from_file_location(f"jaxtrace_benchmark_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def build_hf_model(name: str, seed: int = 0, **overrides):

@@ -1,26 +1,19 @@
 """`benchmarks/gpu.py`, the accelerator benchmark, runs end to end on CPU with its tiny configuration (so that it
 cannot rot between the times a GPU is lent) and writes GPU.md."""
 
-import importlib.util
 import json
 import math
-import sys
 import types
-from pathlib import Path
 
 import jax
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu.py"
+from conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def gpu():
-    spec = importlib.util.spec_from_file_location("jaxtrace_gpu_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu.py")
 
 
 def test_tiny_run_writes_every_section(gpu, tmp_path):
