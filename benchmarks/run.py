@@ -194,21 +194,22 @@ def xla_flops(compiled) -> float:
 
 
 def step_flops(objective, config, step_args) -> tuple[float, float]:
-    """(FLOPs of the training step as run, XLA's count of the scanned program). XLA counts a loop's body once, so,
-    as `jaxtrace plan` does, the step is also compiled with its layer scan unrolled by d (a divisor of the L layers
-    that keeps a loop): the difference is (d - 1) layers, and the step's FLOPs scanned + (L - 1) x one layer's."""
+    """(FLOPs of the training step as run, XLA's count of the scanned program), counted as `jaxtrace plan` counts
+    them (`plan.analyse`: XLA counts a loop's body once, so the step is also compiled with its layer scan unrolled
+    by a divisor of the layers); for a prime layer count, or below 4, the scanned count (a lower bound)."""
     import jaxtrace.engine.loop as loop
-    from jaxtrace.engine.plan import layer_unroll
+    from jaxtrace.engine.plan import analyse, layer_unroll
 
-    def flops(variant) -> float:
-        return xla_flops(loop.training_step(variant.fresh(), config)[0].lower(*step_args).compile())
+    def program(variant):
+        return (lambda: loop.training_step(variant.fresh(), config)[0]), step_args
 
-    n_layers = objective.spec.config.n_layers
-    scanned, unroll = flops(objective), layer_unroll(n_layers)
-    if unroll is None:  # L prime or below 4: the scanned count (a lower bound)
+    n_layers, unroll = objective.spec.config.n_layers, layer_unroll(objective.spec.config.n_layers)
+    if unroll is None:
+        scanned = xla_flops(program(objective)[0]().lower(*step_args).compile())
         return scanned, scanned
-    unrolled = flops(objective.replace(spec=dataclasses.replace(objective.spec, unroll=unroll)))
-    return scanned + (n_layers - 1) * (unrolled - scanned) / (unroll - 1), scanned
+    unrolled = objective.replace(spec=dataclasses.replace(objective.spec, unroll=unroll))
+    cost = analyse(program(objective), n_layers, lambda: (None, program(unrolled), unroll))
+    return cost.flops, cost.flops_scanned
 
 
 def build_task(spec: Workload, tokenizer, data: Path):
@@ -801,7 +802,8 @@ def report(results: dict) -> str:
                   "XLA's cost analysis of jaxtrace's compiled training step (gated forward + backward + Adam, one "
                   "packed batch of 32 pairs), every scanned layer counted: XLA counts the body of a loop once, so "
                   "the step is also compiled with its layer scan unrolled by a divisor of the layers, as `jaxtrace "
-                  "plan` does (XLA's count of the scanned program: `flops_xla_scanned` in results.json). Achieved = FLOPs / median step time; peak = best of "
+                  "plan` does (XLA's count of the scanned program: `flops_xla_scanned` in results.json). "
+                  "Achieved = FLOPs / median step time; peak = best of "
                   f"{MATMUL_SIZE}×{MATMUL_SIZE} float32 `jnp.matmul` (jitted) on this machine. The other columns "
                   "divide the same FLOP count by their step time (the useful work rate; the PyTorch forms do more "
                   "FLOPs).", "",
