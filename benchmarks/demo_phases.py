@@ -5,7 +5,8 @@ phase, in one fresh process with empty caches, then again with the caches a firs
 
 Phases: import, model load (GGUF dequantisation and tokenizer; from the converted-model cache the second time),
 task encoding, the objective (cached-source precompute, with its compilation), the search (compilation and the
-epochs, early-stopped as the demo is), the circuit's three evaluations and the result files. Each pass runs in its
+epochs, as the demo runs them), the circuit's effects (the search's last evaluation and its data scale's IE(all):
+no evaluation since 2026-12-07) and the result files. Each pass runs in its
 own subprocess, with the user cache folder pointed at one fresh folder (`JAXTRACE_CACHE`) so the first pass finds
 nothing and the second finds the converted model and the compiled programs. Writes `benchmarks/DEMO.md` and
 `demo.json`.
@@ -37,7 +38,7 @@ def phases(data: str, out: str) -> dict:
 
     import jaxtrace
     from jaxtrace.io.cache import enable_compilation_cache
-    from jaxtrace.runs.common import Provenance, publish_circuit, result_folder, summarize
+    from jaxtrace.runs.common import Provenance, patch_effects, publish_circuit, result_folder, summarize
     from jaxtrace.runs.trace import checkpointed_search
 
     enable_compilation_cache()
@@ -54,9 +55,10 @@ def phases(data: str, out: str) -> dict:
     with result_folder(out, "trace", objective, provenance, {}, overwrite=True) as folder:
         result = checkpointed_search(objective, config, folder, False, False)
         lap(f"search: compile + {len(result.history)} epochs")
-        circuit, effects = summarize(objective, result.mask, result.z, provenance, "pgbct", {}, result.history,
-                                     result.seconds)
-        lap("circuit: 3 evaluations")
+        effects, effect_all = patch_effects(objective, result.mask, result.effects, result.effect_all)
+        circuit = summarize(objective, result.mask, result.z, provenance, "pgbct", {}, result.history,
+                            result.seconds, float(effects.mean()), effect_all)
+        lap("circuit: its effects (the search's last evaluation)")
         publish_circuit(folder, circuit, effects, objective, result.steps)
         lap("result files")
     return {"seconds": seconds, "selected": circuit.n_selected, "effect": circuit.effect,
@@ -86,7 +88,7 @@ def main() -> None:
     lines = ["# The demo's wall time, phase by phase", "",
              f"`python benchmarks/demo_phases.py` on {os.cpu_count()} CPU cores, {time.strftime('%Y-%m-%d')}: "
              "SmolLM2-135M, WinoBias dev (160 pairs), attn_pattern (270 heads), float32, the demo's defaults "
-             f"(early stop: {runs[0]['epochs']} epochs), each pass a fresh process.", "",
+             f"({runs[0]['epochs']} epochs), each pass a fresh process.", "",
              "| phase | " + " | ".join(r["name"] for r in runs) + " |", "|---|" + "---:|" * len(runs)]
     lines += [f"| {n} | " + " | ".join(f"{r['seconds'][n]:.1f} s" for r in runs) + " |" for n in names]
     lines += ["| **process wall** | " + " | ".join(f"**{r['wall_s']:.1f} s**" for r in runs) + " |", "",

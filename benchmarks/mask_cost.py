@@ -1,7 +1,8 @@
 """The cost of evaluating a mask by the layer its evaluation starts at (issue 24.1), SmolLM2-135M, WinoBias dev, heads
 (attn_pattern), 32 pairs a batch; prints the figures MASKS.md records.
 
-    python benchmarks/mask_cost.py ../shared/data [pairs=64] [layers|mixed|profile|keep ...: the parts run, default all]
+    python benchmarks/mask_cost.py ../shared/data [pairs=64] [layers|mixed|profile|keep|greedy ...: the parts run,
+                                                              default all]
 
 1. One call's worth of one-head masks whose lowest gated layer is 0, 10, 20, 29 (all alike): seconds a mask.
 2. 54 one-head masks, the lowest gated layer of mask i is i % 30: seconds, and the masks the calls evaluated over
@@ -14,6 +15,9 @@
    of 2., each evaluated from the patched run's residual stream at its start layer, against every one from the
    embeddings (`start_layers` forced to 0, as before the patched start existed): seconds and the largest difference
    of the effects.
+5. Greedy's first 8 rounds in the keep direction over 32 random candidate heads: each round's masks from the
+   current circuit's run at the layer where they differ from it (`near`), against without `near`: seconds, whether
+   the circuits agree and the largest difference of their effects.
 """
 import collections
 import gzip
@@ -42,10 +46,10 @@ def timed_evaluation(objective, masks) -> tuple[float, int]:
     """(seconds of the faster of two calls after the compiling one, masks its programs evaluated: Σ over batches)."""
     program, evaluated = objective.programs.mask_effects, []
 
-    def counted(start=0, patched=False):
-        def call(params, chunk, batch, cache):
+    def counted(start=0):
+        def call(params, chunk, batch, cache, *reference):
             evaluated.append(len(chunk))
-            return program(start, patched)(params, chunk, batch, cache)
+            return program(start)(params, chunk, batch, cache, *reference)
         return call
 
     objective.programs.mask_effects = counted
@@ -110,7 +114,7 @@ def profile_call(objective, start: int, masks: np.ndarray) -> tuple[float, dict[
     summed over XLA's threads}) from `jax.profiler.trace`."""
     batcher = objective.batcher
     batch, cache = batcher.put(objective.inputs(batcher.in_order[0], batcher.in_order_shape))
-    args = (objective.params, batcher.replicate(masks), batch, cache)
+    args = (objective.params, batcher.replicate(masks), batch, cache) + ((None,) if start else ())  # the clean run
     compiled = objective.programs.mask_effects(start).lower(*args).compile()
     parts = hlo_parts(compiled.as_text())
     jax.block_until_ready(compiled(*args))
@@ -127,7 +131,7 @@ def profile_call(objective, start: int, masks: np.ndarray) -> tuple[float, dict[
     return wall, {part: seconds[part] for part in PARTS}
 
 
-PARTS_RUN = ("layers", "mixed", "profile", "keep")  # 1., 2., 3., 4. above
+PARTS_RUN = ("layers", "mixed", "profile", "keep", "greedy")  # 1. to 5. above
 
 
 def main(data: str, n_pairs: int, parts: list[str]) -> None:
@@ -165,6 +169,8 @@ def main(data: str, n_pairs: int, parts: list[str]) -> None:
                 print(f"  {part:38s} {value:6.2f} s {100 * value / total:5.1f} %{rate}", flush=True)
     if "keep" in parts:
         keep_direction(objective, n_layers)
+    if "greedy" in parts:
+        greedy_rounds(objective)
 
 
 def keep_direction(objective, n_layers: int) -> None:
@@ -172,7 +178,8 @@ def keep_direction(objective, n_layers: int) -> None:
     patched_start, evaluated = timed_evaluation(objective, masks)
     with_start = engine.mask_effects(objective, masks)
     own = engine.start_layers
-    engine.start_layers = lambda objective, masks: (np.zeros(len(masks), np.int64), np.zeros(len(masks), bool))
+    engine.start_layers = lambda objective, masks, reference=None: (np.zeros(len(masks), np.int64),
+                                                                  np.zeros(len(masks), bool))
     try:
         from_embeddings, _ = timed_evaluation(objective, masks)
         without = engine.mask_effects(objective, masks)
@@ -181,6 +188,32 @@ def keep_direction(objective, n_layers: int) -> None:
     print(f"keep direction, 54 one-head circuits (every other head patched): {patched_start:.1f} s from the patched "
           f"run's start layers ({evaluated} masks evaluated), {from_embeddings:.1f} s from the embeddings; effects "
           f"differ by at most {np.abs(with_start - without).max():.1e}", flush=True)
+
+
+def greedy_rounds(objective, rounds: int = 8, n_candidates: int = 32) -> None:
+    """Greedy's first rounds in the keep direction over 32 random candidate heads, each round's masks evaluated
+    from the current circuit's run where they differ from it (`near`, as `greedy_path` does) and from the
+    patched or clean run only (`near` ignored, as before it existed)."""
+    from jaxtrace.engine.methods.greedy import greedy_path
+
+    candidates = np.random.default_rng(1).choice(objective.n_components, n_candidates, replace=False)
+    own = engine.circuit_effects
+    seconds, paths = {}, {}
+    for label, effects in (("near", own), ("without", lambda o, m, d="patch", near=None: own(o, m, d))):
+        engine.circuit_effects = effects
+        try:
+            list(greedy_path(objective, 1, candidates, "keep"))  # compiles the round's programs
+            began = time.perf_counter()
+            paths[label] = list(greedy_path(objective, rounds, candidates, "keep"))
+            seconds[label] = time.perf_counter() - began
+        finally:
+            engine.circuit_effects = own
+    same = all(np.array_equal(a, b) for (a, _), (b, _) in zip(paths["near"], paths["without"]))
+    gap = max(abs(a - b) for (_, a), (_, b) in zip(paths["near"], paths["without"]))
+    masks = sum(n_candidates - i + 1 for i in range(rounds))
+    print(f"greedy, keep direction, {rounds} rounds over {n_candidates} random candidate heads ({masks} masks): "
+          f"{seconds['near']:.1f} s from the current circuit's run, {seconds['without']:.1f} s without; the same "
+          f"circuits: {same}, effects differ by at most {gap:.1e}", flush=True)
 
 
 if __name__ == "__main__":

@@ -197,7 +197,8 @@ def test_evaluation_starts_above_the_ungated_layers(tiny_gpt2, tmp_path, monkeyp
     """Masks sorted by their lowest layer that is not all 0 (or, a keep-direction circuit's complement, not all 1)
     run the layers below once per call, clean (patched), and give the effects of evaluating each mask from the
     embeddings (a 4-layer model: starts at layers 0-3); chunks mix start layers (a chunk of both runs starts at 0),
-    so only the last chunk is padded."""
+    so only the last chunk is padded. Masks near a circuit (`near`: a greedy round's) start where they differ from
+    it, from its run."""
     import jaxtrace
     from conftest import build_hf_model
     from jaxtrace.engine import objective as engine
@@ -221,17 +222,37 @@ def test_evaluation_starts_above_the_ungated_layers(tiny_gpt2, tmp_path, monkeyp
     np.testing.assert_allclose(mask_effects(objective, masks), expected, atol=1e-5)
     np.testing.assert_allclose(mask_effects(objective.replace(memory_budget=1), masks), expected, atol=1e-5)  # 1 mask a call
 
-    calls = []  # (start layer, from the patched run, masks evaluated) of every call, 5 masks a call
+    calls = []  # (start layer, the reference run's gates if from one, masks evaluated) of every call
     programs, program = objective.programs, objective.programs.mask_effects
 
-    def counted(start=0, run=False):
-        def call(params, chunk, batch, cache):
-            calls.append((start, run, len(chunk)))
-            return program(start, run)(params, chunk, batch, cache)
+    def counted(start=0):
+        def call(params, chunk, batch, cache, *reference):
+            calls.append((start, None if not reference or reference[0] is None else np.asarray(reference[0]),
+                          len(chunk)))
+            return program(start)(params, chunk, batch, cache, *reference)
         return call
 
     monkeypatch.setattr(programs, "mask_effects", counted)
     monkeypatch.setattr(engine, "masks_per_chunk", lambda objective, n: 5)
     np.testing.assert_allclose(mask_effects(objective, masks), expected, atol=1e-5)
     # patched-run starts 3, 3, 2, 2, 1 | 1 and clean-run 0, 0, 0, 0 | 0, 1, 1, 1, 2 | 2, 2, 3, 3, 3: 4 calls a batch
-    assert calls == 2 * [(1, True, 5), (0, False, 5), (0, False, 5), (2, False, 5)]
+    assert [(start, None if run is None else run.min(), n) for start, run, n in calls] == \
+        2 * [(1, 1.0, 5), (0, None, 5), (0, None, 5), (2, None, 5)]
+
+    # Near a circuit (a greedy round, keep direction): each of its one-component extensions starts at that
+    # component's layer from the circuit's run; IE(all) (every gate 1) differs from it at layer 0.
+    circuit = np.zeros((4, 4), np.float32)
+    circuit[[0, 2], [1, 3]] = 1.0
+    extensions = np.repeat(circuit[None], 10, axis=0)
+    flat = [i for i in range(16) if not circuit.ravel()[i]][:10]
+    extensions.reshape(10, -1)[np.arange(10), flat] = 1.0
+    from_embeddings = engine.circuit_effects(objective.replace(cache=None), extensions, "keep")
+    calls.clear()
+    near = engine.circuit_effects(objective, extensions, "keep", near=circuit)
+    np.testing.assert_allclose(near, from_embeddings, atol=1e-5)
+    starts, referenced = start_layers(objective, np.concatenate([1 - extensions, np.ones((1, 4, 4))]), 1 - circuit)
+    assert starts.tolist() == [f // 4 for f in flat] + [0] == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 0]
+    assert referenced.tolist() == (starts > 0).tolist()
+    # the circuit's run from 2, 2, 2, 1, 1 | both runs 1, 1, 0, 0, 0 | the clean run 0: 3 calls a batch
+    assert [(start, None if run is None else run.tolist(), n) for start, run, n in calls] == \
+        2 * [(1, (1 - circuit).tolist(), 5), (0, None, 5), (0, None, 5)]

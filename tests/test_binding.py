@@ -115,7 +115,7 @@ def test_heads_mlp_search_cache_and_circuit_names(tiny_gpt2, binding_task):
     assert result.z.shape == (2, 5)
     mask = np.zeros((2, 5), bool)
     mask[1, 4] = mask[0, 2] = True
-    circuit, _ = summarize(cached, mask, result.z, Provenance(), "pgbct", {}, [], 0.0)
+    circuit = summarize(cached, mask, result.z, Provenance(), "pgbct", {}, [], 0.0, 0.1, 0.2)
     assert circuit.selected_names == ["L0.H2", "L1.MLP"]
     with pytest.raises(ValueError, match="invariance pairs"):
         build_objective(model, binding_task, "heads_mlp", metric="probability_ratio")

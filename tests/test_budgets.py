@@ -91,9 +91,10 @@ def test_scale_free_data_term(planted):  # noqa: F811
     objective, _ = planted
     base = SearchConfig(epochs=1, lambda1=0.0, lambda2=0.0, transform="neg", scale="none").resolve(objective.site,
                                                                                                    objective.metric)
-    scale = data_scale(objective, base.replace(scale="effect"))
+    scale, measured = data_scale(objective, base.replace(scale="effect"))
     effect_all = float(objective.evaluate_masks(np.ones((1, *objective.shape), np.float32))[0])
-    assert scale == pytest.approx(abs(effect_all), rel=1e-6) and data_scale(objective, base) == 1.0
+    assert scale == pytest.approx(abs(effect_all), rel=1e-6) and measured == effect_all
+    assert data_scale(objective, base) == (1.0, None)
     plain, scaled = (run_searches(objective, [base.replace(scale=mode)])[0] for mode in ("none", "effect"))
     for a, b in zip(plain.steps, scaled.steps):
         assert b.metric == pytest.approx(a.metric / scale, rel=1e-5)

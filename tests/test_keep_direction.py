@@ -154,7 +154,7 @@ def test_runs_against_the_behaviour_share_the_program_with_the_sign_flipped(obje
     step, _ = training_step(objective, runs)
     state = initial_state(objective, runs)
     batch, cache = stacked_inputs(objective, [objective.batcher.in_order[0]] * 2)
-    inputs = run_inputs(objective, runs.configs, 0, np.full(2, data_scale(objective, runs.config), np.float32))
+    inputs = run_inputs(objective, runs.configs, 0, np.full(2, data_scale(objective, runs.config)[0], np.float32))
     _, stats = step(objective.batcher.replicate(SearchState(state.z, state.opt_state)), objective.params, batch,
                     cache, objective.batcher.replicate(inputs))
     assert float(stats.metric[1]) == pytest.approx(-float(stats.metric[0]), rel=1e-6) and float(stats.metric[0]) != 0

@@ -5,6 +5,7 @@ import functools
 import itertools
 import json
 import shutil
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,8 @@ from jaxtrace.core.metrics import TRANSFORMS
 from jaxtrace.core.intervention import Intervention
 from jaxtrace.core.models import pure
 from jaxtrace.core.records import Tokens
-from jaxtrace.engine.objective import MetricNaNError, Programs, build_objective
+from jaxtrace.engine import objective as objective_module
+from jaxtrace.engine.objective import MetricNaNError, Programs, build_objective, mask_effects
 from jaxtrace.core.objective import batch_effects
 from jaxtrace.core.search import SearchConfig, penalty, select
 from jaxtrace.engine import loop
@@ -233,17 +235,33 @@ def test_corrupt_or_missing_checkpoint(tiny_gpt2, small_task, tmp_path):
 
 
 def test_result_files(tiny_gpt2, small_task, tmp_path):
+    """The files, and the circuit's effects: the search's last evaluation and its data scale's IE(all), reused
+    (not measured again), equal to the mask's and every component's effects measured afresh."""
     _, model, _ = tiny_gpt2
-    circuit = trace(model, small_task, "head_out", SearchConfig(epochs=2), batch_size=20, out=tmp_path,
-                    progress=False, provenance=Provenance(task=TaskSpec("winobias", str(DATA))))
+    calls = []
+
+    def counted(objective, masks):
+        calls.append(len(masks))
+        return mask_effects(objective, masks)
+
+    with mock.patch.object(loop, "mask_effects", counted), mock.patch.object(objective_module, "mask_effects", counted):
+        circuit = trace(model, small_task, "head_out", SearchConfig(epochs=2), batch_size=20, out=tmp_path, progress=False,
+                        provenance=Provenance(task=TaskSpec("winobias", str(DATA))))
     saved = json.loads((tmp_path / "circuit.json").read_text())
     assert saved["n_selected"] == len(saved["selected"]) == circuit.n_selected
     assert saved["n_components"] == 8 and saved["site"] == "head_out" and saved["task"] == "winobias"
     assert saved["effect_none"] == 0.0 and len(saved["history"]) == 2
+    # IE(all) for the data scale, then the mask of each epoch that changed it (the first only); nothing after
+    assert calls == [1, 1] and saved["history"][0]["selected"] == saved["history"][1]["selected"]
+    objective = build_objective(model, small_task, "head_out", batch_size=20)
+    effects = objective.effects(circuit.mask().astype(np.float32))
+    assert saved["effect"] == float(effects.mean()) == saved["history"][-1]["effect"]
+    assert saved["effect_all"] == float(objective.evaluate_masks(np.ones((1, *objective.shape), np.float32))[0])
     for name in ("examples.csv", "log.csv", "z_map.png", "effect_per_epoch.png"):
         assert (tmp_path / name).stat().st_size > 0
     examples = (tmp_path / "examples.csv").read_text().splitlines()
     assert len(examples) == 41 and examples[0].startswith("label,base,counterfactual,effect")
+    assert [float(row.rsplit(",", 1)[1]) for row in examples[1:]] == effects.tolist()
     from jaxtrace.io.checkpoints import load_tree
     np.testing.assert_array_equal(load_tree(tmp_path / "z")["z"], np.asarray(saved["z"], np.float32))
 

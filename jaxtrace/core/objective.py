@@ -29,7 +29,7 @@ from jaxtrace.core.intervention import Capture, Intervention
 from jaxtrace.core.metrics import Metric
 from jaxtrace.core.models import ModelConfig, PureLM
 from jaxtrace.core.records import Batch, Cache, KeysValues, Memory, Outputs, PairArrays, PackedRows, Tokens
-from jaxtrace.core.sites import AttentionForm, expand_gates, gate_shape, model_sites
+from jaxtrace.core.sites import AttentionForm, expand_gates, model_sites
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,15 +134,15 @@ def outputs(spec: ObjectiveSpec, params, batch: Batch, prefix: KeysValues | None
 
 
 def residual_entering(spec: ObjectiveSpec, params, batch: Batch, cache: Cache, layer: int,
-                      patched: bool = False) -> jax.Array:
-    """[W, S, D] the residual stream of one group's packed rows entering `layer`, clean or with every component
-    below it patched (`patched`): the layers below run once for every mask whose gates there are all 0 (all 1)."""
+                      reference: jax.Array | None = None) -> jax.Array:
+    """[W, S, D] the residual stream of one group's packed rows entering `layer`, of the clean run or of the run
+    gated by `reference` [L, C] (e.g. every gate 1: every component patched): the layers below run once for every
+    mask whose gates there are the reference's (all 0 without one)."""
     layer_major = lambda a: jnp.moveaxis(a, 0, 1)  # noqa: E731
     prefix = None if cache.prefix is None else jax.tree.map(layer_major, cache.prefix)
     gates = sources = None
-    if patched:
-        gates = expand_gates(spec.config, spec.site, jnp.ones(gate_shape(spec.config, spec.site), jnp.float32),
-                             spec.attention)
+    if reference is not None:
+        gates = expand_gates(spec.config, spec.site, reference, spec.attention)
         sources = {site: layer_major(a) for site, a in cache.sources.items()}
     with jax.named_scope("start_residual"):
         return _forward(spec, params, batch, prefix, gates, sources, layer_range=(0, layer))
@@ -162,8 +162,8 @@ def precompute(spec: ObjectiveSpec, params, batch: Batch) -> Cache:
 def group_effects(spec: ObjectiveSpec, params, z: jax.Array, batch: Batch, cache: Cache | None,
                   metric: Metric | None = None, start_layer: int = 0, initial=None) -> jax.Array:
     """[B] per-pair effect of gates z [L, C] under `metric` (default: the spec's) on one group; `cache` is the
-    group's pair-major cache, or None to compute it here (without gradient). With `start_layer`, z must be 0 below
-    it (or 1) and `initial` is `residual_entering(..., start_layer)` (clean, or patched)."""
+    group's pair-major cache, or None to compute it here (without gradient). With `start_layer`, z must equal the
+    gates `initial` was computed with below it (`residual_entering(..., start_layer)`: 0, or a reference's)."""
     if cache is None:
         cache = jax.lax.stop_gradient(precompute(spec, params, batch))
     layer_major = lambda a: jnp.moveaxis(a, 0, 1)  # noqa: E731

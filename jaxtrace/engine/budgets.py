@@ -141,7 +141,8 @@ def swap_search(objective: Objective, circuit: np.ndarray, ranking: np.ndarray, 
             row[into] = True
             if out is not None:
                 row[out] = False
-        effects = objective.circuit_effects(masks.reshape(-1, *shape).astype(np.float32), direction)
+        effects = objective.circuit_effects(masks.reshape(-1, *shape).astype(np.float32), direction,
+                                            near=flat.reshape(shape))
         best = int(np.argmax(effects))
         if not effects[best] > effect:
             break
@@ -173,7 +174,8 @@ def signed_ranking(objective: Objective, ranking: np.ndarray, against: np.ndarra
         patches[-1] = True
         for patch, (rest, from_against) in zip(patches, blocks):
             patch[rest] = patch[from_against] = False
-        effects = objective.evaluate_masks(patches.reshape(-1, *shape).astype(np.float32))  # IE(A \ C), IE(A)
+        effects = objective.evaluate_masks(patches.reshape(-1, *shape).astype(np.float32),  # IE(A \ C), IE(A)
+                                           reference=(~taken).reshape(shape).astype(np.float32))
         f = faithfulness(effects[:-1], effects[-1])
         rest, from_against = blocks[int(np.argmin(np.abs(1.0 - f)))]  # ties: fewest from `against`
         order += [*rest, *from_against]

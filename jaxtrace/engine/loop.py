@@ -143,6 +143,8 @@ class SearchResult:
     history: list[EpochRow]  # one row per epoch
     steps: list[StepRow]     # one row per optimiser step
     seconds: float           # wall time of the whole (swept) search
+    effects: np.ndarray | None = None  # [N] per-pair effects of patching `mask`, where the last epoch measured them
+    effect_all: float | None = None    # IE(all) under the objective's metric, where the data scale measured it
 
 
 def resolve(objective: Objective, configs: list[SearchConfig]) -> list[SearchConfig]:
@@ -212,13 +214,16 @@ def starting_gates(objective: Objective, runs: SearchConfig | Runs) -> np.ndarra
     return z[config.sense] if len(z) == 1 else np.stack([z[c.sense] for c in configs])
 
 
-def data_scale(objective: Objective, config: SearchConfig) -> float:
-    """What the data term is divided by: 1 (`scale="none"`), or |t(IE(all)) - t(0)|, the transformed effect of
-    patching every component against patching none (`scale="effect"`), measured once on the whole task with the
-    metric the search trains (accuracy's surrogate, the logit difference, for accuracy)."""
+def data_scale(objective: Objective, config: SearchConfig) -> tuple[float, float | None]:
+    """(what the data term is divided by, IE(all) under the objective's metric where it was measured, else None).
+
+    The scale is 1 (`scale="none"`), or |t(IE(all)) - t(0)|, the transformed effect of patching every component
+    against patching none (`scale="effect"`), measured once on the whole task with the metric the search trains
+    (accuracy's surrogate, the logit difference, for accuracy: then IE(all) is not the objective metric's)."""
     if config.scale == "none":
-        return 1.0
-    if objective.metric.trained is not objective.metric:
+        return 1.0, None
+    trained = objective.metric.trained is objective.metric
+    if not trained:
         objective = objective.replace(spec=dataclasses.replace(objective.spec, metric=objective.metric.trained))
     transform = TRANSFORMS[config.transform]
     effect_all = float(objective.evaluate_masks(np.ones((1, *objective.shape), np.float32))[0])
@@ -226,7 +231,7 @@ def data_scale(objective: Objective, config: SearchConfig) -> float:
     if not (np.isfinite(scale) and scale > 0):
         raise ValueError(f"--scale effect: the effect of patching every component is {effect_all:+.4g}, nothing to "
                          "scale the data term by (use --scale none)")
-    return scale
+    return scale, effect_all if trained else None
 
 
 def run_inputs(objective: Objective, configs: Sequence[SearchConfig], epoch: int, scales: np.ndarray) -> RunInputs:
@@ -290,10 +295,12 @@ def run_searches(objective: Objective, configs: Sequence[SearchConfig] | Runs,
     previous = [c.select(zr) for zr, c in zip(state.z, configs)]
     # run -> (binary mask, its effect), re-evaluated on change; a resumed run's from its last epoch, so that it
     # evaluates the masks an uninterrupted run does, in the same groups (bit-identical effects)
-    evaluated = {run: (mask.tobytes(), history[-1].effect)
+    # (and, measured in this call, the per-pair effects)
+    evaluated = {run: (mask.tobytes(), history[-1].effect, None)
                  for run, (mask, history) in enumerate(zip(previous, histories)) if history}
     # one scale for every run: --scale and the transform are not sweepable
-    scales = np.full(n_runs, data_scale(objective, config), np.float32) if epochs else None
+    scale, effect_all = data_scale(objective, config) if epochs else (None, None)
+    scales = np.full(n_runs, scale, np.float32) if epochs else None
     run_pairs = [None] * n_runs if pairs is None else check_pairs(objective, pairs, n_runs)
     orders = {epoch: [batcher.epoch(k, epoch, p) for k, p in zip(keys, run_pairs)] for epoch in epochs}
     # One packed shape for every step of the run: one compilation.
@@ -325,8 +332,8 @@ def run_searches(objective: Objective, configs: Sequence[SearchConfig] | Runs,
         changed = [run for run in range(n_runs) if evaluated.get(run, (None,))[0] != masks[run].tobytes()]
         if changed:  # the effect of the patch the circuit stands for (keep: every component outside it)
             patches = gates_of(masks[changed].astype(np.float32), config.direction)
-            for run, effect in zip(changed, mask_effects(objective, patches).mean(1)):
-                evaluated[run] = (masks[run].tobytes(), float(effect))
+            for run, effects in zip(changed, mask_effects(objective, patches)):
+                evaluated[run] = (masks[run].tobytes(), float(effects.mean()), effects)
         unchanged = [n + 1 if np.array_equal(mask, old) else 0 for n, mask, old in zip(unchanged, masks, previous)]
         previous = masks
         settled = config.patience > 0 and all(
@@ -344,8 +351,10 @@ def run_searches(objective: Objective, configs: Sequence[SearchConfig] | Runs,
         if settled:
             break
     z = np.asarray(search_state.z)
-    return [SearchResult(c, z[run], c.select(z[run]), histories[run],
-                         [row for row in steps if row.run == run], seconds) for run, c in enumerate(configs)]
+    patch = config.direction == "patch"  # else the runs measured their circuits' complements
+    return [SearchResult(c, z[run], c.select(z[run]), histories[run], [row for row in steps if row.run == run],
+                         seconds, evaluated[run][2] if patch and run in evaluated else None, effect_all)
+            for run, c in enumerate(configs)]
 
 
 def check_pairs(objective: Objective, pairs: list[np.ndarray], n_runs: int) -> list[np.ndarray]:

@@ -80,7 +80,7 @@ DEFAULT_MEMORY_BUDGET = 2 << 30  # bytes of one batched mask evaluation on a dev
 
 class Programs:
     """The compiled device programs of one objective, each built on first use and kept: `precompute` (the cache of
-    a batch), `mask_effects(start_layer, patched)` (M masks on one batch), `gradients` (M gate points on one batch) and
+    a batch), `mask_effects(start_layer)` (M masks on one batch), `gradients` (M gate points on one batch) and
     `training_step(search)` (R runs' PGB-CT step). `traces[name]` counts how often each was traced (one per
     compilation of a new argument shape). `fresh()` gives the same programs not yet traced (for compile timing)."""
 
@@ -110,26 +110,27 @@ class Programs:
         return self._program(("precompute",), lambda: meshes.jit(self._counted("precompute", jax.vmap(
             functools.partial(core.precompute, spec), in_axes=(None, 0))), self.mesh))
 
-    def mask_effects(self, start_layer: int = 0, patched: bool = False):
+    def mask_effects(self, start_layer: int = 0):
         """(params, masks [M, L, C], batch [G, ...], cache [G, ...]) -> [M, G * B] effects. With `start_layer`,
-        every mask's gates below it are 0 (or, `patched`, 1): those layers run once per call, clean (patched), and
-        each mask's forward starts from their residual stream."""
-        patched = bool(patched and start_layer)
-        return self._program(("mask_effects", start_layer, patched), lambda: self._mask_program(start_layer, patched))
+        (params, masks, batch, cache, reference [L, C] or None) -> effects: every mask's gates below the start are
+        the reference's (0 without one); those layers run once per call, and each mask's forward starts from their
+        residual stream."""
+        return self._program(("mask_effects", start_layer), lambda: self._mask_program(start_layer))
 
-    def _mask_program(self, start_layer: int, patched: bool):
-        spec, name = self.spec, f"mask_effects@{start_layer}" + ("/patched" if patched else "")
+    def _mask_program(self, start_layer: int):
+        spec, name = self.spec, f"mask_effects@{start_layer}"
         if not start_layer:
             effects = lambda params, z, batch, cache: core.batch_effects(spec, params, z, batch, cache)  # noqa: E731
             return meshes.jit(self._counted(name, jax.vmap(effects, in_axes=(None, 0, None, None))), self.mesh)
 
-        def group(params, masks, batch, cache):  # [M, B]
-            initial = core.residual_entering(spec, params, batch, cache, start_layer, patched)
+        def group(params, masks, batch, cache, reference):  # [M, B]
+            initial = core.residual_entering(spec, params, batch, cache, start_layer, reference)
             return jax.vmap(lambda z: core.group_effects(spec, params, z, batch, cache, start_layer=start_layer,
                                                          initial=initial))(masks)
 
-        def effects(params, masks, batch, cache):
-            per_group = jax.vmap(group, in_axes=(None, None, 0, 0))(params, masks, batch, cache)  # [G, M, B]
+        def effects(params, masks, batch, cache, reference):
+            per_group = jax.vmap(group, in_axes=(None, None, 0, 0, None))(params, masks, batch, cache,
+                                                                          reference)  # [G, M, B]
             return jnp.moveaxis(per_group, 0, 1).reshape(masks.shape[0], -1)
 
         return meshes.jit(self._counted(name, effects), self.mesh)
@@ -223,17 +224,17 @@ class Objective:
         cache = None if self.cache is None else self.cache.take(self.batcher.group_index(idx))
         return self.batcher.batch(idx, shape), cache
 
-    def mask_effects(self, masks) -> np.ndarray:
-        """[M, N] effect on every pair of each of M masks [M, L, C]."""
-        return mask_effects(self, masks)
+    def mask_effects(self, masks, reference=None) -> np.ndarray:
+        """[M, N] effect on every pair of each of M masks [M, L, C] (`mask_effects`)."""
+        return mask_effects(self, masks, reference)
 
-    def evaluate_masks(self, masks) -> np.ndarray:
-        """[M] mean effect over the task of each of M masks [M, L, C]."""
-        return mask_effects(self, masks).mean(1)
+    def evaluate_masks(self, masks, reference=None) -> np.ndarray:
+        """[M] mean effect over the task of each of M masks [M, L, C] (`mask_effects`)."""
+        return mask_effects(self, masks, reference).mean(1)
 
-    def circuit_effects(self, masks, direction: str = "patch") -> np.ndarray:
+    def circuit_effects(self, masks, direction: str = "patch", near=None) -> np.ndarray:
         """[M] mean effect over the task of each of M circuits [M, L, C] in a direction (`circuit_effects`)."""
-        return circuit_effects(self, masks, direction).mean(1)
+        return circuit_effects(self, masks, direction, near).mean(1)
 
     def effects(self, z) -> np.ndarray:
         """[N] per-pair effects of gates z [L, C] (soft or binary), checked to be finite."""
@@ -353,11 +354,13 @@ SKIP_MIN_MASKS = 8  # fewer masks are evaluated from the embeddings (a start lay
 START_LAYERS = 8    # the layers mask evaluation may start at: 0 and up to 7 more, evenly spaced
 
 
-def start_layers(objective: Objective, masks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """([M] the layer each mask's evaluation starts at, [M] whether from the patched run). The layers below a mask's
-    start are all 0 (the clean run's) or all 1 (the patched run's: a keep-direction circuit's complement); the start
-    is the highest of `START_LAYERS` evenly spaced layers at or below the lowest layer that is not (0 for every mask
-    when there are fewer than `SKIP_MIN_MASKS` or no cache)."""
+def start_layers(objective: Objective, masks: np.ndarray, reference=None) -> tuple[np.ndarray, np.ndarray]:
+    """([M] the layer each mask's evaluation starts at, [M] whether from a reference run rather than the clean run).
+
+    Without `reference`, the layers below a mask's start are all 0 (the clean run's) or all 1 (the patched run's: a
+    keep-direction circuit's complement); with it ([L, C], e.g. the circuit a greedy round extends), they are the
+    reference's. The start is the highest of `START_LAYERS` evenly spaced layers at or below the lowest layer that
+    differs (0 for every mask when there are fewer than `SKIP_MIN_MASKS` or no cache)."""
     n_layers = objective.shape[0]
     if len(masks) < SKIP_MIN_MASKS or objective.cache is None:
         return np.zeros(len(masks), np.int64), np.zeros(len(masks), bool)
@@ -365,8 +368,11 @@ def start_layers(objective: Objective, masks: np.ndarray) -> tuple[np.ndarray, n
     def lowest(differs):  # [M, L] -> [M] the lowest layer that differs from the reference
         return np.where(differs.any(1), differs.argmax(1), n_layers - 1)
 
-    from_clean, from_patched = lowest((masks != 0).any(-1)), lowest((masks != 1).any(-1))
     starts = np.unique(np.linspace(0, n_layers - 1, min(START_LAYERS, n_layers)).astype(np.int64))
+    if reference is not None:
+        layers = starts[np.searchsorted(starts, lowest((masks != reference).any(-1)), side="right") - 1]
+        return layers, layers > 0
+    from_clean, from_patched = lowest((masks != 0).any(-1)), lowest((masks != 1).any(-1))
     layers = starts[np.searchsorted(starts, np.maximum(from_clean, from_patched), side="right") - 1]
     return layers, (from_patched > from_clean) & (layers > 0)
 
@@ -391,54 +397,59 @@ def masks_per_chunk(objective: Objective, n_masks: int, share: float = 1.0) -> i
     return int(max(1, min(n_masks, int(objective.memory_budget * share) // per_mask)))
 
 
-def mask_effects(objective: Objective, masks) -> np.ndarray:
+def mask_effects(objective: Objective, masks, reference=None) -> np.ndarray:
     """[M, N] effect on every pair of each of M masks [M, L, C] (binary or soft), checked finite.
 
     Masks are sorted by the layer their evaluation can start at (`start_layers`: the layers below equal the clean
-    run's or the patched run's and are computed once per call) — those starting from the patched run by descending
-    start, then those from the clean run by ascending start, so that a chunk holding both has low starts — and
-    evaluated in chunks of `masks_per_chunk`, each from the lowest start among its masks (0 if they start from both
-    runs), by one jitted, vmapped program per start layer and run. Only the last chunk is padded (every call has the
-    same shape). Each data batch is sent once.
+    run's, or a reference run's, and are computed once per call; the reference is `reference` [L, C] where given,
+    else the patched run) — those starting from the reference run by descending start, then those from the clean run
+    by ascending start, so that a chunk holding both has low starts — and evaluated in chunks of `masks_per_chunk`,
+    each from the lowest start among its masks (0 if they start from both runs), by one jitted, vmapped program per
+    start layer. Only the last chunk is padded (every call has the same shape). Each data batch is sent once.
     """
     batcher = objective.batcher
     masks = np.asarray(masks, np.float32)
     n_masks = masks.shape[0]
     chunk = masks_per_chunk(objective, n_masks)
-    starts, patched = start_layers(objective, masks)
-    order = np.lexsort((np.where(patched, -starts, starts), ~patched))
-    chunks = []  # (start layer, from the patched run, mask indices, the chunk's masks on the devices, the last padded)
+    starts, referenced = start_layers(objective, masks, reference)
+    gates = batcher.replicate(np.ones(objective.shape, np.float32) if reference is None else
+                              np.asarray(reference, np.float32))
+    order = np.lexsort((np.where(referenced, -starts, starts), ~referenced))
+    chunks = []  # (start layer, the reference's gates or None, mask indices, the chunk's masks on the devices)
     for first in range(0, n_masks, chunk):
         members = order[first: first + chunk]
         slots = np.concatenate([members, np.repeat(members[-1:], chunk - len(members))])
-        run = bool(patched[members].all())
-        start = int(starts[members].min()) if run or not patched[members].any() else 0
-        chunks.append((start, run, members, batcher.replicate(masks[slots])))
+        run = bool(referenced[members].all())
+        start = int(starts[members].min()) if run or not referenced[members].any() else 0
+        chunks.append((start, gates if run else None, members, batcher.replicate(masks[slots])))
     out = np.empty((n_masks, len(objective.task)), np.float32)
     for idx in batcher.in_order:
         batch, cache = batcher.put(objective.inputs(idx, batcher.in_order_shape))
         for start, run, members, on_devices in chunks:
-            program = objective.programs.mask_effects(start, run)
-            values = np.asarray(program(objective.params, on_devices, batch, cache))
+            program = objective.programs.mask_effects(start)
+            arguments = (objective.params, on_devices, batch, cache) + ((run,) if start else ())
+            values = np.asarray(program(*arguments))
             out[members[:, None], idx[None, :]] = values[: len(members), : len(idx)]
     for mask, row in zip(masks, out):
         check_finite(objective, row, np.arange(len(objective.task)), mask)
     return out
 
 
-def circuit_effects(objective: Objective, masks, direction: str = "patch") -> np.ndarray:
+def circuit_effects(objective: Objective, masks, direction: str = "patch", near=None) -> np.ndarray:
     """[M, N] per-pair effect of each of M circuits [M, L, C] (binary or soft) in a direction. patch: IE(S), the
     effect of patching S. keep: IE(A) − IE(A \\ C), what keeping C clean while every other component is patched
     takes back of patching them all (m(C) − m(∅) for the logit difference; its mean over IE(A) is MIB's
     faithfulness). Both are larger for a better circuit and equal IE(A) for every component; all masks (and A) in
-    one `mask_effects` call."""
+    one `mask_effects` call. `near`: a circuit [L, C] the masks differ from in a few components (a greedy round's,
+    a swap search's): each mask's evaluation starts at the lowest layer where it differs from it."""
     if direction not in DIRECTIONS:
         raise ValueError(f"--direction must be one of {', '.join(DIRECTIONS)}, got {direction!r}")
     masks = np.asarray(masks, np.float32)
+    reference = None if near is None else gates_of(np.asarray(near, np.float32), direction)
     if direction == "patch":
-        return mask_effects(objective, masks)
+        return mask_effects(objective, masks, reference)
     ones = np.ones((1, *objective.shape), np.float32)
-    effects = mask_effects(objective, np.concatenate([gates_of(masks, "keep"), ones]))
+    effects = mask_effects(objective, np.concatenate([gates_of(masks, "keep"), ones]), reference)
     return effects[-1:] - effects[:-1]
 
 

@@ -27,7 +27,7 @@ from jaxtrace.engine.methods.single import SINGLE_EFFECTS, single_effects, singl
 from jaxtrace.engine.methods.topk import topk  # noqa: F401
 from jaxtrace.engine.objective import Objective, ObjectiveConfig, build_objective
 from jaxtrace.io.circuit import Circuit
-from jaxtrace.runs.common import Provenance, publish_circuit, result_folder, summarize
+from jaxtrace.runs.common import Provenance, patch_effects, publish_circuit, result_folder, summarize
 from jaxtrace.tasks import EncodedTask
 
 METHODS = baseline_methods()  # the registered methods that give a circuit of size k (`--method`'s choices)
@@ -118,8 +118,9 @@ def baseline(model: GatedLM, task: EncodedTask, objective: ObjectiveConfig | str
     with result_folder(out, "baseline", objective, provenance, settings, overwrite=overwrite) as folder:
         mask, extras = run_baseline(objective, config.method, config.k, config.samples, config.random_seed,
                                     config.ig_steps, config.single_max)
-        circuit, effects = summarize(objective, mask, mask.astype(np.float32), provenance, config.method, settings,
-                                     [], extras["seconds"])
+        effects, effect_all = patch_effects(objective, mask)
+        circuit = summarize(objective, mask, mask.astype(np.float32), provenance, config.method, settings, [],
+                            extras["seconds"], float(effects.mean()), effect_all)
         single, scores = extras.get("single_effects"), extras.get("scores")
         circuit = dataclasses.replace(circuit, single_effects=None if single is None else single.tolist(),
                                       scores=None if scores is None else scores.tolist(),
@@ -155,7 +156,6 @@ def evaluate_selection(objective: Objective, selected: list[list[int]]) -> Selec
         if not (0 <= layer < n_layers and 0 <= index < width):
             raise ValueError(f"component {layer}.{index} is outside the {n_layers} x {width} {objective.site} grid")
         mask[layer, index] = 1.0
-    # One mask at a time, as `summarize` scores a circuit: the same program, the same numbers.
-    effects = [float(objective.effects(m).mean()) for m in (mask, np.ones_like(mask), np.zeros_like(mask))]
+    effects, effect_all = patch_effects(objective, mask)  # as a circuit is scored: the same program, the same numbers
     return SelectionEffect(objective.site, objective.metric.name, int(mask.sum()), objective.n_components,
-                           len(objective.task), effects[0], effects[1], effects[2])
+                           len(objective.task), float(effects.mean()), effect_all, 0.0)

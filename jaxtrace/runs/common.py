@@ -78,24 +78,35 @@ def circuit_status(n_selected: int, n_components: int, method: str = "pgbct") ->
 
 
 def summarize(objective: Objective, mask: np.ndarray, z: np.ndarray, provenance: Provenance, method: str,
-              settings: dict, history: list[EpochRow], seconds: float) -> tuple[Circuit, np.ndarray]:
-    """(the circuit of a binary mask [L, C] found from soft gates z, per-pair effects [N] of the mask); `history`:
-    the search's epochs (circuit.json's "history" rows), none for a baseline."""
-    # One mask at a time: the program the per-epoch evaluation already compiled, and no gates give exactly 0.
-    effects = [objective.effects(m.astype(np.float32)) for m in (mask, np.ones_like(mask), np.zeros_like(mask))]
+              settings: dict, history: list[EpochRow], seconds: float, effect: float, effect_all: float) -> Circuit:
+    """The circuit of a binary mask [L, C] found from soft gates z, with its measured effect IE(mask) and IE(all)
+    (`patch_effects`); `history`: the search's epochs (circuit.json's "history" rows), none for a baseline. No gate
+    open is the clean run: IE(∅) is 0 exactly (tests/test_pgbct.py), not measured."""
     config = objective.spec.config
     labels = component_labels(config, objective.site)
     selected = [[int(layer), int(index)] for layer, index in zip(*np.nonzero(mask))]
     circuit = Circuit(
         site=objective.site, method=method, metric=objective.metric.name, model_config=dataclasses.asdict(config),
-        selected=selected, z=np.asarray(z, np.float32).tolist(), effect=float(effects[0].mean()),
-        effect_all=float(effects[1].mean()), effect_none=float(effects[2].mean()), n_pairs=len(objective.task),
+        selected=selected, z=np.asarray(z, np.float32).tolist(), effect=float(effect),
+        effect_all=float(effect_all), effect_none=0.0, n_pairs=len(objective.task),
         seconds=seconds, status=circuit_status(len(selected), objective.n_components, method),
         batch_size=objective.batcher.batch_size, search=settings, history=[row.to_dict() for row in history],
         skipped=[list(s) for s in objective.task.skipped], dropped=[list(d) for d in objective.task.dropped],
         selected_names=[labels[layer * mask.shape[1] + index] for layer, index in selected],
         **provenance.describe())
-    return circuit, effects[0]
+    return circuit
+
+
+def patch_effects(objective: Objective, mask: np.ndarray, effects: np.ndarray | None = None,
+                  effect_all: float | None = None) -> tuple[np.ndarray, float]:
+    """([N] per-pair effects of patching a mask [L, C], IE(all)): `effects` and `effect_all` where a search measured
+    them, the rest measured here, one mask at a time (the program a search's per-epoch evaluation compiled, so
+    `evaluate` gives a circuit's numbers)."""
+    if effects is None:
+        effects = objective.effects(np.asarray(mask, np.float32))
+    if effect_all is None:
+        effect_all = float(objective.effects(np.ones(np.shape(mask), np.float32)).mean())
+    return effects, effect_all
 
 
 def publish_circuit(folder: ResultFolder, circuit: Circuit, effects: np.ndarray, objective: Objective,

@@ -27,8 +27,8 @@ from jaxtrace.io import plots
 from jaxtrace.io.checkpoints import EpochCheckpoints
 from jaxtrace.io.circuit import Circuit
 from jaxtrace.io.files import write_csv, write_json
-from jaxtrace.runs.common import (Provenance, field_defaults, progress_bar, publish_circuit, result_folder,
-                                   summarize)
+from jaxtrace.runs.common import (Provenance, field_defaults, patch_effects, progress_bar, publish_circuit,
+                                   result_folder, summarize)
 from jaxtrace.tasks import EncodedTask
 
 
@@ -78,8 +78,9 @@ def trace_objective(objective: Objective, config: SearchConfig = SearchConfig(),
                       "sweep": [{"lambda1": r.config.lambda1, "lambda2": r.config.lambda2, "size": int(r.mask.sum())}
                                 for r in swept]}
             seconds = time.perf_counter() - began
-        circuit, effects = summarize(objective, result.mask, result.z, provenance, "pgbct", record, result.history,
-                                     seconds)
+        effects, effect_all = patch_effects(objective, result.mask, result.effects, result.effect_all)
+        circuit = summarize(objective, result.mask, result.z, provenance, "pgbct", record, result.history, seconds,
+                            float(effects.mean()), effect_all)
         if folder is not None:
             publish_circuit(folder, circuit, effects, objective, result.steps)
     return circuit
@@ -131,9 +132,10 @@ def trace_budgets(objective: Objective, config: SearchConfig, budgets: str | lis
                        finished="budgets.json", defaults=field_defaults(SearchConfig)) as folder:
         resume = resume and folder is not None and folder.has_checkpoints()
         searched = BudgetedRuns.of(sizes, folder_searches(objective, runs, folder, resume, progress))
-        circuits = {k: summarize(objective, r.mask, r.z, provenance, "pgbct", dataclasses.asdict(r.config), r.history,
-                                 r.seconds)[0] for k, r in zip(sizes, searched.results)}
         scored = circuit_faithfulness(objective, np.stack([searched.circuits[k] for k in sizes]).astype(np.float32))
+        circuits = {k: summarize(objective, r.mask, r.z, provenance, "pgbct", dataclasses.asdict(r.config), r.history,
+                                 r.seconds, effect, scored.effect_all)
+                    for k, r, effect in zip(sizes, searched.results, scored.effect)}
         result = BudgetedTrace(sizes, runs.config.direction, circuits, scored.effect.tolist(),
                                scored.complement.tolist(), scored.faithfulness.tolist(), scored.effect_all,
                                searched.ranking, searched.results[0].seconds)

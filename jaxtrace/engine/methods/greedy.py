@@ -21,7 +21,8 @@ def greedy_path(objective: Objective, k: int, candidates: np.ndarray | None = No
     maximises the mean effect in `direction` (`Objective.circuit_effects`).
 
     Every round evaluates all remaining candidates (default: every component; or the flat indices given, e.g. the
-    best by single effect, to bound the cost) as one batch of masks.
+    best by single effect, to bound the cost) as one batch of masks, each from the candidate's layer (the layers
+    below are the current circuit's, run once a round).
     """
     shape = objective.shape
     pool = np.zeros(objective.n_components, bool)
@@ -33,7 +34,7 @@ def greedy_path(objective: Objective, k: int, candidates: np.ndarray | None = No
         remaining = np.flatnonzero(pool & (current == 0))
         masks = np.repeat(current[None], len(remaining), axis=0)
         masks[np.arange(len(remaining)), remaining] = 1.0
-        effects = objective.circuit_effects(masks.reshape(-1, *shape), direction)
+        effects = objective.circuit_effects(masks.reshape(-1, *shape), direction, near=current.reshape(shape))
         best = int(np.argmax(effects))
         current = masks[best]
         yield current.reshape(shape) > 0, float(effects[best])
