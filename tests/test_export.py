@@ -186,11 +186,21 @@ def test_failed_write_leaves_old_file_and_no_temp(tmp_path, monkeypatch):
     path = tmp_path / "graph.json"
     path.write_text("old")
 
-    def broken_dump(obj, f, **options):
-        f.write("partial")
-        raise OSError("disk full")
+    class FullDisk:  # a file that takes part of the text, then fails
+        def __init__(self, name, mode):
+            self.file = open(name, mode)
 
-    monkeypatch.setattr(export.json, "dump", broken_dump)
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.file.close()
+
+        def write(self, text):
+            self.file.write(text[:7])
+            raise OSError("disk full")
+
+    monkeypatch.setattr(export, "open", FullDisk, raising=False)
     with pytest.raises(OSError, match="disk full"):
         write_eap_graph(make_circuit(), path)
     assert path.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["graph.json"]

@@ -240,9 +240,9 @@ def test_result_files(tiny_gpt2, small_task, tmp_path):
     _, model, _ = tiny_gpt2
     calls = []
 
-    def counted(objective, masks):
+    def counted(objective, masks, reference=None):
         calls.append(len(masks))
-        return mask_effects(objective, masks)
+        return mask_effects(objective, masks, reference)
 
     with mock.patch.object(loop, "mask_effects", counted), mock.patch.object(objective_module, "mask_effects", counted):
         circuit = trace(model, small_task, "head_out", SearchConfig(epochs=2), batch_size=20, out=tmp_path, progress=False,
