@@ -412,8 +412,8 @@ def mask_effects(objective: Objective, masks, reference=None) -> np.ndarray:
     n_masks = masks.shape[0]
     chunk = masks_per_chunk(objective, n_masks)
     starts, referenced = start_layers(objective, masks, reference)
-    gates = batcher.replicate(np.ones(objective.shape, np.float32) if reference is None else
-                              np.asarray(reference, np.float32))
+    gates = None if not referenced.any() else batcher.replicate(  # sent once, only where a chunk starts from it
+        np.ones(objective.shape, np.float32) if reference is None else np.asarray(reference, np.float32))
     order = np.lexsort((np.where(referenced, -starts, starts), ~referenced))
     chunks = []  # (start layer, the reference's gates or None, mask indices, the chunk's masks on the devices)
     for first in range(0, n_masks, chunk):
