@@ -9,7 +9,7 @@ import pytest
 from jaxtrace.cli import main
 from jaxtrace.core import edges
 from jaxtrace.core.models import ModelConfig
-from jaxtrace.engine.attribution import attribution_patching, integrated_gradients
+from jaxtrace.engine.attribution import attribution_patching, integrated_gradients, mask_gradients
 from jaxtrace.engine.objective import build_objective
 from jaxtrace.tasks import encode_pairs, load_pairs
 from conftest import SHARED
@@ -37,6 +37,18 @@ def test_eap_is_the_gradient_and_eap_ig_is_complete(objective):
     errors = [abs(float(integrated_gradients(objective, m).sum()) - (full - none)) for m in (2, 8)]
     print(f"EAP-IG completeness error for m = 2, 8: {errors} (effect of all edges {full:.4f})")
     assert errors[1] < errors[0] / 4 and errors[1] < 1e-2 * abs(full)  # the midpoint rule: O(1/m²)
+
+
+def test_eap_keeps_the_clean_runs_gradient_in_the_keep_direction(objective):
+    """With every edge patched each reader reads the counterfactual's writers at the gated positions, so keeping one
+    edge clean reaches no later reader's input there: the gradient is 0 on every edge but the embeddings' (their
+    deltas do not vanish; they reach the logits through the ungated target tokens), and the keep direction's EAP is
+    MIB's, the gradient at the clean run."""
+    at_patched = mask_gradients(objective, np.ones((1, *objective.shape), np.float32))[0][0, 0]
+    eap = attribution_patching(objective)
+    from_input = np.char.startswith(np.array(edges.edge_names(objective.spec.config)), "input->")
+    assert np.abs(at_patched[~from_input]).max() < 1e-6 * np.abs(eap).max() < np.abs(at_patched[from_input]).max()
+    np.testing.assert_array_equal(attribution_patching(objective, "keep"), eap)
 
 
 def test_trace_and_evaluate_edges_from_the_command_line(tiny_gpt2, tmp_path, capsys):

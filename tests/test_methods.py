@@ -52,7 +52,8 @@ def test_builtin_methods_in_compare_and_report_order():
         "pgbct": "mean final z of the λ sweep",
         "pgbct_budgets": "budgeted circuits merged (MIB's sizes)", "greedy": "order of addition, then single effects",
         "topk": "single effects (= single)", "random": "none", "single": "effect alone",
-        "atp": "AtP score (gradient at nothing patched; keep: at nothing kept)", "ig": "IG score"}
+        "atp": "AtP score (gradient at nothing patched; keep: at nothing kept; edges: EAP, at nothing patched)",
+        "ig": "IG score"}
 
 
 def test_registration_is_checked():

@@ -24,8 +24,10 @@ from jaxtrace.io import results
 from conftest import SHARED, build_hf_model
 
 TESTS = Path(__file__).parent
-# Packing differs per mesh (each data shard packs its own pairs), so sums run in another order: float32 rounding.
+# Packing differs per mesh (each data shard packs its own pairs), so sums run in another order: float32 rounding,
+# carried along the steps' trajectory (the loss: up to 1.05e-5 relative on GPT-2's 9 steps on one CPU of this kind).
 Z_TOLERANCE = 1e-4
+LOSS_RTOL = 3e-5
 
 
 def _run(args, **kwargs):
@@ -69,7 +71,7 @@ def test_meshes_give_the_single_device_trajectory_and_circuit(mesh_runs, family)
     single = result["runs"]["None"]
     assert 0 < np.sum(single["mask"]) < np.size(single["mask"])  # a real circuit, not an empty or full one
     for spec, run in result["runs"].items():
-        np.testing.assert_allclose(run["loss"], single["loss"], rtol=1e-5, err_msg=spec)
+        np.testing.assert_allclose(run["loss"], single["loss"], rtol=LOSS_RTOL, err_msg=spec)
         np.testing.assert_allclose(run["z"], single["z"], atol=Z_TOLERANCE, err_msg=spec)
         assert run["mask"] == single["mask"], spec
         np.testing.assert_allclose(run["ig"], single["ig"], atol=1e-5, err_msg=spec)  # gradients summed over data

@@ -149,20 +149,23 @@ def check_edges(config: ModelConfig, gates, sources) -> None:
 
 def read(x: jax.Array, z: jax.Array, written: list[jax.Array], where: jax.Array) -> jax.Array:
     """[B, T, R, D] the inputs of R readers: the live residual x [B, T, D] plus, where gated, the writers' deltas
-    cf − live (`written`: [B, T, n_i, D] chunks in writer order, n = Σ n_i writers so far) mixed by their gates
-    z [R, O] (float32; writers from n on unread)."""
-    mixed = _mix(z[:, :sum(w.shape[2] for w in written)].astype(F32), tuple(written))
-    return (x.astype(F32)[:, :, None] + where[:, :, None, None] * mixed).astype(x.dtype)
+    cf − live (`written`: writer-major chunks [n_i, B, T, D] in writer order, n = Σ n_i writers so far) mixed by
+    their gates z [R, O] (float32; writers from n on unread)."""
+    mixed = _mix(z[:, :sum(w.shape[0] for w in written)].astype(F32), tuple(written))  # [R, B, T, D]
+    return (x.astype(F32)[:, :, None] + where[:, :, None, None] * jnp.moveaxis(mixed, 0, 2)).astype(x.dtype)
 
 
 @jax.custom_vjp
 def _mix(z: jax.Array, written: tuple[jax.Array, ...]) -> jax.Array:
-    """[B, T, R, D] Σ_p z[r, p] · delta_p over the n writers of the chunks `written` (z [R, n] float32).
+    """[R, B, T, D] Σ_p z[r, p] · delta_p over the n writers of the writer-major chunks `written` (z [R, n]
+    float32): one matmul [R, n] x [n, B·T·D] over their concatenation, which is a contiguous copy.
 
     Its gradient is computed chunk by chunk and keeps only the arguments: differentiated as one einsum over the
-    concatenated float32 deltas, every read of a forward left a [B, T, n, D] float32 array for the backward pass
-    (SmolLM2-135M's training step: 4.6 GiB of XLA temp for 160 tokens; chunk by chunk 1.7 GiB)."""
-    return jnp.einsum("rn,btnd->btrd", z, jnp.concatenate([w.astype(F32) for w in written], axis=2))
+    concatenated float32 deltas, every read of a forward left a [n, B, T, D] float32 array for the backward pass
+    (SmolLM2-135M's training step: 4.6 GiB of XLA temp for 160 tokens; chunk by chunk 1.7 GiB). Writer-major, each
+    chunk's products are matmuls over B·T·D with no transposes (writers minor cost a transposing copy of every
+    writer at every read: 3.3 of a mask evaluation's 8.9 s on SmolLM2, `benchmarks/EDGES.md`)."""
+    return jnp.einsum("rn,nbtd->rbtd", z, jnp.concatenate([w.astype(F32) for w in written], axis=0))
 
 
 def _mix_forward(z, written):
@@ -171,9 +174,9 @@ def _mix_forward(z, written):
 
 def _mix_backward(residuals, cotangent):
     z, written = residuals
-    starts = np.cumsum([0] + [w.shape[2] for w in written])
-    dz = jnp.concatenate([jnp.einsum("btrd,btnd->rn", cotangent, w.astype(F32)) for w in written], axis=1)
-    d_written = tuple(jnp.einsum("rn,btrd->btnd", z[:, start:end], cotangent).astype(w.dtype)
+    starts = np.cumsum([0] + [w.shape[0] for w in written])
+    dz = jnp.concatenate([jnp.einsum("rbtd,nbtd->rn", cotangent, w.astype(F32)) for w in written], axis=1)
+    d_written = tuple(jnp.einsum("rn,rbtd->nbtd", z[:, start:end], cotangent).astype(w.dtype)
                       for start, end, w in zip(starts[:-1], starts[1:], written))
     return dz, d_written
 

@@ -97,7 +97,8 @@ class Site:
     Adam learning rate (the reference's 0.1 for heads, 0.5 for MLP units). `query_axis`/`key_axis`: the token axes
     of one layer's source [B, ...] (`key_axis` only for attention patterns). `source_floats(config, P)`: floats one
     pair's source takes per layer for a prompt of P tokens. `fused`: the model site that gates this one in the fused
-    attention form.
+    attention form. `flat_when_patched`: with every gate 1 a gate's change reaches no later gated input, so first-order
+    scores there say nothing (edges: every reader reads the counterfactual's writers; `jaxtrace.engine.attribution`).
     """
 
     name: str
@@ -117,6 +118,7 @@ class Site:
     internal: bool = False  # a form of another site, not offered as a site of its own
     shape: Callable[[ModelConfig], tuple[int, int]] | None = None  # [L, C] unless rows are not layers
     labels: Callable[[ModelConfig], list[str]] | None = None  # component names unless per layer
+    flat_when_patched: bool = False
 
     def component_label(self, config: ModelConfig, layer: int, index: int) -> str:
         """"L3.H7" (a head), "L3.MLP" (a whole MLP block) or "L3.N120" (a unit)."""
@@ -145,7 +147,7 @@ _ENTRIES = (
          lambda c: edges.n_edges(c), kind=SiteKind.EDGES, lr=0.1,
          source_floats=lambda c, p: p * (c.n_heads + 1) * c.d_model + p * c.d_model // c.n_layers,
          expand=lambda c, z: {"edges": edges.from_flat(c, z[0])}, shape=lambda c: (1, edges.n_edges(c)),
-         labels=lambda c: list(edges.edge_names(c))),  # searched as one row [1, E] of edges in MIB's order
+         labels=lambda c: list(edges.edge_names(c)), flat_when_patched=True),  # one row [1, E], MIB's order
     Site("attn_keys", "attention keys after RoPE", lambda c: c.n_kv_heads, kind=SiteKind.CAPTURE),
     Site("attn_values", "attention values", lambda c: c.n_kv_heads, kind=SiteKind.CAPTURE),
 )

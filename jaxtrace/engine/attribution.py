@@ -8,9 +8,13 @@ Both differentiate the metric's trained form (accuracy: its logit-difference sur
 
 In the keep direction (`Objective.circuit_effects`: a kept set C scores IE(A) − IE(A \\ C)) the gates z keep
 components clean and the patch weights are 1 − z. AtP there is the gradient of IE(A) − IE(1 − z) at z = 0, i.e. of
-the mean effect at every component patched: the first-order estimate of keeping each component alone. IG's path
-from no component kept to all is the patch direction's path reversed, so its scores are the same in both
-directions.
+the mean effect at every component patched: the first-order estimate of keeping each component alone. Not on edges
+(`Site.flat_when_patched`): with every edge patched each reader reads the counterfactual's writers at the gated
+positions, so keeping one edge clean changes its reader's output and no later reader's input there: the gradient is
+0 on every edge but the embeddings' (whose deltas do not vanish), and those reach the logits only through positions
+without gates (SmolLM2-135M on IOI: every gradient below 2e-7). AtP on edges is EAP as MIB scores it, the gradient
+at the clean run, in both directions. IG's path from no component kept to all is the patch direction's path
+reversed, so its scores are the same in both directions.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from jaxtrace.core.sites import get_site
 from jaxtrace.engine.objective import MetricNaNError, Objective, check_finite, masks_per_chunk
 
 BACKWARD_FACTOR = 3  # a backward pass keeps the forward's activations and about twice as much again in cotangents
@@ -55,8 +60,10 @@ def mask_gradients(objective: Objective, points) -> tuple[np.ndarray, np.ndarray
 def attribution_patching(objective: Objective, direction: str = "patch") -> np.ndarray:
     """[L, C] AtP scores: the gradient of the task's mean effect with respect to the gates at no component patched
     (patch direction) or at every component patched (keep direction: the gradient of the kept effect at nothing
-    kept), the first-order estimate of each component's effect alone in that direction."""
-    point = np.full((1, *objective.shape), 0.0 if direction == "patch" else 1.0, np.float32)
+    kept), the first-order estimate of each component's effect alone in that direction; on edges at no edge
+    patched in both directions (EAP; module docstring)."""
+    at_patched = direction == "keep" and not get_site(objective.spec.site).flat_when_patched
+    point = np.full((1, *objective.shape), 1.0 if at_patched else 0.0, np.float32)
     return mask_gradients(objective, point)[0][0]
 
 

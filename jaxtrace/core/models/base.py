@@ -153,10 +153,11 @@ class GatedLM(nnx.Module):
         [1, B, T, D]).
 
         The layers run as a Python loop, each under `jax.checkpoint`, so that under differentiation the deltas are
-        kept once ([B, T, O, D] in the activations' dtype in all), not once per layer as a scan's carry would be."""
+        kept once ([O, B, T, D] writer-major, in the activations' dtype, in all), not once per layer as a scan's
+        carry would be."""
         config, (batch, length, width) = self.config, x.shape
         n_heads = config.n_heads
-        written = [] if gates is None else [(sources["edges_input"][0] - x)[:, :, None]]  # deltas [B, T, n, D]
+        written = [] if gates is None else [(sources["edges_input"][0] - x)[None]]  # deltas [n, B, T, D]
         embeddings, captured, outputs = x, [], []
 
         def layer(layer_index, p, x, written, z_qkv, z_mlp, cf, layer_memory):
@@ -171,9 +172,9 @@ class GatedLM(nnx.Module):
             if gates is None:
                 deltas, mlp = [], self.mlp_block(p, x, mixer)
             else:
-                deltas = [cf[:, :, :n_heads] - per_head]
+                deltas = [jnp.moveaxis(cf[:, :, :n_heads] - per_head, 2, 0)]  # writer-major, once a writer
                 mlp = self.mlp_block(p, edges.read(x, z_mlp[None], written + deltas, where)[:, :, 0], mixer)
-                deltas.append(cf[:, :, n_heads:] - mlp[:, :, None])
+                deltas.append((cf[:, :, n_heads] - mlp)[None])
             writers = jnp.concatenate([per_head, mlp[:, :, None]], axis=2) if "edges" in capture else None
             return x + mlp, deltas, writers, mixer.captured
 

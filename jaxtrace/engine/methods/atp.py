@@ -1,6 +1,6 @@
 """atp: attribution patching, the gradient of the mean effect with respect to the gates at no patch (keep
-direction: at every component patched, the gradient of the kept effect; `jaxtrace.engine.attribution`); its circuits
-are its top scores at every size."""
+direction: at every component patched, the gradient of the kept effect; on edges, EAP, at no patch in both
+directions: `jaxtrace.engine.attribution`); its circuits are its top scores at every size."""
 
 from __future__ import annotations
 
@@ -14,5 +14,6 @@ def run(objective: Objective, context: MethodContext) -> MethodResult:
     return MethodResult(top_circuits(context, scores), scores)
 
 
-METHOD = register(Method("atp", run, ranking="AtP score (gradient at nothing patched; keep: at nothing kept)",
+RANKING = "AtP score (gradient at nothing patched; keep: at nothing kept; edges: EAP, at nothing patched)"
+METHOD = register(Method("atp", run, ranking=RANKING,
                          scores=True, report_order=60))
