@@ -4,7 +4,7 @@ records. Each timing after a first call that compiles.
     python benchmarks/edge_cost.py [prompts=32] [masks=3]
 
 - the objective: model load and the counterfactual writers cached (seconds), the edges E as MIB counts them;
-- EAP (`attribution_patching`, keep direction: one forward and backward a batch): seconds;
+- EAP (`attribution_patching`: the gradient at the clean run, one forward and backward a batch): seconds;
 - mask evaluation: `masks` random masks (5 % of the edges, keep direction) a call over every prompt: seconds a mask;
 - the training step of one budgeted run (forward, backward, Adam; one batch): the median of 4 steps, and XLA's
   planned temporaries of its compiled program;
@@ -18,8 +18,8 @@ import jax
 import numpy as np
 
 import jaxtrace
-from jaxtrace.engine.attribution import attribution_patching
 from jaxtrace.core.search import SearchState
+from jaxtrace.engine.attribution import attribution_patching
 from jaxtrace.engine.loop import Runs, initial_state, run_inputs, stacked_inputs
 
 
@@ -32,7 +32,7 @@ def main(n_prompts: int = 32, n_masks: int = 3) -> None:
           f"{time.perf_counter() - began:.1f} s", flush=True)
     for label in ("first (compiles)", "second"):
         began = time.perf_counter()
-        attribution_patching(objective, "keep")
+        attribution_patching(objective)
         print(f"EAP, {label}: {time.perf_counter() - began:.1f} s", flush=True)
     masks = (np.random.default_rng(0).random((n_masks, *objective.shape)) >= 0.05).astype(np.float32)
     for label in ("first (compiles)", "second"):

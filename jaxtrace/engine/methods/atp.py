@@ -14,6 +14,6 @@ def run(objective: Objective, context: MethodContext) -> MethodResult:
     return MethodResult(top_circuits(context, scores), scores)
 
 
-RANKING = "AtP score (gradient at nothing patched; keep: at nothing kept; edges: EAP, at nothing patched)"
-METHOD = register(Method("atp", run, ranking=RANKING,
-                         scores=True, report_order=60))
+METHOD = register(Method("atp", run, scores=True, report_order=60,
+                         ranking="AtP score (gradient at nothing patched; keep: at nothing kept; edges: EAP, at "
+                                 "nothing patched)"))
